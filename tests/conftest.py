@@ -1,0 +1,26 @@
+"""Shared fixtures: the real model's folder, and a tiny random GQA Llama for exact checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+MODEL_DIR = Path(os.environ.get("KVEVICT_MODEL_DIR", Path.home() / ".cache/vllm-kvevict/SmolLM2-135M-Instruct"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (made by scripts/setup.sh)."""
+    if not (MODEL_DIR / "config.json").exists():
+        pytest.fail(f"model folder {MODEL_DIR} missing: run scripts/setup.sh first")
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """A 2-layer random Llama, 8 query heads / 2 KV heads (GQA 4), head dim 32."""
+    from vllm_kvevict.reference.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)

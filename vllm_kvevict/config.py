@@ -1,0 +1,280 @@
+"""One validated eviction policy, whatever door it came through.
+
+The same :class:`EvictionConfig` is built from
+
+* CLI flags (``--kv-eviction=criticalkv --kv-budget=0.1``), which travel to the engine as
+  ``additional_config={"kv_eviction": {...}}``;
+* ``additional_config`` given directly (``LLM(..., additional_config=...)`` or
+  ``--additional-config``), nested form: ``{"kv_eviction": {"scorer": ..., "budget": ...}}``;
+* per-request ``vllm_xargs`` (``SamplingParams.extra_args``), flat form:
+  ``{"kv_eviction": "snapkv", "kv_budget": 0.2}``.
+
+Every validation failure is raised as :class:`EvictionConfigError`, whose message names the
+field (as the user spelled it, e.g. ``kv_budget``), the rejected value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: Scorers of ALGORITHMS.md ("none" disables eviction). ``lkv`` arrives with its training.
+SCORERS: tuple[str, ...] = (
+    "none",
+    "streamingllm",
+    "snapkv",
+    "pyramidkv",
+    "tova",
+    "h2o",
+    "knorm",
+    "keydiff",
+    "expected_attention",
+    "criticalkv",
+    "defensivekv",
+    "laprox",
+    "value_aware",
+)
+#: Allocators: ``adakv`` uses largest-remainder rounding, ``adakv_floor`` is kvpress's rule
+#: (each head first gets its top ``alpha * B``, then a layer-wide top-k of the rest).
+ALLOCATIONS: tuple[str, ...] = ("uniform", "adakv", "adakv_floor", "pyramid", "global")
+GRANULARITIES: tuple[str, ...] = ("page", "head")
+POOLINGS: tuple[str, ...] = ("avg", "max")
+
+#: Allocation used when the user names only a scorer (ALGORITHMS.md, "Defaults").
+DEFAULT_ALLOCATION: dict[str, str] = {
+    "criticalkv": "adakv",
+    "snapkv": "adakv",
+    "defensivekv": "adakv",
+    "expected_attention": "adakv",
+    "knorm": "adakv",
+    "keydiff": "adakv",
+    "laprox": "global",
+    "pyramidkv": "pyramid",
+    "streamingllm": "uniform",
+    "tova": "uniform",
+    "h2o": "uniform",
+    "value_aware": "uniform",
+    "none": "uniform",
+}
+#: Sink tokens kept when the user does not say.
+DEFAULT_SINKS: dict[str, int] = {"streamingllm": 4, "expected_attention": 4}
+
+#: Flat key (CLI flag / vllm_xargs) -> field name.
+FLAT_KEYS: dict[str, str] = {
+    "kv_eviction": "scorer",
+    "kv_budget": "budget",
+    "kv_allocation": "allocation",
+    "kv_window": "window",
+    "kv_sinks": "sinks",
+    "kv_pooling": "pooling",
+    "kv_pooling_kernel": "pooling_kernel",
+    "kv_granularity": "granularity",
+    "kv_decode_interval": "decode_interval",
+    "kv_alpha": "alpha",
+    "kv_rho": "rho",
+}
+FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
+#: Key of the nested form inside vLLM's ``additional_config``.
+ADDITIONAL_CONFIG_KEY = "kv_eviction"
+FLAT_PREFIX = "kv_"
+
+
+class EvictionConfigError(ValueError):
+    """A policy setting is invalid. ``field`` is the name the user used; the message says why."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid {field}={value!r}: {allowed}")
+
+
+class EvictionConfig(BaseModel):
+    """An eviction policy. Defaults follow ALGORITHMS.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    scorer: Literal[SCORERS] = Field("none", description="scoring policy; 'none' keeps vLLM as is")  # type: ignore[valid-type]
+    budget: Union[int, float] = Field(
+        1.0,
+        description="tokens kept per KV head, window included: a fraction of the prompt in "
+        "(0, 1), 1 to keep everything, or a whole token count > 1",
+    )
+    allocation: Optional[Literal[ALLOCATIONS]] = Field(  # type: ignore[valid-type]
+        None, description="how a layer's budget is split across KV heads (default: per scorer)"
+    )
+    window: int = Field(32, ge=1, description="observation window: last W prompt tokens, always kept")
+    sinks: Optional[int] = Field(None, ge=0, description="first S tokens always kept (default: per scorer)")
+    pooling: Literal[POOLINGS] = Field("avg", description="pooling of window attention along tokens")  # type: ignore[valid-type]
+    pooling_kernel: int = Field(5, ge=1, description="pooling kernel size (odd); 1 disables pooling")
+    granularity: Literal[GRANULARITIES] = Field("page", description="evict whole pages or per-head tokens")  # type: ignore[valid-type]
+    decode_interval: int = Field(0, ge=0, description="re-compress every N decoded tokens (0: never)")
+    alpha: float = Field(0.2, ge=0.0, le=1.0, description="Ada-KV: share of the budget spread uniformly")
+    rho: float = Field(0.5, ge=0.0, le=1.0, description="CriticalKV: share of the budget chosen by stage 1")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvictionConfig":
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+            raise EvictionConfigError("budget", b, _BUDGET_ALLOWED)
+        if b <= 0 or (b > 1 and float(b) != int(b)):
+            raise EvictionConfigError("budget", b, _BUDGET_ALLOWED)
+        if self.pooling_kernel % 2 == 0:
+            raise EvictionConfigError("pooling_kernel", self.pooling_kernel, "an odd integer >= 1")
+        if self.is_token_budget and self.window + self.resolved_sinks > self.budget:
+            raise EvictionConfigError(
+                "window",
+                self.window,
+                f"window + sinks ({self.window} + {self.resolved_sinks}) must fit in the "
+                f"budget of {int(self.budget)} tokens",
+            )
+        return self
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def enabled(self) -> bool:
+        return self.scorer != "none"
+
+    @property
+    def keeps_everything(self) -> bool:
+        return not self.enabled or (not self.is_token_budget and self.budget >= 1)
+
+    @property
+    def is_token_budget(self) -> bool:
+        return self.budget > 1
+
+    @property
+    def resolved_allocation(self) -> str:
+        return self.allocation or DEFAULT_ALLOCATION[self.scorer]
+
+    @property
+    def resolved_sinks(self) -> int:
+        return self.sinks if self.sinks is not None else DEFAULT_SINKS.get(self.scorer, 0)
+
+    def budget_tokens(self, prompt_len: int) -> int:
+        """Tokens kept per KV head for a prompt of ``prompt_len`` tokens (window+sinks at least).
+
+        Fractions round down like kvpress (``int(L * budget)``); the result is clamped to
+        ``[min(L, window + sinks), L]``.
+        """
+        if self.keeps_everything:
+            return prompt_len
+        raw = int(self.budget) if self.is_token_budget else int(prompt_len * float(self.budget))
+        floor = min(prompt_len, self.window + self.resolved_sinks)
+        return max(floor, min(raw, prompt_len))
+
+    # ----------------------------------------------------------------- the three doors
+    @classmethod
+    def from_fields(cls, **fields: Any) -> "EvictionConfig":
+        """Build from field names (``scorer=``, ``budget=``...); errors name those fields."""
+        return _validate(fields, naming=lambda f: f)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], base: Optional["EvictionConfig"] = None) -> "EvictionConfig":
+        """Build from flat ``kv_*`` keys (CLI flags, ``vllm_xargs``), on top of ``base``.
+
+        Keys that do not start with ``kv_`` are ignored (they belong to others); an unknown
+        ``kv_`` key is an error naming it.
+        """
+        fields: dict[str, Any] = {}
+        for key, value in flat.items():
+            if not key.startswith(FLAT_PREFIX):
+                continue
+            if key not in FLAT_KEYS:
+                raise EvictionConfigError(key, value, f"unknown key; allowed: {', '.join(FLAT_KEYS)}")
+            fields[FLAT_KEYS[key]] = _coerce_text(value)
+        merged = _merge(base, fields)
+        return _validate(merged, naming=lambda f: FIELD_TO_FLAT.get(f, f))
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Optional[Mapping[str, Any]]) -> "EvictionConfig":
+        """Build from vLLM's ``additional_config`` (``{"kv_eviction": {...}}``); absent -> none.
+
+        ``{"kv_eviction": "snapkv", "kv_budget": 0.2}`` (flat keys at the top level) works too.
+        """
+        if not additional_config:
+            return cls()
+        nested = additional_config.get(ADDITIONAL_CONFIG_KEY)
+        if isinstance(nested, Mapping):
+            return _validate(dict(nested), naming=lambda f: f"{ADDITIONAL_CONFIG_KEY}.{f}")
+        return cls.from_flat(additional_config)
+
+    def to_additional_config(self) -> dict[str, Any]:
+        """Nested form for ``additional_config``; only fields that differ from the defaults."""
+        return {ADDITIONAL_CONFIG_KEY: self.model_dump(exclude_defaults=True)}
+
+    def to_flat(self) -> dict[str, Any]:
+        return {FIELD_TO_FLAT[k]: v for k, v in self.model_dump(exclude_defaults=True).items()}
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "none"
+        return (
+            f"{self.scorer} budget={self.budget} allocation={self.resolved_allocation} "
+            f"granularity={self.granularity} window={self.window} sinks={self.resolved_sinks}"
+        )
+
+
+_BUDGET_ALLOWED = "a fraction in (0, 1), 1 to keep everything, or a whole token count > 1"
+
+
+def _coerce_text(value: Any) -> Any:
+    """Values from CLI/JSON may arrive as strings: '0.1' -> 0.1, '256' -> 256."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return value
+
+
+def _merge(base: Optional[EvictionConfig], fields: dict[str, Any]) -> dict[str, Any]:
+    if base is None:
+        return fields
+    merged = base.model_dump(exclude_defaults=True)
+    # A request that changes the scorer gets that scorer's default allocation and sinks,
+    # unless it names them too.
+    if "scorer" in fields and fields["scorer"] != base.scorer:
+        merged.pop("allocation", None)
+        merged.pop("sinks", None)
+    merged.update(fields)
+    return merged
+
+
+def _validate(fields: dict[str, Any], naming) -> EvictionConfig:
+    try:
+        return EvictionConfig(**fields)
+    except EvictionConfigError as exc:
+        raise EvictionConfigError(naming(exc.field), exc.value, exc.allowed) from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = err.get("loc") or ("",)
+        field = str(loc[0])
+        if err.get("type") == "value_error" and isinstance(err.get("ctx", {}).get("error"), EvictionConfigError):
+            inner: EvictionConfigError = err["ctx"]["error"]
+            raise EvictionConfigError(naming(inner.field), inner.value, inner.allowed) from None
+        if err.get("type") == "extra_forbidden":
+            allowed = "unknown key; allowed: " + ", ".join(naming(f) for f in EvictionConfig.model_fields)
+            raise EvictionConfigError(naming(field), err.get("input"), allowed) from None
+        raise EvictionConfigError(naming(field), err.get("input"), _allowed_text(field, err)) from None
+
+
+def _allowed_text(field: str, err: dict) -> str:
+    choices = {
+        "scorer": SCORERS,
+        "allocation": ALLOCATIONS,
+        "granularity": GRANULARITIES,
+        "pooling": POOLINGS,
+    }
+    if field in choices:
+        return "allowed: " + ", ".join(choices[field])
+    if field == "budget":
+        return _BUDGET_ALLOWED
+    return err.get("msg", "invalid value")

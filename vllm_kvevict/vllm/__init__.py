@@ -1,0 +1,1 @@
+"""The only part of vllm_kvevict that imports vllm."""
