@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: Scorers of ALGORITHMS.md ("none" disables eviction). ``lkv`` arrives with its training.
 SCORERS: tuple[str, ...] = (
@@ -113,6 +113,14 @@ class EvictionConfig(BaseModel):
     decode_interval: int = Field(0, ge=0, description="re-compress every N decoded tokens (0: never)")
     alpha: float = Field(0.2, ge=0.0, le=1.0, description="Ada-KV: share of the budget spread uniformly")
     rho: float = Field(0.5, ge=0.0, le=1.0, description="CriticalKV: share of the budget chosen by stage 1")
+
+    @field_validator("budget", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", mode="before")
+    @classmethod
+    def _no_bools(cls, value: Any, info) -> Any:
+        # pydantic's lax mode reads True as 1; a boolean is never a meaningful number here.
+        if isinstance(value, bool):
+            raise EvictionConfigError(info.field_name, value, "a number, not a boolean")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "EvictionConfig":
