@@ -58,6 +58,10 @@ DEFAULT_ALLOCATION: dict[str, str] = {
     "value_aware": "uniform",
     "none": "uniform",
 }
+#: Scorers that read the attention of the window's queries: they need a window of at least 1.
+WINDOW_SCORERS: frozenset[str] = frozenset(
+    {"snapkv", "pyramidkv", "tova", "h2o", "criticalkv", "defensivekv", "laprox", "value_aware"}
+)
 #: Sink tokens kept when the user does not say.
 DEFAULT_SINKS: dict[str, int] = {"streamingllm": 4, "expected_attention": 4}
 
@@ -105,7 +109,7 @@ class EvictionConfig(BaseModel):
     allocation: Optional[Literal[ALLOCATIONS]] = Field(  # type: ignore[valid-type]
         None, description="how a layer's budget is split across KV heads (default: per scorer)"
     )
-    window: int = Field(32, ge=1, description="observation window: last W prompt tokens, always kept")
+    window: int = Field(32, ge=0, description="observation window: last W prompt tokens, always kept")
     sinks: Optional[int] = Field(None, ge=0, description="first S tokens always kept (default: per scorer)")
     pooling: Literal[POOLINGS] = Field("avg", description="pooling of window attention along tokens")  # type: ignore[valid-type]
     pooling_kernel: int = Field(5, ge=1, description="pooling kernel size (odd); 1 disables pooling")
@@ -129,6 +133,8 @@ class EvictionConfig(BaseModel):
             raise EvictionConfigError("budget", b, _BUDGET_ALLOWED)
         if b <= 0 or (b > 1 and float(b) != int(b)):
             raise EvictionConfigError("budget", b, _BUDGET_ALLOWED)
+        if self.window == 0 and self.scorer in WINDOW_SCORERS:
+            raise EvictionConfigError("window", 0, f"an integer >= 1 ({self.scorer} scores with the window's queries)")
         if self.pooling_kernel % 2 == 0:
             raise EvictionConfigError("pooling_kernel", self.pooling_kernel, "an odd integer >= 1")
         if self.is_token_budget and self.window + self.resolved_sinks > self.budget:

@@ -24,7 +24,7 @@ from vllm_kvevict.config import (
         ({"kv_allocation": "lru"}, "kv_allocation"),
         ({"kv_granularity": "token"}, "kv_granularity"),
         ({"kv_eviction": "snapkv", "kv_budget": 16}, "kv_window"),  # window 32 > 16 tokens
-        ({"kv_window": 0}, "kv_window"),
+        ({"kv_eviction": "snapkv", "kv_window": 0}, "kv_window"),
         ({"kv_pooling_kernel": 4}, "kv_pooling_kernel"),
         ({"kv_typo": 1}, "kv_typo"),
     ],
@@ -108,3 +108,10 @@ def test_budget_one_keeps_everything():
     assert EvictionConfig.from_fields(scorer="snapkv", budget=1.0).keeps_everything
     assert not EvictionConfig.from_fields(scorer="snapkv", budget=0.99).keeps_everything
     assert not EvictionConfig.from_fields(scorer="snapkv", budget=64).keeps_everything
+
+
+def test_window_zero_only_for_scorers_without_window_attention():
+    assert EvictionConfig.from_flat({"kv_eviction": "knorm", "kv_window": 0}).window == 0
+    with pytest.raises(EvictionConfigError) as info:
+        EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_window": 0})
+    assert info.value.field == "kv_window"

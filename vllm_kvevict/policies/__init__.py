@@ -1,0 +1,70 @@
+"""Eviction policies as float32 reference functions on plain tensors (no vLLM import).
+
+Scorers (``scorers/``, one module each) map one layer to token scores ``[Hkv, L]``; allocators
+(``allocators/``) split a budget across heads (and layers); :mod:`.select` turns both into kept
+indices; :mod:`.pages` does the same at block granularity for the vLLM plugin. Which Ada-KV rule
+a path uses: ``adakv`` = largest-remainder rounding of ``(1 - alpha) f[g] + alpha B`` (ours,
+ALGORITHMS.md); ``adakv_floor`` = kvpress's safeguard-then-top-k. ``criticalkv`` with
+``adakv_floor`` is kvpress's ``CriticalAdaKVPress``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies import allocators, scorers  # noqa: F401  (fills the registries)
+from vllm_kvevict.policies.allocators.adakv_floor import safe_count
+from vllm_kvevict.policies.allocators.global_ import GLOBAL_LAYER_CAP_FACTOR, global_layer_cap
+from vllm_kvevict.policies.allocators.pyramid import PYRAMID_BETA, pyramid_layer_budget
+from vllm_kvevict.policies.base import AllocatorFn, LayerInputs, ScorerFn
+from vllm_kvevict.policies.pages import page_scores, required_blocks, select_pages
+from vllm_kvevict.policies.registry import (
+    ALLOCATORS,
+    PRESELECTING,
+    SCORERS,
+    preselects,
+    register_allocator,
+    register_scorer,
+)
+from vllm_kvevict.policies.select import KeptSet, plan_kept, protect, select_kept
+
+
+def score_layer(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor:
+    """``[Hkv, L]`` float32 scores of one layer under ``config.scorer`` (zeros for ``none``)."""
+    if not config.enabled:
+        return torch.zeros(inputs.num_kv_heads, inputs.seq_len)
+    return SCORERS[config.scorer](inputs, config).float()
+
+
+def compute_kept(layers: list[LayerInputs], config: EvictionConfig) -> KeptSet:
+    """Score every layer, then :func:`plan_kept` (allocation + selection)."""
+    scores = [score_layer(layer, config) for layer in layers]
+    return plan_kept(scores, config, layers[0].seq_len)
+
+
+__all__ = [
+    "ALLOCATORS",
+    "AllocatorFn",
+    "GLOBAL_LAYER_CAP_FACTOR",
+    "KeptSet",
+    "LayerInputs",
+    "PRESELECTING",
+    "PYRAMID_BETA",
+    "SCORERS",
+    "ScorerFn",
+    "compute_kept",
+    "global_layer_cap",
+    "page_scores",
+    "plan_kept",
+    "preselects",
+    "protect",
+    "pyramid_layer_budget",
+    "register_allocator",
+    "register_scorer",
+    "required_blocks",
+    "safe_count",
+    "score_layer",
+    "select_kept",
+    "select_pages",
+]

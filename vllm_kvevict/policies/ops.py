@@ -1,0 +1,110 @@
+"""Tensor helpers shared by the scorers: window attention, pooling, group means, value norms.
+
+Operation order mirrors NVIDIA kvpress 0.5.5 where a kvpress press computes the same thing
+(``SnapKVPress.compute_window_attention``, ``CriticalKVPress.vwl1norm``), so that kept sets
+match it exactly, not only up to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies.base import LayerInputs
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[Hkv, L, d]`` -> ``[Hkv * groups, L, d]`` (query head ``h`` reads KV head ``h // groups``)."""
+    if groups == 1:
+        return x
+    hkv, length, dim = x.shape
+    return x[:, None].expand(hkv, groups, length, dim).reshape(hkv * groups, length, dim)
+
+
+def window_attention(inputs: LayerInputs, window: int) -> torch.Tensor:
+    """Softmax attention of the last ``window`` queries over all ``L`` keys, causal in the window.
+
+    Returns
+    -------
+    ``[H, W, L]`` float32: ``A[h, t, j]``, query ``t`` sits at position ``L - W + t``.
+    """
+    queries = inputs.queries[:, -window:].float()
+    keys = repeat_kv(inputs.keys.float(), inputs.group_size)
+    length, w = keys.shape[1], queries.shape[1]
+    logits = torch.matmul(queries.unsqueeze(0), keys.unsqueeze(0).transpose(2, 3))
+    if inputs.scale is None:
+        logits = logits / math.sqrt(inputs.head_dim)
+    else:
+        logits = logits * inputs.scale
+    mask = torch.triu(torch.full((w, length), float("-inf")), diagonal=length - w + 1)
+    logits = logits + mask
+    return F.softmax(logits, dim=-1, dtype=torch.float32)[0]
+
+
+def pool_tokens(scores: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
+    """Pool ``[..., N]`` along tokens: stride 1, padding ``kernel // 2`` (zeros counted, kvpress).
+
+    ``kind`` is ``"avg"`` or ``"max"``; ``kernel == 1`` returns the scores unchanged.
+    """
+    if kernel <= 1 or scores.shape[-1] == 0:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(1, -1, shape[-1])
+    if kind == "max":
+        pooled = F.max_pool1d(flat, kernel_size=kernel, padding=kernel // 2, stride=1)
+    else:
+        pooled = F.avg_pool1d(flat, kernel_size=kernel, padding=kernel // 2, stride=1)
+    return pooled.reshape(shape)
+
+
+def group_mean(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[H, N]`` -> ``[Hkv, N]``: mean over the query heads that share a KV head."""
+    h, n = per_query_head.shape
+    return per_query_head.view(num_kv_heads, h // num_kv_heads, n).mean(1)
+
+
+def output_projection(inputs: LayerInputs) -> torch.Tensor:
+    """``Wo[h]`` blocks: ``[H, d, D]`` (rows of ``o_proj.weight.T`` belonging to query head ``h``)."""
+    if inputs.o_proj is None:
+        raise ValueError("this scorer needs LayerInputs.o_proj (the o_proj weight [D, H*d])")
+    wo = inputs.o_proj.float().transpose(0, 1)
+    return wo.reshape(inputs.num_heads, inputs.head_dim, wo.shape[1])
+
+
+def value_l1_norm(inputs: LayerInputs) -> torch.Tensor:
+    """CriticalKV's ``nbar1[g, j]``: mean over the group of ``||v[g, j] @ Wo[h]||_1``, ``[Hkv, L]``.
+
+    One head at a time (as kvpress's ``vwl1norm``), so ``V @ Wo`` is never held for all heads.
+    """
+    wo = output_projection(inputs)
+    values = repeat_kv(inputs.values.float(), inputs.group_size).unsqueeze(0)
+    norms = [torch.norm(values[:, h].matmul(wo[h].unsqueeze(0)), p=1, dim=-1) for h in range(wo.shape[0])]
+    return group_mean(torch.stack(norms, dim=1)[0], inputs.num_kv_heads)
+
+
+def output_gram(inputs: LayerInputs) -> torch.Tensor:
+    """``Wo[h] @ Wo[h]^T``: ``[H, d, d]``, so that ``||x @ Wo[h]||_2^2 = x^T G_h x``."""
+    wo = output_projection(inputs)
+    return wo @ wo.transpose(1, 2)
+
+
+def value_l2_norm(inputs: LayerInputs) -> torch.Tensor:
+    """``||v[g, j] @ Wo[h]||_2`` per query head, ``[H, L]``, via the ``d x d`` Gram matrix."""
+    gram = output_gram(inputs)
+    values = repeat_kv(inputs.values.float(), inputs.group_size)
+    sq = torch.einsum("hld,hde,hle->hl", values, gram, values)
+    return sq.clamp_min(0).sqrt()
+
+
+def fill_protected(candidate_scores: torch.Tensor, length: int) -> torch.Tensor:
+    """Append ``+inf`` for the window: ``[Hkv, Lc]`` -> ``[Hkv, L]`` (``+inf`` = must keep)."""
+    pad = length - candidate_scores.shape[-1]
+    return F.pad(candidate_scores, (0, pad), value=float("inf"))
+
+
+def candidate_count(inputs: LayerInputs, config: EvictionConfig) -> int:
+    """``L - W``: positions before the observation window."""
+    return max(0, inputs.seq_len - min(config.window, inputs.seq_len))

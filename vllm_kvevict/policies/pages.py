@@ -1,0 +1,78 @@
+"""Page granularity: whole blocks kept or evicted for every layer and head at once (vLLM plugin).
+
+Block score (:func:`page_scores`): for each (layer, KV head) row of scores, the finite entries
+are shifted to be non-negative (only when some are negative) and divided by their sum, so every
+row weighs the same whatever the scorer's scale; ``+inf`` entries (window, sinks, a two-stage
+scorer's choice) count as the row's largest normalised value. Rows are summed over layers and
+heads, and a block's score is the mean over the tokens it holds (the last block may be partial).
+
+Block count (:func:`select_pages`): with ``B = config.budget_tokens(seq_len)`` and the *required*
+blocks (those holding a sink, a window position, and the last block),
+``n = min(num_blocks, max(ceil(B / block_size), len(required)))`` blocks are kept: all required
+ones plus the best-scored others. Because ``B >= W + S``, ``len(required) <=
+ceil((W + S - 1) / block_size) + 2``, so ``n <= ceil(B / block_size) + 2 <=
+ceil(budget * prompt_blocks) + 2`` for a fractional budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_kvevict.config import EvictionConfig
+
+
+def _normalised_rows(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.double()
+    finite = torch.isfinite(rows)
+    safe = torch.where(finite, rows, torch.zeros_like(rows))
+    low = torch.where(finite, rows, torch.full_like(rows, float("inf"))).amin(-1, keepdim=True)
+    shift = torch.where(torch.isfinite(low) & (low < 0), low, torch.zeros_like(low))
+    safe = torch.where(finite, safe - shift, torch.zeros_like(safe))
+    total = safe.sum(-1, keepdim=True)
+    count = finite.sum(-1, keepdim=True).clamp_min(1)
+    norm = torch.where(total > 0, safe / total.clamp_min(1e-300), finite.double() / count)
+    top = torch.where(finite, norm, torch.zeros_like(norm)).amax(-1, keepdim=True)
+    top = torch.where(finite.any(-1, keepdim=True), top, torch.full_like(top, 1.0 / rows.shape[-1]))
+    return torch.where(finite, norm, top.expand_as(norm))
+
+
+def page_scores(scores: list[torch.Tensor], block_size: int) -> torch.Tensor:
+    """Block scores ``[ceil(L / block_size)]`` float32 from per-layer ``[Hkv, L]`` token scores."""
+    length = scores[0].shape[-1]
+    rows = torch.cat([s.reshape(-1, length) for s in scores])
+    per_token = _normalised_rows(rows).sum(0)
+    num_blocks = math.ceil(length / block_size)
+    padded = torch.zeros(num_blocks * block_size, dtype=per_token.dtype)
+    padded[:length] = per_token
+    counts = torch.full((num_blocks,), float(block_size), dtype=per_token.dtype)
+    counts[-1] = length - (num_blocks - 1) * block_size
+    return (padded.view(num_blocks, block_size).sum(-1) / counts).float()
+
+
+def required_blocks(seq_len: int, block_size: int, config: EvictionConfig) -> torch.Tensor:
+    """``[num_blocks]`` bool: blocks holding a sink, a window position, or the last token."""
+    num_blocks = math.ceil(seq_len / block_size)
+    required = torch.zeros(num_blocks, dtype=torch.bool)
+    sinks = min(config.resolved_sinks, seq_len)
+    if sinks > 0:
+        required[: math.ceil(sinks / block_size)] = True
+    window = min(config.window, seq_len)
+    required[(seq_len - max(window, 1)) // block_size :] = True
+    return required
+
+
+def select_pages(block_scores: torch.Tensor, seq_len: int, block_size: int, config: EvictionConfig) -> torch.Tensor:
+    """Sorted int64 indices of the blocks kept (count rule in the module docstring)."""
+    num_blocks = math.ceil(seq_len / block_size)
+    if block_scores.shape[0] != num_blocks:
+        raise ValueError(f"{block_scores.shape[0]} block scores for {num_blocks} blocks of {seq_len} tokens")
+    budget = config.budget_tokens(seq_len)
+    if config.keeps_everything or budget >= seq_len:
+        return torch.arange(num_blocks)
+    required = required_blocks(seq_len, block_size, config)
+    keep = min(num_blocks, max(math.ceil(budget / block_size), int(required.sum())))
+    ranked = torch.where(required, torch.full_like(block_scores.double(), float("inf")), block_scores.double())
+    order = torch.sort(ranked, descending=True, stable=True).indices
+    return torch.sort(order[:keep]).values
