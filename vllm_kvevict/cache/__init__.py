@@ -1,1 +1,55 @@
-"""cache"""
+"""Head-wise compaction groundwork (pure torch, no vLLM): block counts, head-page tables, copies.
+
+* :mod:`.blocks`: ``K`` compact blocks from the budget alone; where the positional tail starts.
+* :mod:`.page_table`: head-pages of each (layer, KV head) and the copy lists of a compaction.
+* :mod:`.compact`: torch reference of the copy on a paged cache, and the reader of the result.
+* :mod:`.accounting`: blocks a request holds against the ideal.
+
+Layout and bounds: docs/HEAD_PAGES.md.
+"""
+
+from vllm_kvevict.cache.accounting import HeldBlocks, held_blocks, ideal_blocks, kept_fraction, memory_efficiency
+from vllm_kvevict.cache.blocks import (
+    LayerBudgetBound,
+    TailLayout,
+    compact_blocks_needed,
+    head_pages_bound,
+    layer_budget_bounds,
+    prompt_tail_layout,
+    simple_compact_blocks_bound,
+)
+from vllm_kvevict.cache.compact import compact_gather, compact_layer, gather_compact
+from vllm_kvevict.cache.page_table import (
+    CompactionPlan,
+    CompactRegionOverflow,
+    LayerGather,
+    assign_head_pages,
+    kept_positions_tensor,
+    page_table_tensor,
+    plan_compaction,
+)
+
+__all__ = [
+    "CompactRegionOverflow",
+    "CompactionPlan",
+    "HeldBlocks",
+    "LayerBudgetBound",
+    "LayerGather",
+    "TailLayout",
+    "assign_head_pages",
+    "compact_blocks_needed",
+    "compact_gather",
+    "compact_layer",
+    "gather_compact",
+    "head_pages_bound",
+    "held_blocks",
+    "ideal_blocks",
+    "kept_fraction",
+    "kept_positions_tensor",
+    "layer_budget_bounds",
+    "memory_efficiency",
+    "page_table_tensor",
+    "plan_compaction",
+    "prompt_tail_layout",
+    "simple_compact_blocks_bound",
+]

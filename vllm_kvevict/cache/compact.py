@@ -1,0 +1,76 @@
+"""Torch reference of compaction on one layer's paged cache, and the reader of the compact region.
+
+Cache layout (head-major, one layer): ``[num_blocks, Hkv, block_size, head_dim]``. Position
+``p`` of the request is in block ``block_table[p // bs]``, slot ``p % bs``, plane ``g`` for head
+``g``; head-page ``h`` is block ``h // Hkv``, plane ``h % Hkv``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvevict.cache.page_table import CompactionPlan, LayerGather
+
+
+def compact_layer(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, plan: CompactionPlan, layer: int
+) -> None:
+    """Copy layer ``layer``'s kept K/V into its head-pages, in place.
+
+    Parameters
+    ----------
+    k_cache, v_cache : ``[num_blocks, Hkv, bs, d]`` this layer's cache.
+    block_table : ``[num_positional_blocks]`` the request's positional block ids (covering every
+        kept position).
+    plan : from :func:`vllm_kvevict.cache.page_table.plan_compaction`.
+    """
+    compact_gather(k_cache, v_cache, block_table, plan.layer_gather(layer))
+
+
+def compact_gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, gather: LayerGather) -> None:
+    """:func:`compact_layer` on an explicit copy list. Sources are read before any write."""
+    num_blocks, num_kv_heads, block_size, _ = k_cache.shape
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"K cache {tuple(k_cache.shape)} and V cache {tuple(v_cache.shape)} differ")
+    if gather.head.numel() == 0:
+        return
+    table = torch.as_tensor(block_table, dtype=torch.int64).to(k_cache.device)
+    src_pos = gather.src_positions.to(k_cache.device)
+    if int(src_pos.max()) >= table.numel() * block_size:
+        raise ValueError(f"kept position {int(src_pos.max())} past the block table ({table.numel()} blocks)")
+    src_block = table[src_pos // block_size]
+    dst_page = gather.dst_page.to(k_cache.device)
+    dst_block = dst_page // num_kv_heads
+    if bool(torch.isin(dst_block, src_block).any()):
+        raise ValueError("a compact block is also a source block of this compaction")
+    if int(dst_block.max()) >= num_blocks or int(dst_page.min()) < 0:
+        raise ValueError(f"head-page out of range for a cache of {num_blocks} blocks")
+    head = gather.head.to(k_cache.device)
+    src_slot = src_pos % block_size
+    dst_plane, dst_slot = dst_page % num_kv_heads, gather.dst_slot.to(k_cache.device)
+    for cache in (k_cache, v_cache):
+        cache[dst_block, dst_plane, dst_slot] = cache[src_block, head, src_slot]
+
+
+def gather_compact(cache: torch.Tensor, pages: torch.Tensor, lens: torch.Tensor) -> list[torch.Tensor]:
+    """Read each head's compact region back.
+
+    Parameters
+    ----------
+    cache : ``[num_blocks, Hkv, bs, d]`` one layer (K or V).
+    pages : ``[Hkv, max_pages]`` head-page ids (``-1`` padding), e.g. ``page_table_tensor(plan)[0][l]``.
+    lens : ``[Hkv]`` tokens per head.
+
+    Returns
+    -------
+    per head ``g``: ``[lens[g], d]``, token ``i`` read from page ``pages[g, i // bs]``, slot ``i % bs``.
+    """
+    num_kv_heads, block_size = cache.shape[1], cache.shape[2]
+    out = []
+    for g in range(pages.shape[0]):
+        i = torch.arange(int(lens[g]), device=cache.device)
+        page = pages[g].to(device=cache.device, dtype=torch.int64)[i // block_size]
+        if bool((page < 0).any()):
+            raise ValueError(f"head {g}: {int(lens[g])} tokens but only {int((pages[g] >= 0).sum())} pages")
+        out.append(cache[page // num_kv_heads, page % num_kv_heads, i % block_size])
+    return out

@@ -1,0 +1,206 @@
+"""Which head-pages each (layer, KV head) gets, and where each kept token goes.
+
+Given a :class:`~vllm_kvevict.policies.KeptSet` and the ``K`` compact block ids of a request,
+head ``g`` of layer ``l`` needs ``n[l, g] = ceil(B[l, g] / bs)`` head-pages. In each layer it
+first takes its own plane ``g`` of the compact blocks, in block order (``min(n, K)`` of them);
+a head that needs more than ``K`` borrows the planes other heads leave free (blocks
+``j >= n[l, p]`` of plane ``p``), in block-then-plane order, heads served in order. Kept token
+``i`` of the head (``i``-th smallest position) goes to slot ``i % bs`` of its ``i // bs``-th page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from vllm_kvevict.policies import KeptSet
+
+
+class CompactRegionOverflow(ValueError):
+    """A layer's head-pages do not fit in the compact blocks (the ``K`` bound was violated)."""
+
+
+@dataclass
+class LayerGather:
+    """One layer's copy list: entry ``e`` copies token ``src_positions[e]`` of head ``head[e]``
+    to slot ``dst_slot[e]`` of head-page ``dst_page[e]``. All ``[N]`` int64, ``N = sum_g B[l, g]``,
+    grouped by head (ascending), positions ascending within a head."""
+
+    head: torch.Tensor
+    src_positions: torch.Tensor
+    dst_page: torch.Tensor
+    dst_slot: torch.Tensor
+
+
+@dataclass
+class CompactionPlan:
+    """Head-page assignment and copy lists of one request's compaction.
+
+    Attributes
+    ----------
+    block_size, num_kv_heads : cache geometry.
+    compact_block_ids : the ``K`` freshly allocated blocks (same ids in every layer).
+    head_pages : ``[l][g]`` list of head-page ids (``block * Hkv + plane``), in fill order.
+    lens : ``[L, Hkv]`` int64 tokens kept per (layer, head).
+    layer, head, src_positions, dst_page, dst_slot : ``[N]`` int64, every layer's
+        :class:`LayerGather` concatenated in layer order (``layer[e]`` says which).
+    offsets : ``[L + 1]`` int64; layer ``l``'s entries are ``offsets[l]:offsets[l + 1]``.
+    """
+
+    block_size: int
+    num_kv_heads: int
+    compact_block_ids: list[int]
+    head_pages: list[list[list[int]]]
+    lens: torch.Tensor
+    layer: torch.Tensor
+    head: torch.Tensor
+    src_positions: torch.Tensor
+    dst_page: torch.Tensor
+    dst_slot: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.head_pages)
+
+    def layer_gather(self, layer: int) -> LayerGather:
+        lo, hi = int(self.offsets[layer]), int(self.offsets[layer + 1])
+        return LayerGather(self.head[lo:hi], self.src_positions[lo:hi], self.dst_page[lo:hi], self.dst_slot[lo:hi])
+
+    def pages_used(self) -> int:
+        """Head-pages used over all layers."""
+        return sum(len(p) for layer in self.head_pages for p in layer)
+
+
+def assign_head_pages(counts: Sequence[int], compact_block_ids: Sequence[int], num_kv_heads: int) -> list[list[int]]:
+    """Head-page ids for one layer whose head ``g`` needs ``counts[g]`` pages (rule in module doc).
+
+    Raises :class:`CompactRegionOverflow` when ``sum(counts) > Hkv * K``.
+    """
+    num_blocks = len(compact_block_ids)
+    blocks = torch.as_tensor(list(compact_block_ids), dtype=torch.int64)
+    need = torch.as_tensor(list(counts), dtype=torch.int64)
+    if need.numel() != num_kv_heads:
+        raise ValueError(f"{need.numel()} page counts for {num_kv_heads} KV heads")
+    if int(need.sum()) > num_kv_heads * num_blocks:
+        raise CompactRegionOverflow(
+            f"layer needs {int(need.sum())} head-pages (per head {need.tolist()}), "
+            f"{num_blocks} compact blocks hold {num_kv_heads * num_blocks}"
+        )
+    # planes[j, p]: head-page id of plane p of compact block j.
+    planes = blocks[:, None] * num_kv_heads + torch.arange(num_kv_heads)[None, :]
+    own = need.clamp(max=num_blocks)
+    free = torch.arange(num_blocks)[:, None] >= own[None, :]  # [K, Hkv], row-major = block, plane
+    free_pages = planes[free]
+    extra = (need - own).tolist()
+    result, taken = [], 0
+    for g in range(num_kv_heads):
+        pages = planes[: int(own[g]), g].tolist() + free_pages[taken : taken + extra[g]].tolist()
+        taken += extra[g]
+        result.append(pages)
+    return result
+
+
+def plan_compaction(
+    kept: KeptSet, compact_block_ids: Sequence[int], block_size: int, num_kv_heads: int
+) -> CompactionPlan:
+    """Assign head-pages to every (layer, head) of ``kept`` and build the copy lists.
+
+    Parameters
+    ----------
+    kept : per layer, per KV head, sorted token positions (``kept.indices[l][g]``).
+    compact_block_ids : the ``K`` blocks allocated for the compact region.
+    block_size, num_kv_heads : cache geometry (``Hkv`` must match ``kept``).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size}: expected >= 1")
+    if len(set(int(b) for b in compact_block_ids)) != len(compact_block_ids):
+        raise ValueError(f"compact_block_ids repeat a block: {list(compact_block_ids)}")
+    if tuple(kept.head_budgets.shape) != (kept.num_layers, num_kv_heads):
+        raise ValueError(f"head_budgets shape {tuple(kept.head_budgets.shape)} != "
+                         f"(num_layers={kept.num_layers}, num_kv_heads={num_kv_heads})")
+    head_pages, lens, gathers = [], [], []
+    for layer, heads in enumerate(kept.indices):
+        if len(heads) != num_kv_heads:
+            raise ValueError(f"layer {layer} has {len(heads)} heads, expected num_kv_heads={num_kv_heads}")
+        layer_lens = torch.tensor([int(h.numel()) for h in heads], dtype=torch.int64)
+        if not torch.equal(layer_lens, kept.head_budgets[layer].to(torch.int64)):
+            raise ValueError(f"layer {layer}: kept counts {layer_lens.tolist()} != head_budgets "
+                             f"{kept.head_budgets[layer].tolist()}")
+        counts = (layer_lens + block_size - 1) // block_size
+        try:
+            pages = assign_head_pages(counts.tolist(), compact_block_ids, num_kv_heads)
+        except CompactRegionOverflow as exc:
+            raise CompactRegionOverflow(f"layer {layer}: {exc}") from None
+        head_pages.append(pages)
+        lens.append(layer_lens)
+        gathers.append(_layer_gather(heads, pages, layer_lens, block_size))
+    sizes = torch.tensor([g.head.numel() for g in gathers], dtype=torch.int64)
+    offsets = torch.zeros(len(gathers) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(sizes, 0)
+    return CompactionPlan(
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        compact_block_ids=[int(b) for b in compact_block_ids],
+        head_pages=head_pages,
+        lens=torch.stack(lens) if lens else torch.zeros(0, num_kv_heads, dtype=torch.int64),
+        layer=torch.repeat_interleave(torch.arange(len(gathers)), sizes),
+        head=_concat(gathers, "head"),
+        src_positions=_concat(gathers, "src_positions"),
+        dst_page=_concat(gathers, "dst_page"),
+        dst_slot=_concat(gathers, "dst_slot"),
+        offsets=offsets,
+    )
+
+
+def _concat(gathers: list[LayerGather], name: str) -> torch.Tensor:
+    return torch.cat([getattr(g, name) for g in gathers]) if gathers else torch.zeros(0, dtype=torch.int64)
+
+
+def _layer_gather(heads: list[torch.Tensor], pages: list[list[int]], lens: torch.Tensor, block_size: int) -> LayerGather:
+    num_kv_heads = len(heads)
+    table = _padded(pages)  # [Hkv, max_pages]
+    head = torch.repeat_interleave(torch.arange(num_kv_heads), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    rank = torch.arange(int(lens.sum())) - starts[head]  # i: index of the token within its head
+    src = torch.cat([h.to(torch.int64) for h in heads]) if num_kv_heads else torch.zeros(0, dtype=torch.int64)
+    return LayerGather(head=head, src_positions=src, dst_page=table[head, rank // block_size], dst_slot=rank % block_size)
+
+
+def _padded(pages: list[list[int]], width: int | None = None) -> torch.Tensor:
+    width = max([len(p) for p in pages] + [1]) if width is None else width
+    table = torch.full((len(pages), width), -1, dtype=torch.int64)
+    for g, p in enumerate(pages):
+        table[g, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
+    return table
+
+
+def page_table_tensor(plan: CompactionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pages [L, Hkv, max_pages] int32 padded with -1, lens [L, Hkv] int32)``.
+
+    ``pages[l]`` / ``lens[l]`` (with a batch dim added) are the ``compact_pages`` /
+    ``compact_lens`` of :mod:`vllm_kvevict.kernels` for layer ``l``.
+    """
+    width = max([len(p) for layer in plan.head_pages for p in layer] + [1])
+    pages = torch.stack([_padded(layer, width) for layer in plan.head_pages]) if plan.head_pages else \
+        torch.full((0, plan.num_kv_heads, width), -1, dtype=torch.int64)
+    return pages.to(torch.int32), plan.lens.to(torch.int32)
+
+
+def kept_positions_tensor(plan: CompactionPlan) -> torch.Tensor:
+    """``[L, Hkv, max_kept]`` int32 kept positions per (layer, head), padded with -1 past ``lens``.
+
+    With :func:`page_table_tensor`, the ``kept_pos`` / ``kept_lens`` / ``dest_pages`` arguments of
+    :func:`vllm_kvevict.kernels.compaction.compact` for one layer (add a batch dim).
+    """
+    num_layers, num_kv_heads = plan.lens.shape
+    width = max(int(plan.lens.max()) if plan.lens.numel() else 0, 1)
+    out = torch.full((num_layers, num_kv_heads, width), -1, dtype=torch.int64)
+    flat_lens = plan.lens.flatten()  # entries are grouped by (layer, head) in this order
+    group_start = torch.cumsum(flat_lens, 0) - flat_lens
+    starts = group_start[plan.layer * num_kv_heads + plan.head]
+    rank = torch.arange(plan.layer.numel()) - starts
+    out[plan.layer, plan.head, rank] = plan.src_positions
+    return out.to(torch.int32)
