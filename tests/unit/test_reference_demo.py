@@ -1,0 +1,60 @@
+"""The demo and the study runner, end to end on the tiny random Llama (its answers are noise:
+these check the plumbing, protocols and memory accounting, not accuracy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.evaluation.tasks import make_task
+from vllm_kvevict.reference import demo, study
+from vllm_kvevict.reference.engine import ReferenceEngine
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine is shared: one intra-op thread avoids OpenMP spin contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_run_task_compresses_what_each_protocol_says(tiny_llama_dir):
+    engine = ReferenceEngine(tiny_llama_dir)
+    task = make_task("niah_single", engine.tokenizer, 400, seed=3)
+    configs = [EvictionConfig(), EvictionConfig(scorer="snapkv", budget=0.5, granularity="head")]
+    runs = study.run_task(engine, task, configs, ["inside", "after"])
+    assert [(r.protocol, r.policy) for r in runs] == [
+        ("inside", "full"),
+        ("inside", "snapkv/adakv/head"),
+        ("after", "full"),
+        ("after", "snapkv/adakv/head"),
+    ]
+    inside, after = runs[1], runs[3]
+    assert inside.compressed_tokens == len(task.prompt_ids)
+    assert after.compressed_tokens == task.context_end < len(task.prompt_ids)
+    assert inside.memory_fraction == pytest.approx(int(0.5 * len(task.prompt_ids)) / len(task.prompt_ids))
+    assert after.memory_fraction == pytest.approx(int(0.5 * task.context_end) / task.context_end)
+    # At full cache both protocols run the same computation.
+    assert runs[0].output == runs[2].output
+    rows = study.summarize(runs)
+    assert {(r["protocol"], r["n"]) for r in rows} == {("inside", 1), ("after", 1)}
+    json.dumps([r.to_json() for r in runs])
+
+
+def test_demo_prints_accuracy_and_memory(tiny_llama_dir, capsys):
+    code = demo.main(["--model", str(tiny_llama_dir), "--policy", "snapkv", "--budget", "0.5", "--n", "1", "--length", "300"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "snapkv/adakv/head" in out and "accuracy" in out
+    row = next(line for line in out.splitlines() if line.startswith("inside   snapkv"))
+    assert 0.45 <= float(row.split()[-1]) <= 0.5
+
+
+def test_demo_rejects_a_bad_budget(tiny_llama_dir, capsys):
+    assert demo.main(["--model", str(tiny_llama_dir), "--budget", "2.5"]) == 2
+    assert "budget" in capsys.readouterr().err

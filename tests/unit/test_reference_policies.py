@@ -1,0 +1,104 @@
+"""The reference engine with the real policies (tiny random GQA Llama): head and page modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvevict import policies
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.reference.engine import ReferenceEngine
+from vllm_kvevict.reference.selection import kept_blocks
+
+PROMPT_LEN = 200
+SCORERS = [s for s in policies.SCORERS if s != "none"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine is shared: one intra-op thread avoids OpenMP spin contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir) -> ReferenceEngine:
+    return ReferenceEngine(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids() -> torch.Tensor:
+    return torch.randint(10, 40000, (PROMPT_LEN,), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def prefilled(engine, prompt_ids):
+    return engine.prefill(prompt_ids)
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_head_mode_cache_is_the_policys_kept_set(engine, prefilled, scorer):
+    config = EvictionConfig(scorer=scorer, budget=0.3, granularity="head", window=16)
+    expected = policies.compute_kept(engine.layer_inputs(prefilled, config), config)
+    out = engine.generate(prefilled, config, 3, stop_on_eos=False, return_cache=True)
+    assert torch.equal(out.kept_per_head, expected.head_budgets)
+    assert out.memory_fraction < 0.5
+    for layer, row in enumerate(out.cache.stores):
+        for head, store in enumerate(row):
+            idx = expected.indices[layer][head]
+            assert torch.equal(out.kept[layer][head], idx)
+            k = idx.numel()
+            assert store.length == k + 2
+            assert torch.equal(store.keys[:k], prefilled.keys[layer][head, idx])
+            assert torch.equal(store.values[:k], prefilled.values[layer][head, idx])
+            assert store.positions[k:].tolist() == [PROMPT_LEN, PROMPT_LEN + 1]
+            # The window is always kept.
+            assert set(range(PROMPT_LEN - 16, PROMPT_LEN)) <= set(idx.tolist())
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("scorer", ["snapkv", "criticalkv", "streamingllm"])
+def test_page_mode_keeps_whole_blocks_for_every_head(engine, prefilled, scorer, block_size):
+    config = EvictionConfig(scorer=scorer, budget=0.3, granularity="page", window=16)
+    out = engine.generate(prefilled, config, 2, stop_on_eos=False, block_size=block_size, return_cache=True)
+    blocks = kept_blocks(prefilled, config, block_size)
+    tokens = out.kept[0][0]
+    assert all(torch.equal(idx, tokens) for row in out.kept for idx in row)
+    block_of = tokens // block_size
+    assert torch.equal(torch.unique(block_of), blocks)
+    for b in blocks.tolist():
+        whole = range(b * block_size, min(PROMPT_LEN, (b + 1) * block_size))
+        assert set(whole) <= set(tokens.tolist())
+    assert len(blocks) < -(-PROMPT_LEN // block_size)  # something was evicted
+    assert out.memory_fraction == pytest.approx(tokens.numel() / PROMPT_LEN)
+    for row in out.cache.stores:
+        for store in row:
+            assert store.length == tokens.numel() + 1
+
+
+def test_question_after_eviction_from_a_sliced_prefill(engine, prompt_ids, prefilled):
+    """``prefix(n)`` + the rest as a suffix equals the whole prompt at full cache, and the
+    policy then sees only the first ``n`` tokens."""
+    n = 150
+    full = engine.generate(prefilled, EvictionConfig(), 12, stop_on_eos=False)
+    split = engine.generate(prefilled.prefix(n), EvictionConfig(), 12, stop_on_eos=False, suffix_ids=prompt_ids[n:])
+    assert split.token_ids == full.token_ids
+    config = EvictionConfig(scorer="snapkv", budget=0.5, granularity="head", window=16)
+    evicted = engine.generate(prefilled.prefix(n), config, 2, stop_on_eos=False, suffix_ids=prompt_ids[n:], return_cache=True)
+    assert evicted.prompt_len == n
+    assert int(evicted.kept_per_head.sum()) == config.budget_tokens(n) * evicted.kept_per_head.numel()
+    store = evicted.cache.stores[0][0]
+    assert store.positions[-(PROMPT_LEN - n + 1) :].tolist() == list(range(n, PROMPT_LEN + 1))
+    with pytest.raises(ValueError):
+        engine.generate(prefilled.prefix(n), config, 2)
+
+
+def test_a_given_kept_set_replaces_the_policys_choice(engine, prefilled):
+    config = EvictionConfig(scorer="snapkv", budget=0.3, granularity="head", window=16)
+    other = EvictionConfig(scorer="knorm", budget=0.3, granularity="head", window=16)
+    kept = policies.compute_kept(engine.layer_inputs(prefilled, other), other)
+    out = engine.generate(prefilled, config, 4, stop_on_eos=False, kept=kept)
+    assert torch.equal(out.kept_per_head, kept.head_budgets)
+    assert out.token_ids == engine.generate(prefilled, other, 4, stop_on_eos=False).token_ids

