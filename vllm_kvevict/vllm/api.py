@@ -1,0 +1,110 @@
+"""Per-request policy (``vllm_xargs``) validated in the process that accepts the request.
+
+``extra_body={"vllm_xargs": {"kv_eviction": "snapkv", "kv_budget": 0.2}}`` becomes
+``SamplingParams.extra_args``; :func:`check_request` builds the request's policy with
+``EvictionConfig.from_flat(extra_args, base=server_default)`` and raises
+``VLLMValidationError(parameter=<the key>)``, which vLLM's API server answers with HTTP 400
+(``{"error": {"message": ..., "param": "kv_budget"}}``). A bad value therefore never reaches
+the engine core. Keys that do not start with ``kv_`` belong to others and pass through.
+
+A server started with ``--kv-eviction=none`` runs stock vLLM (no eviction machinery), so a
+request naming another policy there is refused; start the server with a policy and
+``--kv-budget=1`` (keep everything) to let requests opt in.
+
+Hooks (vLLM 0.32.0), each one function below:
+
+* ``InputProcessor._validate_params`` (``vllm/v1/engine/input_processor.py``): every request
+  of ``AsyncLLM`` and of the offline ``LLMEngine`` passes there before it is sent to the core.
+* ``AsyncLLM.generate`` (``vllm/v1/engine/async_llm.py``) is an async generator, whose body
+  (and thus ``_validate_params``) first runs after a streaming response has started with
+  HTTP 200. The wrapper checks the request when ``generate`` is called, before the serving
+  layer returns, so streaming requests get the 400 too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Mapping, Optional
+
+from vllm_kvevict.config import FLAT_PREFIX, EvictionConfig, EvictionConfigError
+from vllm_kvevict.vllm.patching import wrap_attribute
+
+DISABLED_SERVER_HINT = (
+    "this server runs without KV eviction (--kv-eviction=none); start it with a policy, e.g. "
+    "--kv-eviction=snapkv --kv-budget=1 (keeps everything unless a request asks), to choose "
+    "one per request"
+)
+
+
+def request_config(extra_args: Optional[Mapping[str, Any]], server_default: EvictionConfig) -> EvictionConfig:
+    """The policy of one request: its ``kv_*`` keys over the server default.
+
+    Raises
+    ------
+    EvictionConfigError
+        Naming the request's key (``kv_budget``, ``kv_eviction``...).
+    """
+    if not has_eviction_keys(extra_args):
+        return server_default
+    config = EvictionConfig.from_flat(extra_args, base=server_default)
+    if config.enabled and not server_default.enabled:
+        raise EvictionConfigError("kv_eviction", config.scorer, DISABLED_SERVER_HINT)
+    return config
+
+
+def has_eviction_keys(extra_args: Optional[Mapping[str, Any]]) -> bool:
+    return bool(extra_args) and any(str(k).startswith(FLAT_PREFIX) for k in extra_args)
+
+
+def server_default(additional_config: Any) -> EvictionConfig:
+    """The server's policy from vLLM's ``additional_config`` (validated at engine start)."""
+    if not isinstance(additional_config, Mapping):
+        return EvictionConfig()
+    return _server_default_cached(json.dumps(additional_config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=8)
+def _server_default_cached(additional_config_json: str) -> EvictionConfig:
+    return EvictionConfig.from_additional_config(json.loads(additional_config_json))
+
+
+def check_request(params: Any, vllm_config: Any) -> None:
+    """Raise ``VLLMValidationError`` (HTTP 400) if ``params.extra_args`` holds a bad policy."""
+    extra_args = getattr(params, "extra_args", None)
+    if not isinstance(extra_args, Mapping) or not has_eviction_keys(extra_args):
+        return
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        request_config(extra_args, server_default(vllm_config.additional_config))
+    except EvictionConfigError as exc:
+        raise VLLMValidationError(f"vllm_xargs: {exc}", parameter=exc.field) from None
+
+
+def install() -> None:
+    """Patch the two request entry points (see the module docstring); idempotent."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    # vLLM 0.32.0: InputProcessor._validate_params(self, params, supported_tasks) -> bool | None.
+    def wrap_validate_params(original):
+        @functools.wraps(original)
+        def _validate_params(self, params, *args, **kwargs):
+            check_request(params, self.vllm_config)
+            return original(self, params, *args, **kwargs)
+
+        return _validate_params
+
+    # vLLM 0.32.0: AsyncLLM.generate(self, prompt, sampling_params, request_id, *, ...), an async
+    # generator function; the wrapper is a plain function returning the same generator.
+    def wrap_generate(original):
+        @functools.wraps(original)
+        def generate(self, prompt, sampling_params, *args, **kwargs):
+            check_request(sampling_params, self.vllm_config)
+            return original(self, prompt, sampling_params, *args, **kwargs)
+
+        return generate
+
+    wrap_attribute(InputProcessor, "_validate_params", wrap_validate_params)
+    wrap_attribute(AsyncLLM, "generate", wrap_generate)

@@ -1,0 +1,212 @@
+"""The ``--kv-*`` flags of ``vllm serve`` / ``EngineArgs``, and their path into ``additional_config``.
+
+One flag per :data:`vllm_kvevict.config.FLAT_KEYS` entry, generated from
+:class:`~vllm_kvevict.config.EvictionConfig` (choices, defaults and help come from the model),
+in their own argument group ``KVEviction`` (``vllm serve --help=KVEviction`` lists them).
+
+Path of a flag (vLLM 0.32):
+
+1. ``EngineArgs.add_cli_args`` (patched) adds the group. vLLM loads general plugins inside
+   ``AsyncEngineArgs.add_cli_args`` just before it calls ``EngineArgs.add_cli_args``, so the
+   patch is in place when ``vllm serve`` builds its parser. Each value is checked on its own
+   by the flag's ``type`` (a bad value is an argparse usage error naming the flag).
+2. ``EngineArgs.from_cli_args`` (patched) merges the flags the user gave (flags have no argparse
+   default, so absent flags stay absent) over ``--additional-config``'s ``kv_eviction`` entry,
+   validates the whole policy, and stores it as ``additional_config["kv_eviction"]`` (nested
+   form, non-default fields only).
+3. ``EngineArgs.create_engine_config`` (patched) validates ``additional_config`` however it was
+   given (flags, ``--additional-config``, ``LLM(..., additional_config=...)``) and brings it to
+   the nested form, so a bad policy fails at start-up with the field named, in the process that
+   starts the engine.
+
+``--kv-eviction=none`` (the default) with no other ``kv`` setting leaves ``additional_config``
+untouched, so vLLM sees exactly what it would see without the plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from vllm_kvevict.config import (
+    ADDITIONAL_CONFIG_KEY,
+    FLAT_KEYS,
+    EvictionConfig,
+    EvictionConfigError,
+)
+from vllm_kvevict.vllm.patching import wrap_attribute
+
+GROUP_TITLE = "KVEviction"
+GROUP_DESCRIPTION = (
+    "KV-cache eviction (vllm-kvevict): after a request's prompt is prefilled, keep only the "
+    "KV entries its policy scores highest and return the freed blocks to vLLM's pool. "
+    "Per request: extra_body={'vllm_xargs': {'kv_eviction': ..., 'kv_budget': ...}}. Also "
+    "settable as --additional-config '{\"kv_eviction\": {...}}'."
+)
+#: A base under which one flag can be checked alone: its window of 1 fits any token budget,
+#: so the only cross-field rule (window + sinks <= token budget) never blames another flag.
+_SINGLE_FLAG_BASE = EvictionConfig(window=1)
+_PER_SCORER = "per scorer"
+#: A description's own "(default: ...)" note; the flag's help states the default once.
+_OWN_DEFAULT = re.compile(r"\s*\(default:[^)]*\)\s*$")
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One ``--kv-*`` flag, derived from an :class:`EvictionConfig` field."""
+
+    key: str  # flat key and argparse dest, e.g. "kv_budget"
+    field: str  # EvictionConfig field, e.g. "budget"
+    choices: Optional[tuple[str, ...]]
+    default_text: str
+    help: str
+
+    @property
+    def option(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+def flag_specs() -> list[FlagSpec]:
+    """The flags, in :data:`FLAT_KEYS` order."""
+    specs = []
+    for key, field in FLAT_KEYS.items():
+        info = EvictionConfig.model_fields[field]
+        default = info.default
+        default_text = _PER_SCORER if default is None else str(default)
+        description = _OWN_DEFAULT.sub("", info.description or field)
+        help_text = f"{description} (default: {default_text})"
+        specs.append(FlagSpec(key, field, _literal_choices(info.annotation), default_text, help_text))
+    return specs
+
+
+def parse_flag_value(key: str, text: str) -> Any:
+    """Check one flag's value on its own; return it typed ('0.1' -> 0.1).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        Naming the flag's key, the value and what is allowed (argparse prefixes the option).
+    """
+    try:
+        config = EvictionConfig.from_flat({key: text}, base=_SINGLE_FLAG_BASE)
+    except EvictionConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return getattr(config, FLAT_KEYS[key])
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the ``KVEviction`` group to ``parser`` (no-op if it is there already)."""
+    if "--kv-eviction" in parser._option_string_actions:
+        return
+    group = parser.add_argument_group(title=GROUP_TITLE, description=GROUP_DESCRIPTION)
+    for spec in flag_specs():
+        group.add_argument(
+            spec.option,
+            dest=spec.key,
+            type=_typed(spec.key),
+            choices=spec.choices,
+            # SUPPRESS: an absent flag leaves no attribute, so only what the user typed is
+            # merged; it also keeps argparse from printing "(default: None)".
+            default=argparse.SUPPRESS,
+            help=spec.help.replace("%", "%%"),
+        )
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``kv_*`` flags present on a parsed namespace."""
+    return {key: getattr(args, key) for key in FLAT_KEYS if hasattr(args, key)}
+
+
+def merge_flags(additional_config: Optional[Mapping[str, Any]], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """``additional_config`` with ``flags`` applied over its ``kv_eviction`` entry.
+
+    Raises
+    ------
+    EvictionConfigError
+        If the merged policy is invalid (e.g. ``--kv-window`` larger than a token budget).
+    """
+    base = EvictionConfig.from_additional_config(additional_config)
+    return with_config(additional_config, EvictionConfig.from_flat(flags, base=base))
+
+
+def normalize_additional_config(additional_config: Any) -> Any:
+    """Validate the eviction part of ``additional_config``; return it in nested form.
+
+    Returned unchanged (same object) when it holds no eviction setting, or is not a mapping.
+
+    Raises
+    ------
+    EvictionConfigError
+        Naming the field as given (``kv_eviction.budget`` or ``kv_budget``).
+    """
+    if not isinstance(additional_config, Mapping) or not any(k in FLAT_KEYS for k in additional_config):
+        return additional_config
+    return with_config(additional_config, EvictionConfig.from_additional_config(additional_config))
+
+
+def with_config(additional_config: Optional[Mapping[str, Any]], config: EvictionConfig) -> dict[str, Any]:
+    """Copy of ``additional_config`` whose eviction part is ``config`` (dropped if default)."""
+    out = {k: v for k, v in (additional_config or {}).items() if k not in FLAT_KEYS}
+    nested = config.to_additional_config()[ADDITIONAL_CONFIG_KEY]
+    if nested:
+        out[ADDITIONAL_CONFIG_KEY] = nested
+    return out
+
+
+def install() -> None:
+    """Patch ``EngineArgs`` (vLLM 0.32.0, ``vllm/engine/arg_utils.py``); idempotent."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    # vLLM 0.32.0: EngineArgs.add_cli_args(parser) -> parser, a staticmethod.
+    def wrap_add_cli_args(original: staticmethod) -> staticmethod:
+        def add_cli_args(parser, *args, **kwargs):
+            parser = original.__func__(parser, *args, **kwargs)
+            add_flags(parser)
+            return parser
+
+        return staticmethod(add_cli_args)
+
+    # vLLM 0.32.0: EngineArgs.from_cli_args(cls, args), a classmethod (AsyncEngineArgs inherits).
+    def wrap_from_cli_args(original: classmethod) -> classmethod:
+        def from_cli_args(cls, args: argparse.Namespace):
+            engine_args = original.__func__(cls, args)
+            flags = given_flags(args)
+            if flags:
+                engine_args.additional_config = merge_flags(engine_args.additional_config, flags)
+            return engine_args
+
+        return classmethod(from_cli_args)
+
+    # vLLM 0.32.0: EngineArgs.create_engine_config(self, usage_context=None, headless=False).
+    def wrap_create_engine_config(original):
+        def create_engine_config(self, *args, **kwargs):
+            self.additional_config = normalize_additional_config(self.additional_config)
+            return original(self, *args, **kwargs)
+
+        return create_engine_config
+
+    wrap_attribute(EngineArgs, "add_cli_args", wrap_add_cli_args)
+    wrap_attribute(EngineArgs, "from_cli_args", wrap_from_cli_args)
+    wrap_attribute(EngineArgs, "create_engine_config", wrap_create_engine_config)
+
+
+def _typed(key: str):
+    def parse(text: str) -> Any:
+        return parse_flag_value(key, text)
+
+    parse.__name__ = key  # argparse names the type in some messages
+    return parse
+
+
+def _literal_choices(annotation: Any) -> Optional[tuple[str, ...]]:
+    """``Literal['a', 'b']`` or ``Optional[Literal[...]]`` -> ``('a', 'b')``; else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(typing.get_args(annotation))
+    for arg in typing.get_args(annotation):
+        choices = _literal_choices(arg)
+        if choices:
+            return choices
+    return None

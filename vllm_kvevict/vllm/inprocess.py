@@ -1,0 +1,72 @@
+"""An offline vLLM engine whose engine core runs in this process, for tests and benchmarks.
+
+With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core (scheduler, KV-cache manager, block
+pool) and, on CPU, the worker live in the caller's process, so vLLM's own counters can be read
+directly (:func:`block_pool`, :func:`held_blocks`). One such engine at a time per process:
+:func:`open_llm` shuts it down and cleans vLLM's distributed state on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import random
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def open_llm(model: str, **kwargs: Any) -> Iterator[Any]:
+    """``vllm.LLM(model, **kwargs)`` with an in-process engine core; shut down on exit.
+
+    Defaults suited to this CPU: float32, eager, block size 32, 64 MiB of KV cache.
+    """
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    options = dict(dtype="float32", enforce_eager=True, block_size=32, kv_cache_memory_bytes=64 << 20)
+    options.update(kwargs)
+    llm = LLM(model, **options)
+    try:
+        yield llm
+    finally:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+            if previous is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+
+
+def engine_core(llm: Any) -> Any:
+    """The in-process ``EngineCore`` of ``llm`` (its ``scheduler`` holds the KV-cache manager)."""
+    return llm.llm_engine.engine_core.engine_core
+
+
+def scheduler(llm: Any) -> Any:
+    return engine_core(llm).scheduler
+
+
+def block_pool(llm: Any) -> Any:
+    """vLLM's ``BlockPool`` (``get_num_free_blocks()``)."""
+    return scheduler(llm).kv_cache_manager.block_pool
+
+
+def held_blocks(llm: Any, request_id: str) -> int:
+    """Real (non-null) blocks in the request's block list, per vLLM's KV-cache manager."""
+    manager = scheduler(llm).kv_cache_manager
+    blocks = manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id, [])
+    return sum(1 for b in blocks if not b.is_null)
+
+
+def random_prompt(num_tokens: int, seed: int, low: int = 100, high: int = 20000) -> list[int]:
+    """A reproducible prompt of random token ids."""
+    rng = random.Random(seed)
+    return [rng.randint(low, high) for _ in range(num_tokens)]

@@ -1,0 +1,529 @@
+"""Worker-side eviction state: which requests score this step, which rows attend compacted.
+
+One :class:`WorkerEvictionState` lives in each worker process (:func:`get_worker_state`). Per
+step it goes through:
+
+1. :meth:`begin_step` (KV connector, before the runner updates its batch): forget requests that
+   finished, were preempted or resumed (their blocks changed under them).
+2. :meth:`plan_step` (hook on the runner's attention-metadata build): map batch rows to requests;
+   rows whose chunk holds window positions stash those queries; rows whose chunk completes the
+   prompt are scored this step; rows of requests that already evicted attend compacted.
+3. The attention backend calls :meth:`record_window` / :meth:`record_scores` per layer.
+4. :meth:`finish_step` (KV connector, after the forward): turns every scored request's layer
+   scores into kept pages and returns ``{req_id: evicted positional block indices}``; from the
+   next step on, those rows attend compacted and the scheduler frees the blocks.
+
+Nothing here raises into the engine: a failing request is logged and left uncompressed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+
+from vllm_kvevict.config import EvictionConfig
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- policy access
+def resolve_request_config(
+    extra_args: Optional[Mapping[str, Any]], server_default: EvictionConfig
+) -> Optional[EvictionConfig]:
+    """The request's policy, or ``None`` when it must be left untouched.
+
+    ``None`` for ``scorer == "none"``, a budget that keeps everything, page granularity not
+    asked for (head granularity is not implemented in vLLM yet: the request is left whole), or an
+    invalid override (logged; the API server should have rejected it already).
+    """
+    try:
+        cfg = EvictionConfig.from_flat(dict(extra_args or {}), base=server_default)
+    except Exception as exc:  # never into the engine core
+        logger.warning("kvevict: bad per-request eviction settings, request left whole: %s", exc)
+        return None
+    if cfg.keeps_everything:
+        return None
+    if cfg.granularity != "page":
+        logger.warning("kvevict: granularity=%s not served by vLLM yet; request left whole", cfg.granularity)
+        return None
+    return cfg
+
+
+def needs_query_stats(config: EvictionConfig) -> bool:
+    """Whether the scorer reads pre-RoPE query statistics of the whole prompt."""
+    return config.scorer == "expected_attention"
+
+
+def needs_attention_sum(config: EvictionConfig) -> bool:
+    """Whether the scorer reads the attention every prompt query paid (``h2o``)."""
+    return config.scorer == "h2o"
+
+
+def _score_layer(inputs, config: EvictionConfig) -> torch.Tensor:
+    """``[Hkv, L]`` scores from the policies package (its ``score_layer``), else key norms."""
+    try:
+        from vllm_kvevict.policies import score_layer  # type: ignore[attr-defined]
+    except Exception:  # policies not landed: knorm-like fallback (negated key norm)
+        return -inputs.keys.float().norm(dim=-1)
+    return score_layer(inputs, config)
+
+
+def choose_evicted_blocks(
+    scores_per_layer: list[torch.Tensor], prompt_len: int, block_size: int, config: EvictionConfig
+) -> list[int]:
+    """Positional indices of the prompt blocks to evict (sorted).
+
+    Only full blocks before the block holding the prompt's last token are candidates: the last
+    prompt block is always kept (decode appends to it). ``select_pages`` of the policies package
+    chooses the kept blocks when present; otherwise blocks are ranked by their mean score (sinks'
+    and window's blocks forced in) and ``ceil(budget_tokens / block_size)`` are kept.
+
+    Parameters
+    ----------
+    scores_per_layer : list over layers of ``[Hkv, prompt_len]`` float32.
+    """
+    num_blocks = math.ceil(prompt_len / block_size)
+    last_block = (prompt_len - 1) // block_size
+    try:
+        from vllm_kvevict.policies import page_scores, protect, select_pages  # type: ignore[attr-defined]
+
+        # Same pipeline as the reference engine's page mode (reference/selection.kept_blocks).
+        block_scores = page_scores([protect(s, config) for s in scores_per_layer], block_size)
+        kept = [int(b) for b in select_pages(block_scores, prompt_len, block_size, config)]
+    except ImportError:
+        kept = _fallback_select(scores_per_layer, prompt_len, block_size, config)
+    keep = set(kept)
+    keep.add(last_block)
+    return [b for b in range(num_blocks) if b not in keep and b < last_block]
+
+
+def _fallback_select(scores_per_layer, prompt_len: int, block_size: int, config: EvictionConfig) -> list[int]:
+    num_blocks = math.ceil(prompt_len / block_size)
+    per_token = torch.stack([s.float().mean(dim=0) for s in scores_per_layer]).mean(dim=0)  # [L]
+    pad = num_blocks * block_size - prompt_len
+    per_token = torch.nn.functional.pad(per_token, (0, pad), value=float("nan"))
+    block_scores = per_token.view(num_blocks, block_size).nanmean(dim=1)
+    forced = {(prompt_len - 1) // block_size}
+    for t in range(max(0, prompt_len - config.window), prompt_len):
+        forced.add(t // block_size)
+    for t in range(min(prompt_len, config.resolved_sinks)):
+        forced.add(t // block_size)
+    want = max(len(forced), math.ceil(config.budget_tokens(prompt_len) / block_size))
+    block_scores[list(forced)] = float("inf")
+    return sorted(block_scores.topk(min(want, num_blocks)).indices.tolist())
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class RequestState:
+    """What the worker knows about one request that may evict."""
+
+    config: EvictionConfig
+    prompt_len: int
+    #: layer name -> list of ``[w, H, d]`` window query chunks, in position order.
+    window_queries: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    #: layer index -> ``[Hkv, prompt_len]`` scores of the last prefill chunk.
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: positional indices of evicted blocks (sorted) once eviction happened.
+    evicted: Optional[torch.Tensor] = None
+    failed: bool = False
+    #: end position of the last chunk seen; a smaller start later means the request restarted.
+    observed_until: int = 0
+    #: time spent on this request's eviction (window stash, scoring, page choice).
+    seconds: float = 0.0
+    #: layer name -> pre-RoPE query statistics (``expected_attention`` only).
+    query_stats: dict = field(default_factory=dict)
+    #: layer name -> ``[H, prompt_len]`` attention paid by every prompt query so far (``h2o``).
+    attention_sum: dict = field(default_factory=dict)
+
+
+@dataclass
+class RowPlan:
+    """One batch row's part in this step. ``window_lo/hi``: its query rows (relative to the
+    row's first query) that are window positions; ``score``: this chunk completes the prompt;
+    ``collect_lo/hi``: rows whose pre-RoPE statistics (``expected_attention``) or attention
+    (``h2o``) are gathered."""
+
+    req_id: str
+    window_lo: int = 0
+    window_hi: int = 0
+    score: bool = False
+    #: position of the row's first query; query rows whose pre-RoPE statistics are gathered.
+    start: int = 0
+    collect_lo: int = 0
+    collect_hi: int = 0
+
+
+@dataclass
+class StepStats:
+    requests_evicted: dict[str, int] = field(default_factory=dict)
+    tokens_evicted: int = 0
+    blocks_evicted: int = 0
+    eviction_seconds: float = 0.0
+
+
+class WorkerEvictionState:
+    """Per-process eviction state of one worker (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.server_default: EvictionConfig = EvictionConfig()
+        self.requests: dict[str, RequestState] = {}
+        #: batch row -> plan, for the step being run (empty outside a step).
+        self.rows: dict[int, RowPlan] = {}
+        #: batch row -> evicted positional block indices, for rows attending compacted.
+        self.compact_rows: dict[int, torch.Tensor] = {}
+        self.step_open = False
+        self._planned: set[str] = set()
+        #: True when the runner hook (MRV2) already compacted this step's block tables.
+        self.compacted_by_runner = False
+        #: set by our KV connector on the worker: without it nothing is planned.
+        self.enabled = False
+        #: request id -> ``SamplingParams.extra_args`` (MRV2 keeps no sampling params per request).
+        self.extra_args: dict[str, Any] = {}
+        self.block_size: Optional[int] = None
+        self.num_layers = 1
+        #: attention layer name -> ``[D, H*d]`` o_proj weight (filled lazily).
+        self.o_proj: dict[str, torch.Tensor] = {}
+        self.model: Optional[torch.nn.Module] = None
+        #: weak reference to the model runner the cached model/o_proj/layers belong to.
+        self.runner_ref: Optional[Any] = None
+        self.stats = StepStats()
+        #: request id -> (policy, seconds spent scoring + choosing) of this step's evictions.
+        self.last_evictions: dict[str, tuple[str, float]] = {}
+        #: request id -> evicted block indices of the latest evictions (bounded; for tests/logs).
+        self.history: dict[str, list[int]] = {}
+        #: request id -> the scheduler's admission count of the request (echoed in reports).
+        self.generations: dict[str, int] = {}
+        #: when a dict (tests set it), request id -> per-layer ``[Hkv, L]`` scores of its eviction.
+        self.debug_scores: Optional[dict[str, list[torch.Tensor]]] = None
+        #: requests left whole because scoring or selection failed (each one logged).
+        self.num_failed = 0
+
+    # ----------------------------------------------------------------- step lifecycle
+    def open_step(self) -> None:
+        """Start planning a step (no-op if already open: MRV2 plans before the connector runs)."""
+        if self.step_open:
+            return
+        self.rows = {}
+        self.compact_rows = {}
+        self._planned = set()
+        self.compacted_by_runner = False
+        self.step_open = True
+
+    def apply_resets(self, reset_req_ids, generations: Optional[Mapping[str, int]] = None) -> None:
+        """Forget requests whose blocks changed under them (finished, preempted, resumed).
+
+        Requests already planned in the open step are kept (MRV2 plans before the connector
+        delivers the resets; a request that restarted is caught by :meth:`plan_row`).
+        """
+        planned = {plan.req_id for plan in self.rows.values()}
+        for req_id in reset_req_ids:
+            if req_id in planned:
+                continue
+            self.requests.pop(req_id, None)
+            self.generations.pop(req_id, None)
+            self.extra_args.pop(req_id, None)
+        self.generations.update(generations or {})
+
+    def begin_step(self, reset_req_ids, generations: Optional[Mapping[str, int]] = None) -> None:
+        """V1 order (connector first, then planning): resets, then open the step."""
+        self.apply_resets(reset_req_ids, generations)
+        self.open_step()
+
+    def track(self, req_id: str, extra_args, prompt_len: int) -> Optional[RequestState]:
+        state = self.requests.get(req_id)
+        if state is None:
+            cfg = resolve_request_config(extra_args, self.server_default)
+            if cfg is None:
+                return None
+            state = RequestState(config=cfg, prompt_len=prompt_len)
+            self.requests[req_id] = state
+        return state
+
+    def plan_row(self, row: int, req_id: str, extra_args, prompt_len: int, num_computed: int, q_len: int) -> None:
+        """Decide what row ``row`` does this step (called for every row of the batch)."""
+        if req_id in self._planned:
+            return  # metadata built twice in one step (e.g. drafters): plan once
+        self._planned.add(req_id)
+        state = self.requests.get(req_id)
+        if state is not None and num_computed < state.observed_until:
+            # The request restarted (preempted and re-admitted): its blocks are new.
+            self.requests.pop(req_id, None)
+            state = None
+        if state is not None and state.evicted is not None:
+            if state.evicted.numel():
+                self.compact_rows[row] = state.evicted
+            return
+        if num_computed >= prompt_len:
+            return  # decoding and never evicted (e.g. policy off, or too short)
+        state = state or self.track(req_id, extra_args, prompt_len)
+        if state is None or state.failed:
+            return
+        start, end = num_computed, num_computed + q_len
+        w0 = max(0, prompt_len - state.config.window)
+        lo, hi = max(start, w0), min(end, prompt_len)
+        state.observed_until = end
+        plan = RowPlan(req_id=req_id, start=start)
+        if hi > lo:
+            plan.window_lo, plan.window_hi = lo - start, hi - start
+        if needs_query_stats(state.config) or needs_attention_sum(state.config):
+            first = state.config.resolved_sinks if needs_query_stats(state.config) else 0
+            c_lo, c_hi = max(start, first), min(end, prompt_len)
+            if c_hi > c_lo:
+                plan.collect_lo, plan.collect_hi = c_lo - start, c_hi - start
+        if end >= prompt_len:
+            plan.score = True
+        if plan.score or hi > lo or plan.collect_hi > plan.collect_lo:
+            self.rows[row] = plan
+
+    def finish_step(self) -> dict[str, list[int]]:
+        """Choose evicted pages for every request scored this step; ``{req_id: blocks}``."""
+        out: dict[str, list[int]] = {}
+        self.last_evictions = {}
+        if not self.step_open:
+            return out
+        self.step_open = False
+        for plan in self.rows.values():
+            if not plan.score:
+                continue
+            state = self.requests.get(plan.req_id)
+            if state is None or state.failed or state.evicted is not None:
+                continue
+            started = time.perf_counter()
+            try:
+                layers = [state.scores[i] for i in sorted(state.scores)]
+                if len(layers) != self.num_layers or self.block_size is None:
+                    raise RuntimeError(f"scores for {len(layers)}/{self.num_layers} layers")
+                if self.debug_scores is not None:
+                    self.debug_scores[plan.req_id] = [t.clone() for t in layers]
+                evicted = choose_evicted_blocks(layers, state.prompt_len, self.block_size, state.config)
+            except Exception as exc:
+                logger.warning("kvevict: eviction skipped for %s: %s", plan.req_id, exc)
+                state.failed = True
+                self.num_failed += 1
+                evicted = []
+            state.seconds += time.perf_counter() - started
+            state.evicted = torch.tensor(evicted, dtype=torch.long)
+            state.scores.clear()
+            state.window_queries.clear()
+            state.query_stats.clear()
+            state.attention_sum.clear()
+            out[plan.req_id] = evicted
+            self.history[plan.req_id] = evicted
+            while len(self.history) > 256:
+                self.history.pop(next(iter(self.history)))
+            self.last_evictions[plan.req_id] = (state.config.scorer, state.seconds)
+            if evicted:
+                self.stats.eviction_seconds += state.seconds
+                name = state.config.scorer
+                self.stats.requests_evicted[name] = self.stats.requests_evicted.get(name, 0) + 1
+                self.stats.blocks_evicted += len(evicted)
+                self.stats.tokens_evicted += len(evicted) * self.block_size
+        self.rows = {}
+        self.compact_rows = {}  # a step's plan never outlives it (a stock engine may follow)
+        return out
+
+    def generation_of(self, req_id: str) -> int:
+        return self.generations.get(req_id, 0)
+
+    def take_stats(self) -> Optional[StepStats]:
+        stats = self.stats
+        if not (stats.requests_evicted or stats.blocks_evicted or stats.eviction_seconds):
+            return None
+        self.stats = StepStats()
+        return stats
+
+    # ----------------------------------------------------------------- called by the backend
+    def record_window(self, layer_name: str, row: int, queries: torch.Tensor) -> None:
+        """Stash ``queries [w, H, d]`` (this chunk's window positions) of row ``row``."""
+        state = self.requests[self.rows[row].req_id]
+        state.window_queries.setdefault(layer_name, []).append(queries.detach().float().clone())
+
+    def window_of(self, layer_name: str, row: int) -> torch.Tensor:
+        """``[H, W, d]`` window queries of row ``row`` for ``layer_name``."""
+        state = self.requests[self.rows[row].req_id]
+        return torch.cat(state.window_queries[layer_name], dim=0).transpose(0, 1)
+
+    def add_seconds(self, row: int, seconds: float) -> None:
+        plan = self.rows.get(row)
+        if plan is not None and plan.req_id in self.requests:
+            self.requests[plan.req_id].seconds += seconds
+
+    def rotary_of(self, layer_name: str) -> Any:
+        """The layer's vLLM ``rotary_emb`` (``...self_attn.attn`` -> ``...self_attn.rotary_emb``)."""
+        return self.model.get_submodule(layer_name[: -len("attn")] + "rotary_emb")
+
+    def record_query_stats(self, layer_name: str, row: int, queries: torch.Tensor) -> None:
+        """Un-rotate ``queries [n, H, d]`` (rows ``collect_lo..hi`` of row ``row``) and add them."""
+        from vllm_kvevict.vllm.query_stats import QueryStats, rope_cos_sin, unrotate
+
+        plan = self.rows[row]
+        state = self.requests[plan.req_id]
+        first = plan.start + plan.collect_lo
+        cos, sin = rope_cos_sin(self.rotary_of(layer_name), torch.arange(first, first + queries.shape[0]))
+        stats = state.query_stats.get(layer_name)
+        if stats is None:
+            keep_raw = QueryStats.keeps_raw(state.prompt_len, state.config.resolved_sinks, queries.shape[-1])
+            stats = state.query_stats[layer_name] = QueryStats(keep_raw=keep_raw)
+        stats.add(unrotate(queries.float().cpu(), cos, sin))
+
+    def record_attention(self, layer_name: str, row: int, queries: torch.Tensor, keys: torch.Tensor, scale: float) -> None:
+        """Add the attention that ``queries [n, H, d]`` (rows ``collect_lo..hi``) pay to the
+        request's cached ``keys [Hkv, T, d]`` (causal: query at position p sees keys 0..p)."""
+        plan = self.rows[row]
+        state = self.requests[plan.req_id]
+        first = plan.start + plan.collect_lo
+        n, heads = queries.shape[0], queries.shape[1]
+        total = state.attention_sum.get(layer_name)
+        if total is None:
+            total = state.attention_sum[layer_name] = torch.zeros(heads, state.prompt_len)
+        k = keys.repeat_interleave(heads // keys.shape[0], dim=0)[:, : first + n].float()  # [H, T, d]
+        cols = torch.arange(first + n).view(1, -1)
+        for lo in range(0, n, _ATTENTION_ROWS):  # bounded [H, rows, T] temporaries
+            q = queries[lo : lo + _ATTENTION_ROWS].float()
+            logits = torch.einsum("nhd,htd->hnt", q, k) * scale
+            causal = cols > (first + lo + torch.arange(q.shape[0])).view(-1, 1)
+            total[:, : first + n] += torch.softmax(logits.masked_fill(causal, float("-inf")), dim=-1).sum(dim=1)
+
+    def query_inputs(self, layer_name: str, row: int) -> dict:
+        """Extra ``LayerInputs`` fields the request's scorer reads (empty if none)."""
+        from vllm_kvevict.vllm.query_stats import FUTURE_POSITIONS, rope_cos_sin
+
+        state = self.requests[self.rows[row].req_id]
+        if needs_attention_sum(state.config):
+            return {"attention_sum": state.attention_sum[layer_name]}
+        if not needs_query_stats(state.config):
+            return {}
+        length = state.prompt_len
+        cos, sin = rope_cos_sin(self.rotary_of(layer_name), torch.arange(length, length + FUTURE_POSITIONS))
+        return {"queries_pre_rope": state.query_stats[layer_name].as_queries(), "rope_cos": cos, "rope_sin": sin}
+
+    def record_scores(self, row: int, layer_idx: int, scores: torch.Tensor) -> None:
+        self.requests[self.rows[row].req_id].scores[layer_idx] = scores
+
+    def o_proj_of(self, layer_name: str) -> Optional[torch.Tensor]:
+        """``[D, H*d]`` ``o_proj`` weight of the attention layer ``layer_name`` (``...self_attn.attn``
+        -> ``...self_attn.o_proj``), from the loaded model; ``None`` if it cannot be found."""
+        if layer_name not in self.o_proj:
+            weight = None
+            if self.model is not None and layer_name.endswith(".attn"):
+                try:
+                    module = self.model.get_submodule(layer_name[: -len("attn")] + "o_proj")
+                    weight = linear_weight(module)
+                except Exception as exc:
+                    logger.warning("kvevict: no o_proj weight for %s: %s", layer_name, exc)
+            self.o_proj[layer_name] = weight
+        return self.o_proj[layer_name]
+
+    def fail(self, row: int, exc: BaseException) -> None:
+        plan = self.rows.get(row)
+        if plan is not None and plan.req_id in self.requests:
+            logger.warning("kvevict: scoring failed for %s, request left whole: %s", plan.req_id, exc)
+            logger.debug("kvevict: scoring failure", exc_info=exc)
+            if not self.requests[plan.req_id].failed:
+                self.num_failed += 1
+            self.requests[plan.req_id].failed = True
+
+
+def linear_weight(module: torch.nn.Module) -> torch.Tensor:
+    """``[out, in]`` float32 weight of a vLLM linear layer, even when the platform repacked it.
+
+    vLLM's CPU path packs unquantized weights for oneDNN/sgl kernels and leaves an empty
+    ``weight``; then the layer's own GEMM applied to the identity gives ``I @ W^T = W^T``.
+    """
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.numel() > 0:
+        return weight.detach().float()
+    in_features = getattr(module, "input_size_per_partition", None) or module.input_size
+    dtype = getattr(weight, "dtype", torch.float32)
+    eye = torch.eye(in_features, dtype=dtype)
+    with torch.no_grad():
+        out = module.quant_method.apply(module, eye, None)
+    return out.float().t().contiguous()
+
+
+#: Query rows per block when accumulating h2o's attention sums.
+_ATTENTION_ROWS = 256
+
+_STATE: Optional[WorkerEvictionState] = None
+
+
+def get_worker_state() -> WorkerEvictionState:
+    global _STATE
+    if _STATE is None:
+        _STATE = WorkerEvictionState()
+    return _STATE
+
+
+def compact_block_table(
+    block_table: torch.Tensor, seq_lens: torch.Tensor, compact_rows: Mapping[int, torch.Tensor], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block table and sequence lengths as the stock kernel must see them after eviction.
+
+    For each row in ``compact_rows`` the evicted positional blocks are dropped (kept blocks in
+    order, then the tail) and its length shrinks by ``len(evicted) * block_size``: keys are stored
+    post-RoPE, so attention over the kept tokens is the stock kernel over this shorter sequence.
+
+    Parameters
+    ----------
+    block_table : ``[num_reqs, max_blocks]`` int32 block ids (not modified).
+    seq_lens : ``[num_reqs]`` int32 (not modified).
+    compact_rows : row -> ``[E]`` int64 evicted positional block indices.
+
+    Returns
+    -------
+    New ``(block_table, seq_lens)``; rows not in ``compact_rows`` are unchanged.
+    """
+    table = block_table.clone()
+    lens = seq_lens.clone()
+    width = table.shape[1]
+    for row, evicted in compact_rows.items():
+        if row >= table.shape[0] or evicted.numel() == 0:
+            continue
+        seq_len = int(lens[row])
+        used = min(width, -(-seq_len // block_size))
+        keep = torch.ones(used, dtype=torch.bool)
+        keep[evicted[evicted < used]] = False
+        kept_ids = block_table[row, :used][keep]
+        table[row, : kept_ids.numel()] = kept_ids
+        table[row, kept_ids.numel() : used] = 0
+        lens[row] = seq_len - int((~keep).sum()) * block_size
+    return table, lens
+
+
+def compact_in_place(
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_lens_cpu: Optional[torch.Tensor],
+    compact_rows: Mapping[int, torch.Tensor],
+    block_size: int,
+) -> int:
+    """:func:`compact_block_table`, written into the runner's own per-step buffers.
+
+    For Model Runner V2, whose block tables and sequence lengths are rebuilt into persistent
+    buffers every step (so in-place edits last one step, and CUDA graphs read the edited
+    buffers). ``seq_lens`` may live on the GPU; ``seq_lens_cpu`` is its CPU upper bound.
+
+    Returns
+    -------
+    The largest compacted sequence length (0 if no row changed).
+    """
+    if not compact_rows:
+        return 0
+    rows = torch.tensor(sorted(r for r in compact_rows if r < block_table.shape[0]), dtype=torch.long)
+    if rows.numel() == 0:
+        return 0
+    lens_cpu = seq_lens[rows].to("cpu", torch.int32)
+    table, lens = compact_block_table(
+        block_table[rows].cpu(), lens_cpu, {i: compact_rows[int(r)] for i, r in enumerate(rows)}, block_size
+    )
+    block_table[rows.to(block_table.device)] = table.to(block_table.device, block_table.dtype)
+    seq_lens[rows.to(seq_lens.device)] = lens.to(seq_lens.device, seq_lens.dtype)
+    if seq_lens_cpu is not None:
+        seq_lens_cpu[rows] = lens.to(seq_lens_cpu.dtype)
+    return int(lens.max())
