@@ -1,0 +1,70 @@
+"""The reference engine as a target: one prefill per prompt, then every policy x budget.
+
+Protocol ``context`` (default): the policy compresses ``prompt_ids[:context_end]`` (chat prefix,
+instructions, context) and the question is fed after eviction, never evicted. Protocol
+``prompt``: the whole prompt is compressed, question included (what a server sees).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from benchmarks.quality.grid import Point, base_row
+
+
+def point_config(point: Point):
+    """``EvictionConfig`` of a sweep point (``none`` for the full cache)."""
+    from vllm_kvevict.config import EvictionConfig
+
+    if point.is_full_cache:
+        return EvictionConfig()
+    return EvictionConfig.from_fields(
+        scorer=point.policy, budget=point.budget, allocation=point.allocation, granularity=point.granularity
+    )
+
+
+def allocation_label(point: Point) -> str:
+    return "none" if point.is_full_cache else point_config(point).resolved_allocation
+
+
+def run_reference(
+    tasks, points: list[Point], writer, *, model_dir, protocol: str, block_size: int, progress: Callable[[int], None]
+) -> None:
+    """Run ``points`` on ``tasks`` with :class:`vllm_kvevict.reference.engine.ReferenceEngine`."""
+    from vllm_kvevict.evaluation.scoring import score
+    from vllm_kvevict.reference.engine import ReferenceEngine
+
+    engine = ReferenceEngine(model_dir)
+    for task in tasks:
+        pending = []
+        for point in points:
+            row = base_row("reference", task, point, protocol, allocation_label(point))
+            if writer.has(row):
+                progress(1)
+            else:
+                pending.append((point, row))
+        if not pending:
+            continue
+        start, cpu = time.perf_counter(), time.process_time()
+        prefilled = engine.prefill(task.prompt_ids)
+        prefill_s, prefill_cpu = time.perf_counter() - start, time.process_time() - cpu
+        if protocol == "context":
+            compressed, suffix = prefilled.prefix(task.context_end), task.question_ids
+        else:
+            compressed, suffix = prefilled, None
+        for point, row in pending:
+            start, cpu = time.perf_counter(), time.process_time()
+            gen = engine.generate(compressed, point_config(point), task.max_new_tokens, suffix_ids=suffix, block_size=block_size)
+            row.update(
+                score=score(task, gen.text),
+                output=gen.text,
+                answers=task.answers,
+                seconds=round(time.perf_counter() - start, 3),
+                cpu_seconds=round(time.process_time() - cpu, 3),
+                prefill_seconds=round(prefill_s, 3),
+                prefill_cpu_seconds=round(prefill_cpu, 3),
+                memory_fraction=round(gen.memory_fraction, 4),
+            )
+            writer.write(row)
+            progress(1)

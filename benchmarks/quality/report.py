@@ -1,0 +1,176 @@
+"""Summary table, ``summary.json`` and the accuracy-vs-budget plot, from result JSON lines.
+
+    python benchmarks/quality/report.py RESULTS_DIR_OR_JSONL [...] [--out DIR]
+
+Per (engine, policy, allocation, granularity, budget, task, context_tokens): ``n``, accuracy
+(mean score), its 95% Wilson interval, and retention = accuracy / full-cache accuracy of the
+same engine, task and length. A (task, length) whose full-cache accuracy is below
+``--min-full-accuracy`` gets no retention and is flagged; the average rows (``task="all"``)
+take retention over the other tasks only (ratio of mean accuracies over those tasks).
+Rows with ``context_tokens="all"`` pool every length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.quality.grid import FULL, read_rows  # noqa: E402
+from vllm_kvevict.evaluation.scoring import wilson_interval  # noqa: E402
+
+SETTING = ("engine", "policy", "allocation", "granularity", "budget")
+ALL = "all"
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def label_protocols(rows: list[dict]) -> list[dict]:
+    """Rows of one engine under two protocols must not pool: call those ``engine/protocol``."""
+    protocols = defaultdict(set)
+    for r in rows:
+        protocols[r["engine"]].add(r.get("protocol"))
+    return [dict(r, engine=f"{r['engine']}/{r['protocol']}") if len(protocols[r["engine"]]) > 1 else r for r in rows]
+
+
+def summarize(rows: list[dict], min_full_accuracy: float = 0.1) -> tuple[list[dict], list[dict]]:
+    """Return (summary rows, flagged (engine, task, context_tokens, full accuracy) cells)."""
+    rows = label_protocols(rows)
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        setting = tuple(r[k] for k in SETTING)
+        for length in (r["context_tokens"], ALL):
+            cells[setting + (r["task"], length)].append(float(r["score"]))
+
+    full = {(s[0], s[5], s[6]): _mean(v) for s, v in cells.items() if s[1] == FULL}
+    flagged = [
+        {"engine": e, "task": t, "context_tokens": c, "full_accuracy": acc}
+        for (e, t, c), acc in sorted(full.items(), key=str)
+        if t != ALL and acc < min_full_accuracy
+    ]
+    excluded = {(f["engine"], f["task"], f["context_tokens"]) for f in flagged}
+
+    out: list[dict] = []
+
+    def row(setting, task, length, scores, retention):
+        low, high = wilson_interval(sum(scores), len(scores))
+        out.append(dict(zip(SETTING, setting), task=task, context_tokens=length, n=len(scores),
+                        accuracy=_mean(scores), ci_low=low, ci_high=high, retention=retention))
+
+    by_setting_length: dict[tuple, list[tuple]] = defaultdict(list)
+    for key, scores in sorted(cells.items(), key=str):
+        setting, task, length = key[:5], key[5], key[6]
+        base = full.get((setting[0], task, length))
+        ok = (setting[0], task, length) not in excluded and base is not None and base > 0
+        row(setting, task, length, scores, _mean(scores) / base if ok else None)
+        by_setting_length[(setting, length)].append((task, scores, ok))
+
+    for (setting, length), items in sorted(by_setting_length.items(), key=str):
+        scores = [s for _, ss, _ in items for s in ss]
+        kept = [(t, ss) for t, ss, ok in items if ok]
+        retention = None
+        if kept:
+            full_kept = [full[(setting[0], t, length)] for t, _ in kept]
+            denominator = _mean(full_kept)
+            retention = _mean([_mean(ss) for _, ss in kept]) / denominator if denominator > 0 else None
+        row(setting, ALL, length, scores, retention)
+    return out, flagged
+
+
+def _fmt(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(summary: list[dict], flagged: list[dict]) -> str:
+    """Markdown: the average over tasks per setting, then accuracy per task."""
+    lines = ["| engine | policy | allocation | granularity | budget | n | accuracy | 95% CI | retention |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    avg = [r for r in summary if r["task"] == ALL and r["context_tokens"] == ALL]
+    for r in sorted(avg, key=lambda r: (r["engine"], r["policy"] != FULL, r["policy"], r["allocation"], r["granularity"], -r["budget"])):
+        lines.append(f"| {r['engine']} | {r['policy']} | {r['allocation']} | {r['granularity']} | {r['budget']:g} | "
+                     f"{r['n']} | {_fmt(r['accuracy'])} | [{_fmt(r['ci_low'], 2)}, {_fmt(r['ci_high'], 2)}] | {_fmt(r['retention'])} |")
+    tasks = sorted({r["task"] for r in summary if r["task"] != ALL})
+    lines += ["", "Accuracy per task (all lengths):", "",
+              "| engine | policy | allocation | granularity | budget | " + " | ".join(tasks) + " |",
+              "|---" * (5 + len(tasks)) + "|"]
+    per = {(tuple(r[k] for k in SETTING), r["task"]): r for r in summary if r["context_tokens"] == ALL}
+    for setting in sorted({tuple(r[k] for k in SETTING) for r in avg}, key=lambda s: (s[0], s[1] != FULL, s[1], s[2], s[3], -s[4])):
+        cols = [_fmt(per[(setting, t)]["accuracy"], 2) if (setting, t) in per else "" for t in tasks]
+        lines.append("| " + " | ".join(str(x) if not isinstance(x, float) else f"{x:g}" for x in setting) + " | " + " | ".join(cols) + " |")
+    if flagged:
+        lines += ["", "Excluded from retention (full-cache accuracy below the threshold):"]
+        lines += [f"- {f['engine']} {f['task']} @ {f['context_tokens']} tokens: full-cache accuracy {f['full_accuracy']:.2f}" for f in flagged]
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    """Accuracy (average over tasks, all lengths) against budget, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    avg = [r for r in summary if r["task"] == ALL and r["context_tokens"] == ALL]
+    engines = sorted({r["engine"] for r in avg})
+    fig, axes = plt.subplots(1, len(engines), figsize=(7 * len(engines), 5), squeeze=False)
+    for ax, engine in zip(axes[0], engines):
+        rows = [r for r in avg if r["engine"] == engine]
+        full = next((r for r in rows if r["policy"] == FULL), None)
+        lines = sorted({(r["policy"], r["allocation"], r["granularity"]) for r in rows if r["policy"] != FULL})
+        for policy, allocation, granularity in lines:
+            pts = sorted((r["budget"], r["accuracy"]) for r in rows
+                         if (r["policy"], r["allocation"], r["granularity"]) == (policy, allocation, granularity))
+            if full:
+                pts.append((1.0, full["accuracy"]))
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=f"{policy} ({allocation}, {granularity})")
+        if full:
+            ax.axhline(full["accuracy"], color="gray", linestyle="--", linewidth=1, label="full cache")
+        ax.set_xscale("log")
+        budgets = sorted({r["budget"] for r in rows})
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.set_xticks([], minor=True)
+        ax.set_xlabel("KV budget (fraction of the prompt kept)")
+        ax.set_ylabel("accuracy (mean over tasks)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{engine}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(inputs: list[Path], out_dir: Path, min_full_accuracy: float = 0.1) -> str:
+    rows = list(read_rows(inputs))
+    if not rows:
+        raise SystemExit(f"no result rows in {', '.join(map(str, inputs))}")
+    summary, flagged = summarize(rows, min_full_accuracy)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = table(summary, flagged)
+    (out_dir / "summary.md").write_text(text + "\n")
+    plot(summary, out_dir / "accuracy_vs_budget.png")
+    return text
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", type=Path, help="results.jsonl files or folders holding them")
+    ap.add_argument("--out", type=Path, help="output folder (default: the first input's folder)")
+    ap.add_argument("--min-full-accuracy", type=float, default=0.1)
+    args = ap.parse_args(argv)
+    out = args.out or (args.inputs[0] if args.inputs[0].is_dir() else args.inputs[0].parent)
+    print(write_report(args.inputs, out, args.min_full_accuracy))
+    print(f"\nwrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'accuracy_vs_budget.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Quality benchmark: accuracy against KV budget on generated RULER-style tasks.
+
+    python benchmarks/quality/run.py --target reference [--kinds ...] [--lengths 1024,2048] ...
+    python benchmarks/quality/run.py --target server --base-url http://localhost:8000/v1
+    python benchmarks/quality/run.py --target kvpress --policies snapkv,knorm
+
+Every target gets the same seeded prompts (as token ids) and the same scoring. Results are
+appended as JSON lines to ``OUT/results.jsonl`` (a rerun skips what is already there), then
+``report.py`` writes ``summary.md``, ``summary.json`` and ``accuracy_vs_budget.png`` into OUT.
+
+Targets
+-------
+reference : ``vllm_kvevict.reference`` (one prefill per prompt, then every policy x budget).
+server    : an OpenAI-compatible server (vLLM with the plugin; stock vLLM answers the
+            full-cache rows only). Protocol ``prompt``: the whole prompt is compressed.
+kvpress   : NVIDIA kvpress 0.5.5 in ``.venv-kvpress`` (one prefill per policy x budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality.grid import DEFAULT_BUDGETS, ResultWriter, sweep_points  # noqa: E402
+
+#: The default suite: sized to finish within an hour on the reference target on 2 CPU cores.
+DEFAULT_KINDS = "niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe,qa"
+DEFAULT_LENGTHS = "1024,2048"
+DEFAULT_N_PER = 2
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", choices=("reference", "server", "kvpress"), required=True)
+    ap.add_argument("--out", type=Path, help="results folder (default benchmarks/quality/results/<target>)")
+    ap.add_argument("--model-dir", default=os.environ.get("KVEVICT_MODEL_DIR"), help="HF folder (tokenizer; model for reference/kvpress)")
+    ap.add_argument("--kinds", default=DEFAULT_KINDS, help="task kinds (comma-separated)")
+    ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help="prompt lengths in tokens")
+    ap.add_argument("--n-per", type=int, default=DEFAULT_N_PER, help="tasks per kind x length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--question-position", choices=("after", "both"), default="after")
+    ap.add_argument("--protocol", choices=("context", "prompt"), default="context",
+                    help="reference: compress the context only (question fed after eviction) or the whole prompt")
+    ap.add_argument("--policies", default="all", help="scorers, or 'all' (every scorer in vllm_kvevict.policies.SCORERS)")
+    ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS))
+    ap.add_argument("--allocations", default="default", help="'default' (per scorer) or allocator names")
+    ap.add_argument("--granularities", default="head",
+                    help="head (per-head tokens, as kvpress) and/or page (whole blocks, as the plugin)")
+    ap.add_argument("--block-size", type=int, default=128, help="reference: page size for granularity page (vLLM CPU's block)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (reference, kvpress); on a shared, busy CPU 1 is fastest")
+    ap.add_argument("--base-url", default="http://localhost:8000/v1", help="server target")
+    ap.add_argument("--served-model", default=None, help="server target: model name (default: the first served)")
+    ap.add_argument("--engine-name", default="vllm", help="server target: engine label in the results")
+    ap.add_argument("--concurrency", type=int, default=4, help="server target: requests in flight")
+    ap.add_argument("--min-full-accuracy", type=float, default=0.1, help="report: retention threshold")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="reference/kvpress: processes, each on its share of the tasks (one per core)")
+    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/N", set by --workers
+    ap.add_argument("--no-report", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from vllm_kvevict.evaluation.tasks import make_suite
+
+    torch.set_num_threads(args.threads)
+    if not args.model_dir:
+        raise SystemExit("--model-dir (or $KVEVICT_MODEL_DIR) is required")
+    if args.policies == "all":
+        from vllm_kvevict.policies import SCORERS
+
+        policies = list(SCORERS)
+    else:
+        policies = _csv(args.policies)
+    allocations = [None if a == "default" else a for a in _csv(args.allocations)]
+    points = sweep_points(policies, [float(b) for b in _csv(args.budgets)], allocations, _csv(args.granularities))
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    tasks = make_suite(_csv(args.kinds), tokenizer, [int(x) for x in _csv(args.lengths)], args.n_per, args.seed,
+                       args.question_position)
+    out = args.out or ROOT / "benchmarks/quality/results" / args.target
+    start = time.perf_counter()
+    if not args.shard:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").write_text(json.dumps({**{k: str(v) for k, v in vars(args).items()},
+                                                   "n_tasks": len(tasks), "n_points": len(points)}, indent=1))
+        if args.workers > 1 and args.target != "server":
+            run_shards(argv if argv is not None else sys.argv[1:], out, args.workers)
+            return finish(args, out, start)
+    name, position = "results.jsonl", 0
+    if args.shard:
+        index, count = (int(x) for x in args.shard.split("/"))
+        tasks, name, position = tasks[index::count], f"results.shard{index}.jsonl", index
+    writer = ResultWriter(out / name)
+    print(f"{len(tasks)} tasks x {len(points)} settings -> {out / name}", file=sys.stderr)
+
+    with tqdm(total=len(tasks) * len(points), desc=f"{args.target} {args.shard or ''}".strip(), unit="run",
+              position=position) as bar:
+        if args.target == "reference":
+            from benchmarks.quality.reference_target import run_reference
+
+            run_reference(tasks, points, writer, model_dir=args.model_dir, protocol=args.protocol,
+                          block_size=args.block_size, progress=bar.update)
+        elif args.target == "server":
+            from benchmarks.quality.server_target import run_server
+
+            run_server(tasks, points, writer, base_url=args.base_url, model=args.served_model,
+                       engine_name=args.engine_name, concurrency=args.concurrency, progress=bar.update)
+        else:
+            from benchmarks.quality.kvpress_target import run_kvpress
+
+            run_kvpress(tasks, points, writer, model_dir=args.model_dir, threads=args.threads, progress=bar.update)
+    writer.close()
+    if not args.shard:
+        finish(args, out, start)
+
+
+def run_shards(argv: list[str], out: Path, workers: int) -> None:
+    """Run ``workers`` copies of this script, shard ``i`` taking tasks ``i, i + N, ...``."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--out", str(out), "--shard", f"{i}/{workers}"])
+             for i in range(workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"shard exit codes {codes}")
+
+
+def finish(args, out: Path, start: float) -> None:
+    print(f"wall time {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if not args.no_report:
+        from benchmarks.quality.report import write_report
+
+        print(write_report([out], out, args.min_full_accuracy))
+
+
+if __name__ == "__main__":
+    main()

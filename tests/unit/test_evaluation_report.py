@@ -1,0 +1,133 @@
+"""The quality benchmark's pure parts: sweep grid, result resume, summary maths, kvpress mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.quality.grid import FULL_CACHE, Point, ResultWriter, sweep_points
+from benchmarks.quality.kvpress_target import press_spec
+from benchmarks.quality.report import summarize, write_report
+from benchmarks.quality.server_target import vllm_xargs
+
+
+def _row(policy, budget, task, score, length=1024, engine="reference", uid=None):
+    full = policy == "none"
+    return {
+        "engine": engine, "policy": policy, "allocation": "none" if full else "adakv",
+        "granularity": "none" if full else "page", "budget": budget, "task": task,
+        "uid": uid or f"{task}-{score}", "context_tokens": length, "protocol": "context", "score": score,
+    }
+
+
+def test_sweep_points_full_cache_once_then_budgets_below_one():
+    points = sweep_points(["none", "snapkv", "knorm"], [1.0, 0.5, 0.1], [None], ["page", "head"])
+    assert points[0] == FULL_CACHE
+    assert len(points) == 1 + 2 * 2 * 2
+    assert all(p.budget < 1 for p in points[1:])
+    assert Point("knorm", None, "head", 0.1) in points
+
+
+def test_summary_accuracy_interval_retention_and_flags():
+    rows = (
+        [_row("none", 1.0, "niah", s, uid=f"n{i}") for i, s in enumerate([1, 1, 1, 0])]
+        + [_row("snapkv", 0.1, "niah", s, uid=f"n{i}") for i, s in enumerate([1, 0, 0, 0])]
+        + [_row("none", 1.0, "vt", 0.0, uid=f"v{i}") for i in range(4)]
+        + [_row("snapkv", 0.1, "vt", 0.25, uid=f"v{i}") for i in range(4)]
+    )
+    summary, flagged = summarize(rows, min_full_accuracy=0.1)
+    get = {(r["policy"], r["task"], r["context_tokens"]): r for r in summary}
+    niah = get[("snapkv", "niah", 1024)]
+    assert niah["n"] == 4 and niah["accuracy"] == pytest.approx(0.25)
+    assert niah["retention"] == pytest.approx(0.25 / 0.75)
+    assert 0 < niah["ci_low"] < 0.25 < niah["ci_high"] < 1
+    assert get[("snapkv", "vt", 1024)]["retention"] is None  # full cache near zero: no retention
+    assert {(f["task"], f["context_tokens"]) for f in flagged} == {("vt", 1024), ("vt", "all")}
+    avg = get[("snapkv", "all", 1024)]
+    assert avg["n"] == 8 and avg["accuracy"] == pytest.approx((0.25 + 0.25) / 2)
+    assert avg["retention"] == pytest.approx(0.25 / 0.75)  # vt left out of retention
+    assert get[("none", "all", "all")]["retention"] == pytest.approx(1.0)
+    assert set(niah) == {"engine", "policy", "allocation", "granularity", "budget", "task",
+                         "context_tokens", "n", "accuracy", "ci_low", "ci_high", "retention"}
+
+
+def test_writer_resumes_and_report_writes_files(tmp_path):
+    path = tmp_path / "results.jsonl"
+    writer = ResultWriter(path)
+    rows = [_row("none", 1.0, "niah", 1.0, uid="a"), _row("snapkv", 0.5, "niah", 0.0, uid="a")]
+    for r in rows:
+        writer.write(r)
+    writer.close()
+    again = ResultWriter(path)
+    assert again.has(rows[0]) and again.has(rows[1])
+    assert not again.has(_row("snapkv", 0.2, "niah", 0.0, uid="a"))
+    again.close()
+    write_report([path], tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert any(r["task"] == "all" and r["policy"] == "snapkv" for r in summary)
+    assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 1000
+    assert "snapkv" in (tmp_path / "summary.md").read_text()
+
+
+def test_server_xargs():
+    assert vllm_xargs(FULL_CACHE) is None
+    assert vllm_xargs(Point("snapkv", None, "page", 0.2)) == {
+        "kv_eviction": "snapkv", "kv_budget": 0.2, "kv_granularity": "page"}
+    assert vllm_xargs(Point("knorm", "uniform", "head", 0.1))["kv_allocation"] == "uniform"
+
+
+def test_kvpress_mapping():
+    spec, allocation = press_spec(Point("snapkv", None, "page", 0.2))
+    assert allocation == "adakv_floor" and spec["class"] == "AdaKVPress"
+    assert spec["press"]["class"] == "SnapKVPress" and spec["press"]["compression_ratio"] == pytest.approx(0.8)
+    spec, allocation = press_spec(Point("streamingllm", None, "page", 0.5))
+    assert (spec["class"], spec["n_sink"], allocation) == ("StreamingLLMPress", 4, "uniform")
+    spec, allocation = press_spec(Point("criticalkv", None, "page", 0.1))
+    assert spec["class"] == "CriticalAdaKVPress" and spec["press"]["class"] == "SnapKVPress"
+    assert press_spec(Point("criticalkv", "uniform", "page", 0.1))[0]["class"] == "CriticalKVPress"
+    assert press_spec(FULL_CACHE) == (None, "none")
+    with pytest.raises(KeyError):
+        press_spec(Point("h2o", None, "page", 0.1))
+
+
+def test_one_engine_under_two_protocols_is_not_pooled():
+    rows = [_row("none", 1.0, "niah", 1.0, uid="a"), dict(_row("none", 1.0, "niah", 0.0, uid="a"), protocol="prompt")]
+    summary, _ = summarize(rows)
+    engines = {r["engine"] for r in summary}
+    assert engines == {"reference/context", "reference/prompt"}
+    assert all(r["n"] == 1 for r in summary)
+
+
+def test_kvpress_worker_imports_nothing_of_ours():
+    import ast
+    from pathlib import Path
+
+    import benchmarks.quality.kvpress_worker as worker
+
+    tree = ast.parse(Path(worker.__file__).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names <= {"__future__", "json", "sys", "time", "kvpress", "torch", "transformers"}
+
+
+@pytest.mark.slow
+def test_reference_runner_end_to_end_on_the_tiny_model(tiny_llama_dir, tmp_path):
+    """run.py with two worker shards on a tiny random Llama: rows, summary, plot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks/quality/run.py"), "--target", "reference",
+           "--model-dir", str(tiny_llama_dir), "--kinds", "niah_single,qa", "--lengths", "512",
+           "--n-per", "1", "--policies", "knorm,streamingllm", "--budgets", "1,0.5", "--workers", "2",
+           "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    rows = [json.loads(line) for f in sorted(tmp_path.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert len(rows) == 2 * 3 and {r["policy"] for r in rows} == {"none", "knorm", "streamingllm"}
+    assert all(0 <= r["score"] <= 1 and r["prompt_tokens"] <= 512 for r in rows)
+    assert {r["memory_fraction"] for r in rows if r["policy"] != "none"} != {1.0}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["task"] for r in summary} == {"niah_single", "qa", "all"}
+    assert (tmp_path / "accuracy_vs_budget.png").exists()
