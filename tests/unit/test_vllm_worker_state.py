@@ -98,8 +98,8 @@ def test_row_plans_follow_chunks_window_and_eviction():
     state.record_scores(2, 0, torch.rand(1, 100))
     evicted = state.finish_step()
     assert set(evicted) == {"c"} and len(evicted["c"]) > 0
-    stats = state.take_stats()
-    assert stats.requests_evicted == {"snapkv": 1} and stats.blocks_evicted == len(evicted["c"])
+    policy, seconds = state.last_evictions["c"]  # what the connector reports for the metrics
+    assert policy == "snapkv" and seconds >= 0.0
     # next step: c attends compacted, a and b continue their prefill; a preemption resets c
     state.begin_step(())
     _plan(state, 0, "c", computed=101, q_len=1)

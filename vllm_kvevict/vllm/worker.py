@@ -65,11 +65,9 @@ def needs_attention_sum(config: EvictionConfig) -> bool:
 
 
 def _score_layer(inputs, config: EvictionConfig) -> torch.Tensor:
-    """``[Hkv, L]`` scores from the policies package (its ``score_layer``), else key norms."""
-    try:
-        from vllm_kvevict.policies import score_layer  # type: ignore[attr-defined]
-    except Exception:  # policies not landed: knorm-like fallback (negated key norm)
-        return -inputs.keys.float().norm(dim=-1)
+    """``[Hkv, L]`` scores of one layer (the policies package's ``score_layer``)."""
+    from vllm_kvevict.policies import score_layer
+
     return score_layer(inputs, config)
 
 
@@ -87,35 +85,15 @@ def choose_evicted_blocks(
     ----------
     scores_per_layer : list over layers of ``[Hkv, prompt_len]`` float32.
     """
+    from vllm_kvevict.policies import page_scores, protect, select_pages
+
     num_blocks = math.ceil(prompt_len / block_size)
     last_block = (prompt_len - 1) // block_size
-    try:
-        from vllm_kvevict.policies import page_scores, protect, select_pages  # type: ignore[attr-defined]
-
-        # Same pipeline as the reference engine's page mode (reference/selection.kept_blocks).
-        block_scores = page_scores([protect(s, config) for s in scores_per_layer], block_size)
-        kept = [int(b) for b in select_pages(block_scores, prompt_len, block_size, config)]
-    except ImportError:
-        kept = _fallback_select(scores_per_layer, prompt_len, block_size, config)
-    keep = set(kept)
+    # Same pipeline as the reference engine's page mode (reference/selection.kept_blocks).
+    block_scores = page_scores([protect(s, config) for s in scores_per_layer], block_size)
+    keep = {int(b) for b in select_pages(block_scores, prompt_len, block_size, config)}
     keep.add(last_block)
     return [b for b in range(num_blocks) if b not in keep and b < last_block]
-
-
-def _fallback_select(scores_per_layer, prompt_len: int, block_size: int, config: EvictionConfig) -> list[int]:
-    num_blocks = math.ceil(prompt_len / block_size)
-    per_token = torch.stack([s.float().mean(dim=0) for s in scores_per_layer]).mean(dim=0)  # [L]
-    pad = num_blocks * block_size - prompt_len
-    per_token = torch.nn.functional.pad(per_token, (0, pad), value=float("nan"))
-    block_scores = per_token.view(num_blocks, block_size).nanmean(dim=1)
-    forced = {(prompt_len - 1) // block_size}
-    for t in range(max(0, prompt_len - config.window), prompt_len):
-        forced.add(t // block_size)
-    for t in range(min(prompt_len, config.resolved_sinks)):
-        forced.add(t // block_size)
-    want = max(len(forced), math.ceil(config.budget_tokens(prompt_len) / block_size))
-    block_scores[list(forced)] = float("inf")
-    return sorted(block_scores.topk(min(want, num_blocks)).indices.tolist())
 
 
 # --------------------------------------------------------------------------- state
@@ -159,14 +137,6 @@ class RowPlan:
     collect_hi: int = 0
 
 
-@dataclass
-class StepStats:
-    requests_evicted: dict[str, int] = field(default_factory=dict)
-    tokens_evicted: int = 0
-    blocks_evicted: int = 0
-    eviction_seconds: float = 0.0
-
-
 class WorkerEvictionState:
     """Per-process eviction state of one worker (see the module docstring)."""
 
@@ -192,7 +162,6 @@ class WorkerEvictionState:
         self.model: Optional[torch.nn.Module] = None
         #: weak reference to the model runner the cached model/o_proj/layers belong to.
         self.runner_ref: Optional[Any] = None
-        self.stats = StepStats()
         #: request id -> (policy, seconds spent scoring + choosing) of this step's evictions.
         self.last_evictions: dict[str, tuple[str, float]] = {}
         #: request id -> evicted block indices of the latest evictions (bounded; for tests/logs).
@@ -318,25 +287,12 @@ class WorkerEvictionState:
             while len(self.history) > 256:
                 self.history.pop(next(iter(self.history)))
             self.last_evictions[plan.req_id] = (state.config.scorer, state.seconds)
-            if evicted:
-                self.stats.eviction_seconds += state.seconds
-                name = state.config.scorer
-                self.stats.requests_evicted[name] = self.stats.requests_evicted.get(name, 0) + 1
-                self.stats.blocks_evicted += len(evicted)
-                self.stats.tokens_evicted += len(evicted) * self.block_size
         self.rows = {}
         self.compact_rows = {}  # a step's plan never outlives it (a stock engine may follow)
         return out
 
     def generation_of(self, req_id: str) -> int:
         return self.generations.get(req_id, 0)
-
-    def take_stats(self) -> Optional[StepStats]:
-        stats = self.stats
-        if not (stats.requests_evicted or stats.blocks_evicted or stats.eviction_seconds):
-            return None
-        self.stats = StepStats()
-        return stats
 
     # ----------------------------------------------------------------- called by the backend
     def record_window(self, layer_name: str, row: int, queries: torch.Tensor) -> None:
