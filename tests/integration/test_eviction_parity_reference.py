@@ -67,7 +67,7 @@ def test_token_scores_match_reference(policy, vllm_evicted, reference_prefilled)
 
     config = EvictionConfig(scorer=policy, budget=BUDGET)
     got = vllm_evicted[policy][1]
-    want = [policies.score_layer(layer, config) for layer in reference_prefilled.layer_inputs(config)]
+    want = [policies.page_score_layer(layer, config) for layer in reference_prefilled.layer_inputs(config)]
     assert len(got) == len(want)
     for g, w in zip(got, want):
         g_inf, w_inf = torch.isinf(g), torch.isinf(w)

@@ -21,10 +21,12 @@ from vllm_kvevict.policies.base import AllocatorFn, LayerInputs, ScorerFn
 from vllm_kvevict.policies.pages import page_scores, required_blocks, select_pages
 from vllm_kvevict.policies.registry import (
     ALLOCATORS,
+    PAGE_SCORERS,
     PRESELECTING,
     SCORERS,
     preselects,
     register_allocator,
+    register_page_scorer,
     register_scorer,
 )
 from vllm_kvevict.policies.select import KeptSet, plan_kept, protect, select_kept
@@ -35,6 +37,15 @@ def score_layer(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor:
     if not config.enabled:
         return torch.zeros(inputs.num_kv_heads, inputs.seq_len)
     return SCORERS[config.scorer](inputs, config).float()
+
+
+def page_score_layer(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor:
+    """``[Hkv, L]`` float32 token scores to pool into page scores (:func:`page_scores`).
+
+    The scorer's page variant (:data:`PAGE_SCORERS`) when it has one, else :func:`score_layer`.
+    """
+    page = PAGE_SCORERS.get(config.scorer) if config.enabled else None
+    return page(inputs, config).float() if page is not None else score_layer(inputs, config)
 
 
 def compute_kept(layers: list[LayerInputs], config: EvictionConfig) -> KeptSet:
@@ -49,18 +60,21 @@ __all__ = [
     "GLOBAL_LAYER_CAP_FACTOR",
     "KeptSet",
     "LayerInputs",
+    "PAGE_SCORERS",
     "PRESELECTING",
     "PYRAMID_BETA",
     "SCORERS",
     "ScorerFn",
     "compute_kept",
     "global_layer_cap",
+    "page_score_layer",
     "page_scores",
     "plan_kept",
     "preselects",
     "protect",
     "pyramid_layer_budget",
     "register_allocator",
+    "register_page_scorer",
     "register_scorer",
     "required_blocks",
     "safe_count",

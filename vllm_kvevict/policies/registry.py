@@ -21,6 +21,10 @@ ALLOCATORS: dict[str, AllocatorFn] = {}
 #: per-head choice of its layer (it marks every kept token with ``+inf``), so the plan takes
 #: head budgets from those marks instead of running the allocator again (two-stage scorers).
 PRESELECTING: dict[str, Callable[[EvictionConfig], bool]] = {}
+#: scorer name -> token scores for page granularity, for scorers whose own output cannot be
+#: pooled into blocks (a two-stage scorer's ``+inf`` marks cover a quarter of the tokens and
+#: erase the scores page mode ranks blocks by). Scorers not listed use their own function.
+PAGE_SCORERS: dict[str, ScorerFn] = {}
 
 
 def register_scorer(name: str, preselects: Optional[Callable[[EvictionConfig], bool]] = None):
@@ -30,6 +34,16 @@ def register_scorer(name: str, preselects: Optional[Callable[[EvictionConfig], b
         SCORERS[name] = fn
         if preselects is not None:
             PRESELECTING[name] = preselects
+        return fn
+
+    return wrap
+
+
+def register_page_scorer(name: str):
+    """Decorator: ``@register_page_scorer("criticalkv")`` adds the function to :data:`PAGE_SCORERS`."""
+
+    def wrap(fn: ScorerFn) -> ScorerFn:
+        PAGE_SCORERS[name] = fn
         return fn
 
     return wrap

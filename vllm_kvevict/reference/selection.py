@@ -38,7 +38,7 @@ def kept_blocks(prefilled: Prefilled, config: EvictionConfig, block_size: int) -
     from vllm_kvevict import policies
 
     layers = prefilled.layer_inputs(config)
-    scores = [policies.protect(policies.score_layer(layer, config), config) for layer in layers]
+    scores = [policies.protect(policies.page_score_layer(layer, config), config) for layer in layers]
     block_scores = policies.page_scores(scores, block_size)
     return policies.select_pages(block_scores, prefilled.prompt_len, block_size, config)
 

@@ -65,10 +65,14 @@ def needs_attention_sum(config: EvictionConfig) -> bool:
 
 
 def _score_layer(inputs, config: EvictionConfig) -> torch.Tensor:
-    """``[Hkv, L]`` scores of one layer (the policies package's ``score_layer``)."""
-    from vllm_kvevict.policies import score_layer
+    """``[Hkv, L]`` token scores of one layer to pool into page scores.
 
-    return score_layer(inputs, config)
+    Served eviction is page-granular, so this is the policies package's ``page_score_layer``
+    (a scorer's page variant where it has one: criticalkv's keep-marks would swamp page sums).
+    """
+    from vllm_kvevict.policies import page_score_layer
+
+    return page_score_layer(inputs, config)
 
 
 def choose_evicted_blocks(

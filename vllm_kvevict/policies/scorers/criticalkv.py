@@ -15,6 +15,11 @@ the scorer makes the final choice itself and marks every kept token ``+inf`` (th
 takes the budgets from those marks). With ``global`` it only lifts the stage-1 winners
 (``n1 = int(rho * B)`` per head) to ``+inf`` and returns stage-2 scores for the rest.
 Base scorer: ``LayerInputs.extras["criticalkv_base"]`` or :data:`CRITICALKV_BASE`.
+
+Page granularity (:func:`criticalkv_page`) ranks blocks by the stage-2 criterion
+``(a + eps) * nbar1`` of every token, with no ``+inf`` marks: the two stages split a per-head
+budget, which whole pages shared by all heads do not have, and marking a quarter of each row
+``+inf`` would leave page scores counting marks instead of weighing scores.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies.base import LayerInputs
 from vllm_kvevict.policies.layer_budgets import PER_LAYER_ALLOCATIONS, layer_head_budgets, rank_in_row
 from vllm_kvevict.policies.ops import value_l1_norm
-from vllm_kvevict.policies.registry import SCORERS, register_scorer
+from vllm_kvevict.policies.registry import SCORERS, register_page_scorer, register_scorer
 from vllm_kvevict.policies.select import protect
 
 #: Base scorer of CriticalKV (ALGORITHMS.md and kvpress's usual pairing).
@@ -76,3 +81,11 @@ def criticalkv(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor:
         chosen = rank_in_row(stage2) < budgets[:, None]
         stage2 = torch.where(chosen, torch.full_like(stage2, float("inf")), stage2)
     return stage2
+
+
+@register_page_scorer("criticalkv")
+def criticalkv_page(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor:
+    """``[Hkv, L]``: ``(a + eps) * nbar1`` (window and sinks ``+inf``), for page granularity."""
+    base_name = inputs.extras.get("criticalkv_base", CRITICALKV_BASE)
+    base = protect(SCORERS[base_name](inputs, config), config)
+    return (base + CRITICALKV_EPSILON) * value_l1_norm(inputs)
