@@ -24,3 +24,15 @@ def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
     from vllm_kvevict.reference.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module: on a busy 2-core machine OpenMP spinning made the
+    reference engine up to 30x slower with more threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
