@@ -1,0 +1,20 @@
+"""Reference criticalkv page mode with the served plugin's scoring (policies.score_layer, +inf marks pooled)."""
+import json, sys, time
+sys.path.insert(0, "/work/main")
+import torch
+torch.set_num_threads(1)
+from transformers import AutoTokenizer
+import os
+from vllm_kvevict import policies
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.evaluation.tasks import make_suite
+from vllm_kvevict.reference.engine import ReferenceEngine
+policies.page_score_layer = policies.score_layer  # as vllm_kvevict/vllm/worker.py::_score_layer
+md = os.environ["KVEVICT_MODEL_DIR"]
+tasks = make_suite(["niah_single"], AutoTokenizer.from_pretrained(md), [2048], 20, 0, "after")
+eng = ReferenceEngine(md)
+cfg = EvictionConfig.from_fields(scorer="criticalkv", budget=0.25, allocation=None, granularity="page")
+for t in tasks[:int(sys.argv[1])]:
+    p = eng.prefill(t.prompt_ids)
+    g = eng.generate(p, cfg, t.max_new_tokens, suffix_ids=None, block_size=32)
+    print(json.dumps({"uid": t.uid, "output": g.text}), flush=True)
