@@ -180,6 +180,7 @@ def main() -> None:
                 "blocks_held_stock": stock["blocks_held"],
                 "leaked_blocks": got["free_start"] - got["free_end"],
                 "num_blocks": args.num_blocks,
+                "num_requests": args.num_requests,
                 "output_tokens_per_s_stock": stock["output_tokens_per_s"],
                 "output_tokens_per_s_plugin": got["output_tokens_per_s"],
             })
