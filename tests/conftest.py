@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# Kernel tests run Triton in its CPU interpreter. Triton reads TRITON_INTERPRET when a kernel is
+# decorated, i.e. when vllm_kvevict.kernels is first imported, which in a full run may be from a
+# cache or vLLM test before any kernel test: set it for the whole session. (vLLM on CPU disables
+# Triton whatever this says.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 MODEL_DIR = Path(os.environ.get("KVEVICT_MODEL_DIR", Path.home() / ".cache/vllm-kvevict/SmolLM2-135M-Instruct"))
 
 
