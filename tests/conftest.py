@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed per test (printed, so a failure can be replayed with KVEVICT_TEST_SEED)."""
+    s = int(os.environ.get("KVEVICT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"seed={s} (rerun with KVEVICT_TEST_SEED={s})")
+    return s

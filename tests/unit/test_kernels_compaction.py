@@ -1,23 +1,10 @@
 """Compaction into head-pages: Triton (interpreted on CPU) against the torch reference, and
 both against an entry-by-entry copy."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
-import random
-
 import pytest
 import torch
 
 from vllm_kvevict.kernels import compact, torch_compact, triton_compact
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("KVEVICT_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"seed={s} (rerun with KVEVICT_TEST_SEED={s})")
-    return s
 
 
 def random_compaction(gen, B, Hkv, d, bs, dtype):

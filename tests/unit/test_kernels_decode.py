@@ -1,30 +1,12 @@
 """Two-segment paged decode attention: Triton (interpreted on CPU) against the torch reference,
 and the torch reference against dense softmax attention over explicitly gathered tokens."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
-import random
-
 import pytest
 import torch
+from kernel_checks import TOL, rel_err
 
 from vllm_kvevict.kernels import paged_decode_attention, torch_paged_decode_attention, triton_paged_decode_attention
 from vllm_kvevict.kernels.synthetic import make_two_segment_case
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("KVEVICT_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"seed={s} (rerun with KVEVICT_TEST_SEED={s})")
-    return s
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
 
 def random_case(gen: torch.Generator, Hkv: int, d: int, bs: int, dtype, B: int = 3):

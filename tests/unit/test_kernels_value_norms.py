@@ -1,29 +1,11 @@
 """Value norms through the output projection: Triton (interpreted on CPU) against the torch
 reference, and the reference against an explicit per-head ``v @ Wo[h]^T``."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
-import random
-
 import pytest
 import torch
+from kernel_checks import TOL, rel_err
 
 from vllm_kvevict.kernels import head_gram, torch_value_norms, triton_value_norms, value_norms
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("KVEVICT_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"seed={s} (rerun with KVEVICT_TEST_SEED={s})")
-    return s
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

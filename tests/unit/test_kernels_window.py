@@ -1,14 +1,11 @@
 """Window scoring and score pooling: Triton (interpreted on CPU) against the torch references,
 and the references against a dense causal softmax over the gathered keys."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
 import random
 
 import pytest
 import torch
+from kernel_checks import TOL, rel_err
 import torch.nn.functional as F
 
 from vllm_kvevict.kernels import (
@@ -25,19 +22,6 @@ from vllm_kvevict.kernels import (
     window_scores,
 )
 from vllm_kvevict.kernels.synthetic import make_two_segment_case
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("KVEVICT_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"seed={s} (rerun with KVEVICT_TEST_SEED={s})")
-    return s
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
 
 def positional_request(gen, Hkv, d, bs, dtype, seq_len, null_blocks=1):
