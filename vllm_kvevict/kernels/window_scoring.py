@@ -121,6 +121,20 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _load_key_tile(k_ptr, btab_ptr, g, tok, in_seq, offs_d, d_mask, stride_kblk, stride_kh, stride_kt,
+                       BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+        """Keys of KV head ``g`` at positions ``tok`` through the positional block table; null
+        blocks (id <= 0) and positions past the sequence read as zeros and are not ``valid``."""
+        bid = tl.load(btab_ptr + tok // BLOCK_SIZE, mask=in_seq, other=0)
+        valid = in_seq & (bid > 0)
+        k = tl.load(k_ptr + bid.to(tl.int64)[:, None] * stride_kblk + g * stride_kh
+                    + (tok % BLOCK_SIZE)[:, None] * stride_kt + offs_d[None, :],
+                    mask=valid[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        return k, valid
+
+    @triton.jit
     def _window_scores_kernel(
         q_ptr, lse_ptr, qpos_ptr, k_ptr, btab_ptr, out_ptr,
         seq_len, W, scale_log2,
@@ -138,13 +152,8 @@ if HAVE_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         in_seq = tok < seq_len
-        bid = tl.load(btab_ptr + tok // BLOCK_SIZE, mask=in_seq, other=0)
-        valid = in_seq & (bid > 0)
-        k = tl.load(k_ptr + bid.to(tl.int64)[:, None] * stride_kblk + g * stride_kh
-                    + (tok % BLOCK_SIZE)[:, None] * stride_kt + offs_d[None, :],
-                    mask=valid[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
+        k, valid = _load_key_tile(k_ptr, btab_ptr, g, tok, in_seq, offs_d, d_mask, stride_kblk, stride_kh,
+                                  stride_kt, BLOCK_SIZE, UPCAST)
 
         g_sum = tl.zeros([BLOCK_N], tl.float32)
         g_max = tl.zeros([BLOCK_N], tl.float32)
@@ -212,13 +221,8 @@ if HAVE_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         in_seq = tok < seq_len
-        bid = tl.load(btab_ptr + tok // BLOCK_SIZE, mask=in_seq, other=0)
-        valid = in_seq & (bid > 0)
-        k = tl.load(k_ptr + bid.to(tl.int64)[:, None] * stride_kblk + g * stride_kh
-                    + (tok % BLOCK_SIZE)[:, None] * stride_kt + offs_d[None, :],
-                    mask=valid[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
+        k, valid = _load_key_tile(k_ptr, btab_ptr, g, tok, in_seq, offs_d, d_mask, stride_kblk, stride_kh,
+                                  stride_kt, BLOCK_SIZE, UPCAST)
         for hh in range(G):
             h = g * G + hh
             for w0 in range(0, W, BLOCK_W):
