@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.evaluation.tasks import make_suite

@@ -21,12 +21,8 @@ from vllm_kvevict.policies.base import LayerInputs
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine is shared: one intra-op thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (see conftest)."""
 
 NUM_LAYERS, HKV, GROUP, DIM, LENGTH, WINDOW, SINKS, HIDDEN = 3, 2, 2, 8, 96, 8, 2, 24
 

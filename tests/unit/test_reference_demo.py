@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.evaluation.tasks import make_task
@@ -15,12 +14,8 @@ from vllm_kvevict.reference.engine import ReferenceEngine
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine is shared: one intra-op thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (see conftest)."""
 
 
 def test_run_task_compresses_what_each_protocol_says(tiny_llama_dir):

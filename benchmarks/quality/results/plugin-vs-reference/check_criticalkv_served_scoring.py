@@ -1,5 +1,5 @@
 """Reference criticalkv page mode with the served plugin's scoring (policies.score_layer, +inf marks pooled)."""
-import json, sys, time
+import json, sys
 sys.path.insert(0, "/work/main")
 import torch
 torch.set_num_threads(1)
