@@ -20,7 +20,6 @@ flight over different stages) it is not proven and eviction should stay off.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Iterable, Optional
 
 from vllm_kvevict.config import EvictionConfig
@@ -96,11 +95,6 @@ def evict_blocks(kv_cache_manager: Any, request_id: str, block_indices: Iterable
             manager.block_pool.free_blocks(freed)
             released += len(freed)
     return released
-
-
-def ideal_blocks(prompt_len: int, block_size: int, budget: float) -> int:
-    """``ceil(budget * prompt blocks)``: what a request should hold after page eviction."""
-    return math.ceil(budget * math.ceil(prompt_len / block_size))
 
 
 #: Attribute under which the state hangs on vLLM's ``KVCacheManager`` and its coordinator (one
