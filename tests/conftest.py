@@ -51,3 +51,11 @@ def seed() -> int:
     s = int(os.environ.get("KVEVICT_TEST_SEED", random.SystemRandom().randrange(2**31)))
     print(f"seed={s} (rerun with KVEVICT_TEST_SEED={s})")
     return s
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_llama_dir):
+    """The reference engine on the tiny random Llama, shared by the tests that read it."""
+    from vllm_kvevict.reference.engine import ReferenceEngine
+
+    return ReferenceEngine(tiny_llama_dir)

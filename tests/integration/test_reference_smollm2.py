@@ -9,12 +9,7 @@ from vllm_kvevict.evaluation.tasks import make_suite
 from vllm_kvevict.reference.engine import ReferenceEngine
 from vllm_kvevict.reference.study import run_task, summarize
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    """Every test here runs with one torch thread (see conftest)."""
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies import compute_kept
 from vllm_kvevict.policies.base import LayerInputs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
+
 NUM_LAYERS, GROUP, DIM, LENGTH, WINDOW, HIDDEN = 4, 2, 8, 301, 4, 24
 
 POLICIES = {
@@ -35,11 +37,6 @@ POLICIES = {
     "laprox": dict(scorer="laprox", budget=0.15),
     "streamingllm": dict(scorer="streamingllm", budget=0.1, sinks=2),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    """Every test here runs with one torch thread (see conftest)."""
 
 
 def random_layers(num_kv_heads: int, seed: int) -> list[LayerInputs]:

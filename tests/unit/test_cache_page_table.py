@@ -18,10 +18,7 @@ from vllm_kvevict.cache import (
 )
 from vllm_kvevict.policies import KeptSet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    """Every test here runs with one torch thread (see conftest)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
 
 
 def random_split(total: int, num_kv_heads: int, head_max: int, generator: torch.Generator) -> list[int]:

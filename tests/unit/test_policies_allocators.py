@@ -8,10 +8,7 @@ import torch
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies import ALLOCATORS, global_layer_cap, pyramid_layer_budget
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    """Every test here runs with one torch thread (see conftest)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
 
 
 def allocate(name: str, scores: list[torch.Tensor], budget: int, **fields) -> list[list[int]]:

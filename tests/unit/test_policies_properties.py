@@ -19,6 +19,8 @@ from vllm_kvevict.policies import (
 )
 from vllm_kvevict.policies.base import LayerInputs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_torch_thread):

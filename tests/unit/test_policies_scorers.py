@@ -11,6 +11,8 @@ from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies import SCORERS, compute_kept, score_layer
 from vllm_kvevict.policies.base import LayerInputs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_torch_thread):

@@ -12,10 +12,7 @@ from vllm_kvevict.evaluation.tasks import make_task
 from vllm_kvevict.reference import demo, study
 from vllm_kvevict.reference.engine import ReferenceEngine
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    """Every test here runs with one torch thread (see conftest)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
 
 
 def test_run_task_compresses_what_each_protocol_says(tiny_llama_dir):

@@ -6,20 +6,11 @@ import pytest
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.reference.engine import ReferenceEngine
 from vllm_kvevict.reference.selection import blocks_to_tokens
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
+
 PROMPT_LEN = 160
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    """Every test here runs with one torch thread (see conftest)."""
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir) -> ReferenceEngine:
-    return ReferenceEngine(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +20,8 @@ def prompt_ids() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def prefilled(engine, prompt_ids):
-    return engine.prefill(prompt_ids)
+def prefilled(tiny_engine, prompt_ids):
+    return tiny_engine.prefill(prompt_ids)
 
 
 def ragged_kept(num_layers: int, num_kv_heads: int, L: int) -> list[list[torch.Tensor]]:
@@ -73,18 +64,18 @@ def masked_hf_logits(model_dir, full_ids, L, kept_per_head, group, renumber_by=0
     return out.logits[0, L - 1 :].float()
 
 
-def test_full_cache_is_token_identical_to_hf_generate(engine, prompt_ids, prefilled):
+def test_full_cache_is_token_identical_to_hf_generate(tiny_engine, prompt_ids, prefilled):
     n = 120
-    ours = engine.generate(prefilled, EvictionConfig(), n)
-    hf = engine.model.generate(prompt_ids.view(1, -1), do_sample=False, max_new_tokens=n)[0, PROMPT_LEN:].tolist()
+    ours = tiny_engine.generate(prefilled, EvictionConfig(), n)
+    hf = tiny_engine.model.generate(prompt_ids.view(1, -1), do_sample=False, max_new_tokens=n)[0, PROMPT_LEN:].tolist()
     assert ours.token_ids == hf
     assert ours.memory_fraction == 1.0
     assert ours.kept_per_head.eq(PROMPT_LEN).all()
 
 
-def test_prefill_captures_the_models_own_cache(engine, prompt_ids, prefilled):
+def test_prefill_captures_the_models_own_cache(tiny_engine, prompt_ids, prefilled):
     with torch.no_grad():
-        out = engine.model(prompt_ids.view(1, -1), use_cache=True)
+        out = tiny_engine.model(prompt_ids.view(1, -1), use_cache=True)
     cache = out.past_key_values
     for layer in range(prefilled.num_layers):
         torch.testing.assert_close(prefilled.keys[layer], cache.layers[layer].keys[0], rtol=1e-5, atol=1e-5)
@@ -92,10 +83,10 @@ def test_prefill_captures_the_models_own_cache(engine, prompt_ids, prefilled):
     torch.testing.assert_close(prefilled.last_logits, out.logits[0, -1].float(), rtol=1e-4, atol=1e-4)
 
 
-def test_layer_inputs_shapes_and_window_queries(engine, prompt_ids, prefilled):
+def test_layer_inputs_shapes_and_window_queries(tiny_engine, prompt_ids, prefilled):
     config = EvictionConfig(scorer="snapkv", budget=0.5, window=8, granularity="head")
-    layers = engine.layer_inputs(prefilled, config)
-    cfg = engine.model.config
+    layers = tiny_engine.layer_inputs(prefilled, config)
+    cfg = tiny_engine.model.config
     H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     assert len(layers) == cfg.num_hidden_layers
     # The window queries are the model's own post-RoPE queries of the last 8 positions.
@@ -105,11 +96,11 @@ def test_layer_inputs_shapes_and_window_queries(engine, prompt_ids, prefilled):
         captured["hidden"] = kwargs["hidden_states"]
         captured["pe"] = kwargs["position_embeddings"]
 
-    handle = engine.model.model.layers[1].self_attn.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = tiny_engine.model.model.layers[1].self_attn.register_forward_pre_hook(grab, with_kwargs=True)
     with torch.no_grad():
-        engine.model(prompt_ids.view(1, -1))
+        tiny_engine.model(prompt_ids.view(1, -1))
     handle.remove()
-    attn = engine.model.model.layers[1].self_attn
+    attn = tiny_engine.model.model.layers[1].self_attn
     q = attn.q_proj(captured["hidden"]).view(1, PROMPT_LEN, H, d).transpose(1, 2)
     cos, sin = captured["pe"]
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -124,23 +115,23 @@ def test_layer_inputs_shapes_and_window_queries(engine, prompt_ids, prefilled):
         assert inputs.attention_sum is None
     torch.testing.assert_close(layers[1].queries, q_rot[0, :, -8:], rtol=1e-5, atol=1e-5)
     # The next-position tables rotate position L first.
-    cos_l, _ = engine.parts.rope_tables(torch.tensor([PROMPT_LEN]))
+    cos_l, _ = tiny_engine.parts.rope_tables(torch.tensor([PROMPT_LEN]))
     torch.testing.assert_close(layers[0].rope_cos[0], cos_l[0])
 
 
-def test_h2o_attention_sum_counts_every_query(engine, prefilled):
-    layers = engine.layer_inputs(prefilled, EvictionConfig(scorer="h2o", budget=0.5, granularity="head"))
+def test_h2o_attention_sum_counts_every_query(tiny_engine, prefilled):
+    layers = tiny_engine.layer_inputs(prefilled, EvictionConfig(scorer="h2o", budget=0.5, granularity="head"))
     total = layers[0].attention_sum
-    assert total.shape == (engine.parts.num_heads, PROMPT_LEN)
+    assert total.shape == (tiny_engine.parts.num_heads, PROMPT_LEN)
     # Each query's attention sums to 1, so the columns sum to the number of queries.
-    torch.testing.assert_close(total.sum(dim=1), torch.full((engine.parts.num_heads,), float(PROMPT_LEN)))
+    torch.testing.assert_close(total.sum(dim=1), torch.full((tiny_engine.parts.num_heads,), float(PROMPT_LEN)))
     assert total[:, -1].lt(total[:, 0]).all()  # the last token is seen by one query only
 
 
-def test_each_head_cache_holds_exactly_its_kept_tokens(engine, prefilled):
+def test_each_head_cache_holds_exactly_its_kept_tokens(tiny_engine, prefilled):
     kept = ragged_kept(prefilled.num_layers, prefilled.num_kv_heads, PROMPT_LEN)
     n = 10
-    out = engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=0.5), n, stop_on_eos=False, kept=kept, return_cache=True)
+    out = tiny_engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=0.5), n, stop_on_eos=False, kept=kept, return_cache=True)
     sizes = torch.tensor([[idx.numel() for idx in row] for row in kept])
     assert torch.equal(out.kept_per_head, sizes)
     assert len(set(sizes[0].tolist())) == prefilled.num_kv_heads  # really ragged
@@ -157,12 +148,12 @@ def test_each_head_cache_holds_exactly_its_kept_tokens(engine, prefilled):
             assert torch.equal(store.positions, torch.cat([idx, torch.arange(PROMPT_LEN, PROMPT_LEN + fed)]))
 
 
-def test_decoding_uses_true_positions(engine, tiny_llama_dir, prompt_ids, prefilled):
+def test_decoding_uses_true_positions(tiny_engine, tiny_llama_dir, prompt_ids, prefilled):
     kept = ragged_kept(prefilled.num_layers, prefilled.num_kv_heads, PROMPT_LEN)
     n = 6
-    out = engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=0.5), n, stop_on_eos=False, kept=kept, return_logits=True)
+    out = tiny_engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=0.5), n, stop_on_eos=False, kept=kept, return_logits=True)
     full_ids = torch.cat([prompt_ids, torch.tensor(out.token_ids[:-1])])
-    group = engine.parts.group_size
+    group = tiny_engine.parts.group_size
     oracle = masked_hf_logits(tiny_llama_dir, full_ids, PROMPT_LEN, kept[0], group)
     torch.testing.assert_close(out.logits, oracle, rtol=1e-4, atol=1e-4)
     # A cache that renumbered its kept tokens would give new tokens smaller positions.
@@ -170,21 +161,21 @@ def test_decoding_uses_true_positions(engine, tiny_llama_dir, prompt_ids, prefil
     assert (renumbered[1:] - out.logits[1:]).abs().max() > 1e-2
 
 
-def test_suffix_after_eviction_takes_true_positions(engine, tiny_llama_dir, prompt_ids, prefilled):
+def test_suffix_after_eviction_takes_true_positions(tiny_engine, tiny_llama_dir, prompt_ids, prefilled):
     kept = ragged_kept(prefilled.num_layers, prefilled.num_kv_heads, PROMPT_LEN)
     suffix = torch.tensor([101, 202, 303, 404, 505])
-    out = engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=0.5), 4, stop_on_eos=False, kept=kept, suffix_ids=suffix, return_logits=True)
+    out = tiny_engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=0.5), 4, stop_on_eos=False, kept=kept, suffix_ids=suffix, return_logits=True)
     full_ids = torch.cat([prompt_ids, suffix, torch.tensor(out.token_ids[:-1])])
-    oracle = masked_hf_logits(tiny_llama_dir, full_ids, PROMPT_LEN, kept[0], engine.parts.group_size)
+    oracle = masked_hf_logits(tiny_llama_dir, full_ids, PROMPT_LEN, kept[0], tiny_engine.parts.group_size)
     torch.testing.assert_close(out.logits, oracle[suffix.numel() :], rtol=1e-4, atol=1e-4)
 
 
-def test_one_prefill_serves_many_runs(engine, prefilled):
+def test_one_prefill_serves_many_runs(tiny_engine, prefilled):
     before = [k.clone() for k in prefilled.keys]
     kept = ragged_kept(prefilled.num_layers, prefilled.num_kv_heads, PROMPT_LEN)
-    first = engine.generate(prefilled, EvictionConfig(), 8, stop_on_eos=False, kept=kept)
-    full = engine.generate(prefilled, EvictionConfig(), 8, stop_on_eos=False)
-    again = engine.generate(prefilled, EvictionConfig(), 8, stop_on_eos=False, kept=kept)
+    first = tiny_engine.generate(prefilled, EvictionConfig(), 8, stop_on_eos=False, kept=kept)
+    full = tiny_engine.generate(prefilled, EvictionConfig(), 8, stop_on_eos=False)
+    again = tiny_engine.generate(prefilled, EvictionConfig(), 8, stop_on_eos=False, kept=kept)
     assert first.token_ids == again.token_ids
     assert first.memory_fraction < 1.0 == full.memory_fraction
     for k0, k1 in zip(before, prefilled.keys):
@@ -196,6 +187,6 @@ def test_blocks_to_tokens_covers_whole_blocks():
     assert tokens.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13]
 
 
-def test_decode_interval_is_refused_not_ignored(engine, prefilled):
+def test_decode_interval_is_refused_not_ignored(tiny_engine, prefilled):
     with pytest.raises(NotImplementedError):
-        engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=0.5, decode_interval=8), 4)
+        tiny_engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=0.5, decode_interval=8), 4)

@@ -7,21 +7,12 @@ import torch
 
 from vllm_kvevict import policies
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.reference.engine import ReferenceEngine
 from vllm_kvevict.reference.selection import kept_blocks
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
 
 PROMPT_LEN = 200
 SCORERS = [s for s in policies.SCORERS if s != "none"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    """Every test here runs with one torch thread (see conftest)."""
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir) -> ReferenceEngine:
-    return ReferenceEngine(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +21,15 @@ def prompt_ids() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def prefilled(engine, prompt_ids):
-    return engine.prefill(prompt_ids)
+def prefilled(tiny_engine, prompt_ids):
+    return tiny_engine.prefill(prompt_ids)
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
-def test_head_mode_cache_is_the_policys_kept_set(engine, prefilled, scorer):
+def test_head_mode_cache_is_the_policys_kept_set(tiny_engine, prefilled, scorer):
     config = EvictionConfig(scorer=scorer, budget=0.3, granularity="head", window=16)
-    expected = policies.compute_kept(engine.layer_inputs(prefilled, config), config)
-    out = engine.generate(prefilled, config, 3, stop_on_eos=False, return_cache=True)
+    expected = policies.compute_kept(tiny_engine.layer_inputs(prefilled, config), config)
+    out = tiny_engine.generate(prefilled, config, 3, stop_on_eos=False, return_cache=True)
     assert torch.equal(out.kept_per_head, expected.head_budgets)
     assert out.memory_fraction < 0.5
     for layer, row in enumerate(out.cache.stores):
@@ -56,9 +47,9 @@ def test_head_mode_cache_is_the_policys_kept_set(engine, prefilled, scorer):
 
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("scorer", ["snapkv", "criticalkv", "streamingllm"])
-def test_page_mode_keeps_whole_blocks_for_every_head(engine, prefilled, scorer, block_size):
+def test_page_mode_keeps_whole_blocks_for_every_head(tiny_engine, prefilled, scorer, block_size):
     config = EvictionConfig(scorer=scorer, budget=0.3, granularity="page", window=16)
-    out = engine.generate(prefilled, config, 2, stop_on_eos=False, block_size=block_size, return_cache=True)
+    out = tiny_engine.generate(prefilled, config, 2, stop_on_eos=False, block_size=block_size, return_cache=True)
     blocks = kept_blocks(prefilled, config, block_size)
     tokens = out.kept[0][0]
     assert all(torch.equal(idx, tokens) for row in out.kept for idx in row)
@@ -74,27 +65,27 @@ def test_page_mode_keeps_whole_blocks_for_every_head(engine, prefilled, scorer, 
             assert store.length == tokens.numel() + 1
 
 
-def test_question_after_eviction_from_a_sliced_prefill(engine, prompt_ids, prefilled):
+def test_question_after_eviction_from_a_sliced_prefill(tiny_engine, prompt_ids, prefilled):
     """``prefix(n)`` + the rest as a suffix equals the whole prompt at full cache, and the
     policy then sees only the first ``n`` tokens."""
     n = 150
-    full = engine.generate(prefilled, EvictionConfig(), 12, stop_on_eos=False)
-    split = engine.generate(prefilled.prefix(n), EvictionConfig(), 12, stop_on_eos=False, suffix_ids=prompt_ids[n:])
+    full = tiny_engine.generate(prefilled, EvictionConfig(), 12, stop_on_eos=False)
+    split = tiny_engine.generate(prefilled.prefix(n), EvictionConfig(), 12, stop_on_eos=False, suffix_ids=prompt_ids[n:])
     assert split.token_ids == full.token_ids
     config = EvictionConfig(scorer="snapkv", budget=0.5, granularity="head", window=16)
-    evicted = engine.generate(prefilled.prefix(n), config, 2, stop_on_eos=False, suffix_ids=prompt_ids[n:], return_cache=True)
+    evicted = tiny_engine.generate(prefilled.prefix(n), config, 2, stop_on_eos=False, suffix_ids=prompt_ids[n:], return_cache=True)
     assert evicted.prompt_len == n
     assert int(evicted.kept_per_head.sum()) == config.budget_tokens(n) * evicted.kept_per_head.numel()
     store = evicted.cache.stores[0][0]
     assert store.positions[-(PROMPT_LEN - n + 1) :].tolist() == list(range(n, PROMPT_LEN + 1))
     with pytest.raises(ValueError):
-        engine.generate(prefilled.prefix(n), config, 2)
+        tiny_engine.generate(prefilled.prefix(n), config, 2)
 
 
-def test_a_given_kept_set_replaces_the_policys_choice(engine, prefilled):
+def test_a_given_kept_set_replaces_the_policys_choice(tiny_engine, prefilled):
     config = EvictionConfig(scorer="snapkv", budget=0.3, granularity="head", window=16)
     other = EvictionConfig(scorer="knorm", budget=0.3, granularity="head", window=16)
-    kept = policies.compute_kept(engine.layer_inputs(prefilled, other), other)
-    out = engine.generate(prefilled, config, 4, stop_on_eos=False, kept=kept)
+    kept = policies.compute_kept(tiny_engine.layer_inputs(prefilled, other), other)
+    out = tiny_engine.generate(prefilled, config, 4, stop_on_eos=False, kept=kept)
     assert torch.equal(out.kept_per_head, kept.head_budgets)
-    assert out.token_ids == engine.generate(prefilled, other, 4, stop_on_eos=False).token_ids
+    assert out.token_ids == tiny_engine.generate(prefilled, other, 4, stop_on_eos=False).token_ids
