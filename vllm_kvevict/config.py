@@ -113,7 +113,11 @@ class EvictionConfig(BaseModel):
     sinks: Optional[int] = Field(None, ge=0, description="first S tokens always kept (default: per scorer)")
     pooling: Literal[POOLINGS] = Field("avg", description="pooling of window attention along tokens")  # type: ignore[valid-type]
     pooling_kernel: int = Field(5, ge=1, description="pooling kernel size (odd); 1 disables pooling")
-    granularity: Literal[GRANULARITIES] = Field("page", description="evict whole pages or per-head tokens")  # type: ignore[valid-type]
+    granularity: Optional[Literal[GRANULARITIES]] = Field(  # type: ignore[valid-type]
+        None,
+        description="evict whole pages, or per-head tokens compacted into head-pages "
+        "(default: head when the allocation is not uniform, else page)",
+    )
     decode_interval: int = Field(0, ge=0, description="re-compress every N decoded tokens (0: never)")
     alpha: float = Field(0.2, ge=0.0, le=1.0, description="Ada-KV: share of the budget spread uniformly")
     rho: float = Field(0.5, ge=0.0, le=1.0, description="CriticalKV: share of the budget chosen by stage 1")
@@ -162,6 +166,13 @@ class EvictionConfig(BaseModel):
     @property
     def resolved_allocation(self) -> str:
         return self.allocation or DEFAULT_ALLOCATION[self.scorer]
+
+    @property
+    def resolved_granularity(self) -> str:
+        """``head`` for per-head (unequal) allocations, ``page`` for uniform ones, unless set."""
+        if self.granularity is not None:
+            return self.granularity
+        return "page" if self.resolved_allocation == "uniform" else "head"
 
     @property
     def resolved_sinks(self) -> int:
@@ -227,7 +238,7 @@ class EvictionConfig(BaseModel):
             return "none"
         return (
             f"{self.scorer} budget={self.budget} allocation={self.resolved_allocation} "
-            f"granularity={self.granularity} window={self.window} sinks={self.resolved_sinks}"
+            f"granularity={self.resolved_granularity} window={self.window} sinks={self.resolved_sinks}"
         )
 
 

@@ -22,7 +22,7 @@ def test_resolve_request_config_leaves_untouched_requests_alone():
     assert resolve_request_config(None, EvictionConfig()) is None
     assert resolve_request_config({"kv_eviction": "none"}, SNAP) is None
     assert resolve_request_config({"kv_budget": 1.0}, SNAP) is None
-    assert resolve_request_config({"kv_granularity": "head"}, SNAP) is None
+    assert resolve_request_config({"kv_granularity": "head"}, SNAP).resolved_granularity == "head"
     # A bad value never raises into the engine: the request is left whole.
     assert resolve_request_config({"kv_budget": 7.5}, SNAP) is None
     assert resolve_request_config({"kv_bogus": 1}, SNAP) is None
@@ -77,8 +77,11 @@ def test_choose_evicted_blocks_keeps_budget_window_and_last_block():
     assert all(b < 12 for b in evicted) and evicted == sorted(evicted)
 
 
-def _plan(state, row, req_id, computed, q_len, prompt_len=100):
-    state.plan_row(row, req_id, {"kv_eviction": "snapkv", "kv_budget": 0.25, "kv_window": 8}, prompt_len, computed, q_len)
+PAGE_ARGS = {"kv_eviction": "snapkv", "kv_budget": 0.25, "kv_window": 8, "kv_granularity": "page"}
+
+
+def _plan(state, row, req_id, computed, q_len, prompt_len=100, args=PAGE_ARGS):
+    state.plan_row(row, req_id, args, prompt_len, computed, q_len)
 
 
 def test_row_plans_follow_chunks_window_and_eviction():

@@ -47,7 +47,7 @@ def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -
     """Kept indices for ``config`` (everything when it keeps everything)."""
     if config.keeps_everything:
         return keep_all(prefilled)
-    if config.granularity == "page":
+    if config.resolved_granularity == "page":
         tokens = blocks_to_tokens(kept_blocks(prefilled, config, block_size), block_size, prefilled.prompt_len)
         return [[tokens for _ in range(prefilled.num_kv_heads)] for _ in range(prefilled.num_layers)]
     from vllm_kvevict import policies

@@ -90,6 +90,16 @@ def layer_index(layer_name: str) -> int:
     return 0
 
 
+def stash_compaction_sources(head_rows, block_table: torch.Tensor, block_size: int) -> None:
+    """Remember the positional block ids of rows compacting this step (the copy's sources)
+    before any block-table rewrite."""
+    for row, head_row in head_rows.items():
+        head = head_row.head
+        if head_row.compact_now and head.source_blocks is None and row < block_table.shape[0]:
+            num_blocks = -(-head.region.tail_start // block_size)
+            head.source_blocks = block_table[row, :num_blocks].to("cpu", torch.int64).clone()
+
+
 class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -102,6 +112,8 @@ class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         fast_build: bool = False,
     ) -> CPUAttentionMetadata:
         state = get_worker_state()
+        if state.step_open and state.head_rows:
+            stash_compaction_sources(state.head_rows, common_attn_metadata.block_table_tensor, self.block_size)
         rows = state.compact_rows
         if rows and state.step_open and not state.compacted_by_runner and not self.is_encoder_only_attention:
             cm = common_attn_metadata
@@ -119,9 +131,14 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         state = get_worker_state()
-        if attn_metadata is None or not state.step_open or not state.rows or self.attn_type != AttentionType.DECODER:
+        if attn_metadata is None or not state.step_open or self.attn_type != AttentionType.DECODER:
             return out
         layer_name = getattr(layer, "layer_name", "")
+        for row, head_row in list(state.head_rows.items()):
+            try:
+                self._attend_head_row(layer, layer_name, row, head_row, query, kv_cache, attn_metadata, output)
+            except Exception as exc:  # never into the engine core
+                state.fail_head_row(row, exc)
         for row, plan in list(state.rows.items()):
             started = time.perf_counter()
             try:
@@ -131,6 +148,50 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
                 state.rows.pop(row, None)
             state.add_seconds(row, time.perf_counter() - started)
         return out
+
+    def _attend_head_row(self, layer, layer_name, row, head_row, query, kv_cache, md: CPUAttentionMetadata, output) -> None:
+        """Head granularity: (compact this layer first, in the compacting step, then) replace the
+        row's output by attention over its compact region + positional tail."""
+        from vllm_kvevict.vllm.head_pages import PackedPages, attend_compacted, compact_layer, read_region, read_tail
+
+        if head_row.head.broken:
+            return
+        if self.is_fp8_kv_cache or self.alibi_slopes is not None or self.logits_soft_cap or self.sinks is not None:
+            raise RuntimeError("head granularity supports plain causal attention only")
+        if self.sliding_window not in (None, -1, (-1, -1)):
+            raise RuntimeError(f"head granularity does not support sliding window {self.sliding_window}")
+        head, region = head_row.head, head_row.head.region
+        idx = layer_index(layer_name)
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
+        head_dim = self.head_size
+        pages = PackedPages.from_layout(*block_layout(layer.isa, block_size, head_dim, kv_cache.dtype), block_size, head_dim)
+        if head_row.compact_now:
+            if idx not in head.layers_done:
+                compact_layer(kv_cache, pages, head.source_blocks, head.plan.layer_gather(idx))
+                head.layers_done.add(idx)
+            # this step the row's block table is still positional and whole
+            seq_len = int(md.seq_lens[row])
+            tail_blocks = md.block_table[row, region.first_tail_block :]
+        else:
+            seq_len = int(md.seq_lens[row]) + region.first_tail_block * block_size
+            tail_blocks = md.block_table[row]
+        q0, q1 = int(md.query_start_loc[row]), int(md.query_start_loc[row + 1])
+        n = q1 - q0
+        region_k, region_v = read_region(kv_cache, pages, region, idx)
+        tail_k, tail_v = read_tail(kv_cache, pages, tail_blocks, region.tail_start, seq_len)
+        q = query.view(query.shape[0], self.num_heads, head_dim)[q0:q1]
+        out = attend_compacted(
+            q,
+            torch.arange(seq_len - n, seq_len),
+            region_k,
+            region_v,
+            region.lens[idx],
+            tail_k,
+            tail_v,
+            torch.arange(region.tail_start, seq_len),
+            self.scale,
+        )
+        output.view(output.shape[0], self.num_heads, head_dim)[q0:q1] = out.to(output.dtype)
 
     def _observe_row(self, state, layer, layer_name, row, plan, query, kv_cache, md: CPUAttentionMetadata) -> None:
         if self.is_fp8_kv_cache:

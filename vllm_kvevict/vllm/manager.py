@@ -36,6 +36,11 @@ class SchedulerEvictionState:
         #: requests whose pages were evicted: never cache their blocks again.
         self.frozen: set[str] = set()
         self.blocks_returned = 0
+        #: head granularity: request id -> compact blocks taken, not yet in its block list
+        #: (:mod:`vllm_kvevict.vllm.head_blocks`); orders and refusals for the next step's metadata.
+        self.pending_compactions: dict[str, Any] = {}
+        self.compact_orders: dict[str, list[int]] = {}
+        self.abandoned: set[str] = set()
 
     def config_for(self, request: Any) -> Optional[EvictionConfig]:
         """The policy of a scheduler ``Request`` (cached by request id)."""
@@ -45,6 +50,10 @@ class SchedulerEvictionState:
             extra = getattr(sp, "extra_args", None) if sp is not None else None
             self._configs[req_id] = resolve_request_config(extra, self.server_default)
         return self._configs[req_id]
+
+    def known_config(self, req_id: str) -> Optional[EvictionConfig]:
+        """The policy :meth:`config_for` resolved for ``req_id`` (``None`` if unknown or whole)."""
+        return self._configs.get(req_id)
 
     def prefix_hit_cap(self, request: Any, block_size: int) -> Optional[int]:
         """Most prompt tokens a prefix-cache hit may cover for this request, or ``None``.

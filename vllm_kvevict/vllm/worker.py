@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
@@ -37,9 +37,8 @@ def resolve_request_config(
 ) -> Optional[EvictionConfig]:
     """The request's policy, or ``None`` when it must be left untouched.
 
-    ``None`` for ``scorer == "none"``, a budget that keeps everything, page granularity not
-    asked for (head granularity is not implemented in vLLM yet: the request is left whole), or an
-    invalid override (logged; the API server should have rejected it already).
+    ``None`` for ``scorer == "none"``, a budget that keeps everything, or an invalid override
+    (logged; the API server should have rejected it already).
     """
     try:
         cfg = EvictionConfig.from_flat(dict(extra_args or {}), base=server_default)
@@ -47,9 +46,6 @@ def resolve_request_config(
         logger.warning("kvevict: bad per-request eviction settings, request left whole: %s", exc)
         return None
     if cfg.keeps_everything:
-        return None
-    if cfg.granularity != "page":
-        logger.warning("kvevict: granularity=%s not served by vLLM yet; request left whole", cfg.granularity)
         return None
     return cfg
 
@@ -65,13 +61,16 @@ def needs_attention_sum(config: EvictionConfig) -> bool:
 
 
 def _score_layer(inputs, config: EvictionConfig) -> torch.Tensor:
-    """``[Hkv, L]`` token scores of one layer to pool into page scores.
+    """``[Hkv, L]`` token scores of one layer.
 
-    Served eviction is page-granular, so this is the policies package's ``page_score_layer``
-    (a scorer's page variant where it has one: criticalkv's keep-marks would swamp page sums).
+    Head granularity: the scorer's own scores (``score_layer``), as the reference engine.
+    Page granularity: scores to pool into page scores (``page_score_layer``: a scorer's page
+    variant where it has one, since criticalkv's keep-marks would swamp page sums).
     """
-    from vllm_kvevict.policies import page_score_layer
+    from vllm_kvevict.policies import page_score_layer, score_layer
 
+    if config.resolved_granularity == "head":
+        return score_layer(inputs, config)
     return page_score_layer(inputs, config)
 
 
@@ -122,6 +121,37 @@ class RequestState:
     query_stats: dict = field(default_factory=dict)
     #: layer name -> ``[H, prompt_len]`` attention paid by every prompt query so far (``h2o``).
     attention_sum: dict = field(default_factory=dict)
+    #: head granularity: the kept set and its compaction, once scored (``None`` otherwise).
+    head: Optional["HeadEviction"] = None
+
+
+@dataclass
+class HeadEviction:
+    """A head-granular request after scoring: what it keeps, and its compaction's progress.
+
+    ``region`` exists once the scheduler's order (the ``K`` compact block ids) arrived; the
+    step that receives it copies every layer (``layers_done``) before that layer attends.
+    """
+
+    kept: Any  # policies.KeptSet
+    num_compact_blocks: int
+    plan: Any = None  # cache.CompactionPlan
+    region: Any = None  # head_pages.CompactRegion
+    #: the request's positional block ids covering the prompt (sources of the copy).
+    source_blocks: Optional[torch.Tensor] = None
+    layers_done: set = field(default_factory=set)
+    compacted: bool = False
+    #: a layer's copy or attention failed in the compacting step: left whole.
+    broken: bool = False
+
+
+@dataclass
+class HeadRow:
+    """A batch row attending its compact region this step (``compact_now``: copy first)."""
+
+    req_id: str
+    head: HeadEviction
+    compact_now: bool
 
 
 @dataclass
@@ -176,6 +206,15 @@ class WorkerEvictionState:
         self.debug_scores: Optional[dict[str, list[torch.Tensor]]] = None
         #: requests left whole because scoring or selection failed (each one logged).
         self.num_failed = 0
+        #: batch row -> head-granular row attending its compact region this step.
+        self.head_rows: dict[int, HeadRow] = {}
+        #: this step's head-granular reports: request id -> kept tokens per (layer, KV head)
+        #: (scored), kept entries (compacted), and requests whose compaction failed.
+        self.head_scored: dict[str, list[int]] = {}
+        self.head_compacted: dict[str, int] = {}
+        self.head_failed: set[str] = set()
+        #: when a dict (tests set it), request id -> the ``KeptSet`` of its head-granular eviction.
+        self.debug_kept: Optional[dict[str, Any]] = None
 
     # ----------------------------------------------------------------- step lifecycle
     def open_step(self) -> None:
@@ -184,6 +223,7 @@ class WorkerEvictionState:
             return
         self.rows = {}
         self.compact_rows = {}
+        self.head_rows = {}
         self._planned = set()
         self.compacted_by_runner = False
         self.step_open = True
@@ -203,10 +243,40 @@ class WorkerEvictionState:
             self.extra_args.pop(req_id, None)
         self.generations.update(generations or {})
 
-    def begin_step(self, reset_req_ids, generations: Optional[Mapping[str, int]] = None) -> None:
-        """V1 order (connector first, then planning): resets, then open the step."""
+    def begin_step(
+        self,
+        reset_req_ids,
+        generations: Optional[Mapping[str, int]] = None,
+        compact_orders: Optional[Mapping[str, list[int]]] = None,
+        abandoned: Iterable[str] = (),
+    ) -> None:
+        """V1 order (connector first, then planning): resets, head-granular orders, open the step."""
         self.apply_resets(reset_req_ids, generations)
+        self.apply_head_orders(compact_orders or {}, abandoned)
         self.open_step()
+
+    def apply_head_orders(self, compact_orders: Mapping[str, list[int]], abandoned: Iterable[str]) -> None:
+        """The scheduler's answers to scored head-granular requests: compact into these block ids,
+        or stay whole (no room in the pool)."""
+        from vllm_kvevict.cache import plan_compaction
+        from vllm_kvevict.vllm.head_pages import CompactRegion
+
+        for req_id in abandoned:
+            state = self.requests.get(req_id)
+            if state is not None and state.head is not None and state.head.region is None:
+                state.head = None
+                state.evicted = torch.zeros(0, dtype=torch.long)
+        for req_id, block_ids in compact_orders.items():
+            state = self.requests.get(req_id)
+            if state is None or state.head is None or state.head.region is not None:
+                continue
+            try:
+                plan = plan_compaction(state.head.kept, block_ids, self.block_size, state.head.kept.head_budgets.shape[1])
+                state.head.plan = plan
+                state.head.region = CompactRegion.from_plan(plan, state.prompt_len)
+            except Exception as exc:
+                logger.warning("kvevict: compaction plan failed for %s, request left whole: %s", req_id, exc)
+                self._head_failed(req_id, state)
 
     def track(self, req_id: str, extra_args, prompt_len: int) -> Optional[RequestState]:
         state = self.requests.get(req_id)
@@ -228,6 +298,13 @@ class WorkerEvictionState:
             # The request restarted (preempted and re-admitted): its blocks are new.
             self.requests.pop(req_id, None)
             state = None
+        if state is not None and state.head is not None:
+            head = state.head
+            if head.region is not None:  # else: waiting for the order, attends the full cache
+                self.head_rows[row] = HeadRow(req_id, head, compact_now=not head.compacted)
+                if head.compacted:  # the stock kernel reads only the tail (its output is replaced)
+                    self.compact_rows[row] = torch.arange(head.region.first_tail_block)
+            return
         if state is not None and state.evicted is not None:
             if state.evicted.numel():
                 self.compact_rows[row] = state.evicted
@@ -258,9 +335,11 @@ class WorkerEvictionState:
         """Choose evicted pages for every request scored this step; ``{req_id: blocks}``."""
         out: dict[str, list[int]] = {}
         self.last_evictions = {}
+        self.head_scored, self.head_compacted, self.head_failed = {}, {}, set()
         if not self.step_open:
             return out
         self.step_open = False
+        self._finish_compactions()
         for plan in self.rows.values():
             if not plan.score:
                 continue
@@ -274,18 +353,25 @@ class WorkerEvictionState:
                     raise RuntimeError(f"scores for {len(layers)}/{self.num_layers} layers")
                 if self.debug_scores is not None:
                     self.debug_scores[plan.req_id] = [t.clone() for t in layers]
-                evicted = choose_evicted_blocks(layers, state.prompt_len, self.block_size, state.config)
+                if state.config.resolved_granularity == "head":
+                    self._select_head(plan.req_id, state, layers)
+                    evicted = []
+                else:
+                    evicted = choose_evicted_blocks(layers, state.prompt_len, self.block_size, state.config)
             except Exception as exc:
                 logger.warning("kvevict: eviction skipped for %s: %s", plan.req_id, exc)
                 state.failed = True
                 self.num_failed += 1
                 evicted = []
             state.seconds += time.perf_counter() - started
-            state.evicted = torch.tensor(evicted, dtype=torch.long)
             state.scores.clear()
             state.window_queries.clear()
             state.query_stats.clear()
             state.attention_sum.clear()
+            if state.head is not None:
+                self.last_evictions[plan.req_id] = (state.config.scorer, state.seconds)
+                continue
+            state.evicted = torch.tensor(evicted, dtype=torch.long)
             out[plan.req_id] = evicted
             self.history[plan.req_id] = evicted
             while len(self.history) > 256:
@@ -293,7 +379,65 @@ class WorkerEvictionState:
             self.last_evictions[plan.req_id] = (state.config.scorer, state.seconds)
         self.rows = {}
         self.compact_rows = {}  # a step's plan never outlives it (a stock engine may follow)
+        self.head_rows = {}
         return out
+
+    def _select_head(self, req_id: str, state: RequestState, layers: list[torch.Tensor]) -> None:
+        """Head granularity: each (layer, KV head)'s kept tokens; the request then waits for its
+        compact blocks. Left whole (``state.head`` stays ``None``) when compaction would not
+        release more blocks than it takes."""
+        from vllm_kvevict.cache import plan_compaction
+        from vllm_kvevict.policies import plan_kept
+        from vllm_kvevict.vllm.head_blocks import blocks_released_by_compaction
+
+        kept = plan_kept(layers, state.config, state.prompt_len)
+        num_kv_heads = kept.head_budgets.shape[1]
+        k, released = blocks_released_by_compaction(
+            state.config, state.prompt_len, self.block_size, self.num_layers, num_kv_heads
+        )
+        if k >= released:
+            return
+        plan_compaction(kept, range(k), self.block_size, num_kv_heads)  # raises if K is too small
+        if self.debug_kept is not None:
+            self.debug_kept[req_id] = kept
+        state.head = HeadEviction(kept=kept, num_compact_blocks=k)
+        self.head_scored[req_id] = kept.head_budgets.flatten().tolist()
+
+    def _finish_compactions(self) -> None:
+        """After the forward: rows that compacted this step report it (every layer copied), or
+        fail (left whole: their positional blocks are still held and intact)."""
+        for row in self.head_rows.values():
+            head = row.head
+            if not row.compact_now or head.compacted:
+                continue
+            state = self.requests.get(row.req_id)
+            if state is None or state.head is not head:
+                continue
+            if not head.broken and len(head.layers_done) == self.num_layers:
+                head.compacted = True
+                head.source_blocks = None
+                self.head_compacted[row.req_id] = int(head.kept.head_budgets.sum())
+            else:
+                logger.warning("kvevict: %s compacted %d/%d layers; request left whole",
+                               row.req_id, len(head.layers_done), self.num_layers)
+                self._head_failed(row.req_id, state)
+
+    def _head_failed(self, req_id: str, state: RequestState) -> None:
+        state.head = None
+        state.failed = True
+        state.evicted = torch.zeros(0, dtype=torch.long)
+        self.num_failed += 1
+        self.head_failed.add(req_id)
+
+    def fail_head_row(self, row: int, exc: BaseException) -> None:
+        """A compaction or attention error on a head-granular row (the whole step's row is
+        dropped from head mode; :meth:`_finish_compactions` reports it if it was compacting)."""
+        head_row = self.head_rows.get(row)
+        if head_row is None:
+            return
+        logger.warning("kvevict: head-granular attention failed for %s: %s", head_row.req_id, exc)
+        logger.debug("kvevict: head-granular failure", exc_info=exc)
+        head_row.head.broken = True
 
     def generation_of(self, req_id: str) -> int:
         return self.generations.get(req_id, 0)

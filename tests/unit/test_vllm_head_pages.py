@@ -1,0 +1,166 @@
+"""Head granularity on vLLM's packed CPU cache: compaction, region reads, two-segment attention,
+and the worker's scored -> ordered -> compacted lifecycle.
+
+The cache is written with vLLM's own ``cpu_attn_reshape_and_cache`` (whatever packed layout the
+ISA uses), then compacted with :mod:`vllm_kvevict.vllm.head_pages` and read back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvevict.cache import plan_compaction
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies import plan_kept
+from vllm_kvevict.vllm.backend import block_layout
+from vllm_kvevict.vllm.head_pages import (
+    CompactRegion,
+    PackedPages,
+    attend_compacted,
+    compact_layer,
+    read_region,
+    read_tail,
+)
+from vllm_kvevict.vllm.worker import WorkerEvictionState
+
+BS, HKV, G, D = 32, 2, 3, 64
+
+
+def _packed_cache(keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor, num_blocks: int):
+    """A ``[num_blocks, Hkv, bs, 2d]`` cache holding ``keys/values [T, Hkv, d]`` at positions
+    ``0..T-1`` through ``table``, written by vLLM's op; and the layout's :class:`PackedPages`."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(torch.float32, BS, D, "auto")
+    kv = torch.full((num_blocks, HKV, BS, 2 * D), float("nan"))
+    key_cache, value_cache = kv.view(num_blocks, HKV, 2 * BS, D).chunk(2, dim=2)
+    pos = torch.arange(keys.shape[0])
+    slots = table[pos // BS].long() * BS + pos % BS
+    ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa,
+                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    pages = PackedPages.from_layout(*block_layout(isa, BS, D, torch.float32), BS, D)
+    return kv, pages
+
+
+def _kept(length: int, budget: float, seed: int, layers: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    scores = [torch.rand(HKV, length, generator=gen) for _ in range(layers)]
+    return plan_kept(scores, EvictionConfig(scorer="snapkv", budget=budget, window=8), length)
+
+
+@pytest.mark.parametrize("length", [100, 96, 257])
+def test_compaction_moves_each_heads_kept_tokens_into_its_head_pages(length):
+    torch.manual_seed(length)
+    keys, values = torch.randn(length, HKV, D), torch.randn(length, HKV, D)
+    table = torch.randperm(40)[: -(-length // BS)] + 8  # positional blocks 8..47, shuffled
+    kv, pages = _packed_cache(keys, values, table, num_blocks=64)
+    kept = _kept(length, 0.3, seed=length)
+    plan = plan_compaction(kept, [2, 5, 3, 60], BS, HKV)
+    region = CompactRegion.from_plan(plan, length)
+    for layer in range(kept.num_layers):
+        compact_layer(kv, pages, table, plan.layer_gather(layer))
+        got_k, got_v = read_region(kv, pages, region, layer)
+        want_k = torch.cat([keys[kept.indices[layer][g], g] for g in range(HKV)])
+        want_v = torch.cat([values[kept.indices[layer][g], g] for g in range(HKV)])
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    # sources untouched (prefix-cache content stays valid); tail reads are positional
+    tail_k, tail_v = read_tail(kv, pages, table[(length - 5) // BS :], length - 5, length)
+    assert torch.equal(tail_k, keys[length - 5 :]) and torch.equal(tail_v, values[length - 5 :])
+
+
+def test_compaction_refuses_a_destination_that_is_a_source():
+    keys = torch.randn(64, HKV, D)
+    table = torch.tensor([4, 5])
+    kv, pages = _packed_cache(keys, keys, table, num_blocks=8)
+    plan = plan_compaction(_kept(64, 0.3, seed=1), [5], BS, HKV)
+    with pytest.raises(ValueError, match="source"):
+        compact_layer(kv, pages, table, plan.layer_gather(0))
+
+
+def test_two_segment_attention_equals_masked_full_attention():
+    """Attention over (kept prompt tokens of each head) + (tail, causal) == full attention with
+    the evicted prompt tokens masked, head by head."""
+    torch.manual_seed(0)
+    prompt, total, n = 90, 97, 3  # 7 tokens after the prompt, the last 3 are queries
+    keys, values = torch.randn(total, HKV, D), torch.randn(total, HKV, D)
+    queries = torch.randn(n, HKV * G, D)
+    kept = _kept(prompt, 0.25, seed=3, layers=1)
+    lens = kept.head_budgets[0]
+    region_k = torch.cat([keys[kept.indices[0][g], g] for g in range(HKV)])
+    region_v = torch.cat([values[kept.indices[0][g], g] for g in range(HKV)])
+    qpos = torch.arange(total - n, total)
+    got = attend_compacted(queries, qpos, region_k, region_v, lens, keys[prompt:], values[prompt:],
+                           torch.arange(prompt, total), scale=0.125)
+    for h in range(HKV * G):
+        g = h // G
+        visible = torch.zeros(n, total, dtype=torch.bool)
+        visible[:, kept.indices[0][g]] = True
+        visible[:, prompt:] = torch.arange(prompt, total)[None, :] <= qpos[:, None]
+        logits = (queries[:, h] @ keys[:, g].T * 0.125).masked_fill(~visible, float("-inf"))
+        want = torch.softmax(logits, -1) @ values[:, g]
+        torch.testing.assert_close(got[:, h], want, rtol=1e-5, atol=1e-5)
+
+
+HEAD_ARGS = {"kv_eviction": "snapkv", "kv_budget": 0.25, "kv_window": 8}
+
+
+def _scored_state(prompt_len=320, layers=2):
+    state = WorkerEvictionState()
+    state.num_layers, state.block_size = layers, BS
+    state.begin_step(())
+    state.plan_row(0, "r", HEAD_ARGS, prompt_len, 0, prompt_len)
+    for layer in range(layers):
+        state.record_scores(0, layer, torch.rand(HKV, prompt_len))
+    state.finish_step()
+    return state
+
+
+def test_worker_head_lifecycle_scored_ordered_compacted():
+    state = _scored_state()
+    assert EvictionConfig.from_flat(HEAD_ARGS).resolved_granularity == "head"
+    assert "r" not in state.history  # head granularity evicts no positional pages
+    assert len(state.head_scored["r"]) == 2 * HKV
+    head = state.requests["r"].head
+    assert head is not None and head.region is None
+    # before the order arrives the request attends its full positional cache
+    state.begin_step(())
+    state.plan_row(0, "r", HEAD_ARGS, 320, 321, 1)
+    assert not state.head_rows and not state.compact_rows
+    state.finish_step()
+    # the order: compact this step (table still positional), then attend the compact region
+    ids = list(range(100, 100 + head.num_compact_blocks))
+    state.begin_step((), compact_orders={"r": ids})
+    state.plan_row(0, "r", HEAD_ARGS, 320, 322, 1)
+    assert state.head_rows[0].compact_now and 0 not in state.compact_rows
+    head.layers_done |= {0, 1}  # what the backend does, layer by layer
+    state.finish_step()
+    assert state.head_compacted == {"r": int(head.kept.head_budgets.sum())}
+    state.begin_step(())
+    state.plan_row(0, "r", HEAD_ARGS, 320, 323, 1)
+    assert not state.head_rows[0].compact_now
+    assert torch.equal(state.compact_rows[0], torch.arange(320 // BS))
+
+
+def test_worker_head_compaction_failure_and_refusal_leave_request_whole():
+    state = _scored_state()
+    ids = list(range(100, 100 + state.requests["r"].head.num_compact_blocks))
+    state.begin_step((), compact_orders={"r": ids})
+    state.plan_row(0, "r", HEAD_ARGS, 320, 321, 1)
+    state.requests["r"].head.layers_done.add(0)  # layer 1 never copied
+    state.finish_step()
+    assert state.head_failed == {"r"} and state.requests["r"].head is None
+    state.begin_step(())
+    state.plan_row(0, "r", HEAD_ARGS, 320, 322, 1)
+    assert not state.head_rows and not state.compact_rows
+
+    refused = _scored_state()
+    refused.begin_step((), abandoned={"r"})
+    refused.plan_row(0, "r", HEAD_ARGS, 320, 321, 1)
+    assert refused.requests["r"].head is None and not refused.head_rows and not refused.compact_rows
+
+
+def test_short_prompt_is_left_whole_when_compaction_saves_nothing():
+    state = _scored_state(prompt_len=40, layers=1)  # K = 1 compact block >= 1 released
+    assert state.head_scored == {} and state.requests["r"].head is None
