@@ -27,7 +27,7 @@ def evict_llm(tiny_llama_dir, stock_outputs):  # stock_outputs first: one engine
         str(tiny_llama_dir),
         max_model_len=4096,
         max_num_batched_tokens=CHUNK,
-        additional_config={"kv_eviction": {"scorer": "snapkv", "budget": BUDGET}},
+        additional_config={"kv_eviction": {"scorer": "snapkv", "budget": BUDGET, "granularity": "page"}},
     ) as llm:
         yield llm
 

@@ -40,7 +40,7 @@ def vllm_evicted(tiny_llama_dir, prompt):
         max_num_batched_tokens=256,
         max_num_seqs=len(POLICIES),
         enable_prefix_caching=False,
-        additional_config={"kv_eviction": {"scorer": "snapkv", "budget": BUDGET}},
+        additional_config={"kv_eviction": {"scorer": "snapkv", "budget": BUDGET, "granularity": "page"}},
     ) as llm:
         state = get_worker_state()
         failed0 = state.num_failed
@@ -65,7 +65,7 @@ def test_token_scores_match_reference(policy, vllm_evicted, reference_prefilled)
     """Every layer's ``[Hkv, L]`` scores (finite values close, +inf marks identical up to ties)."""
     from vllm_kvevict import policies
 
-    config = EvictionConfig(scorer=policy, budget=BUDGET)
+    config = EvictionConfig(scorer=policy, budget=BUDGET, granularity="page")
     got = vllm_evicted[policy][1]
     want = [policies.page_score_layer(layer, config) for layer in reference_prefilled.layer_inputs(config)]
     assert len(got) == len(want)
@@ -82,7 +82,7 @@ def test_evicted_pages_match_reference(policy, vllm_evicted, prompt, tiny_llama_
     from vllm_kvevict import policies
     from vllm_kvevict.reference.selection import kept_blocks
 
-    config = EvictionConfig(scorer=policy, budget=BUDGET)
+    config = EvictionConfig(scorer=policy, budget=BUDGET, granularity="page")
     kept = set(kept_blocks(reference_prefilled, config, BLOCK).tolist())
     last = (PROMPT_LEN - 1) // BLOCK
     expected = [b for b in range(math.ceil(PROMPT_LEN / BLOCK)) if b not in kept and b < last]

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 BLOCK_BYTES = 2 * 2 * 2 * 32 * 32 * 4  # layers x (K, V) x KV heads x head dim x block x float32
 
 
-def test_preempted_evicted_request_re_evicts_and_frees_everything(tiny_llama_dir):
+@pytest.mark.parametrize("granularity", ["page", "head"])
+def test_preempted_evicted_request_re_evicts_and_frees_everything(tiny_llama_dir, granularity):
     from vllm import SamplingParams
 
     from vllm_kvevict.vllm.manager import state_of
@@ -29,7 +30,7 @@ def test_preempted_evicted_request_re_evicts_and_frees_everything(tiny_llama_dir
         max_num_batched_tokens=1024,
         kv_cache_memory_bytes=100 * BLOCK_BYTES,
         scheduling_policy="priority",
-        additional_config={"kv_eviction": {"scorer": "snapkv", "budget": 0.1}},
+        additional_config={"kv_eviction": {"scorer": "snapkv", "budget": 0.1, "granularity": granularity}},
     ) as llm:
         engine, pool, sched = llm.llm_engine, block_pool(llm), scheduler(llm)
         state = state_of(sched.kv_cache_manager)

@@ -13,7 +13,10 @@ from vllm_kvevict.vllm.inprocess import open_llm, random_prompt, scheduler
 
 pytestmark = pytest.mark.slow
 
-CONFIG = {"kv_eviction": {"scorer": "snapkv", "budget": 0.1}}
+
+@pytest.fixture(scope="module", params=["page", "head"])
+def granularity(request):
+    return request.param
 
 
 def _prompts() -> list[list[int]]:
@@ -22,7 +25,7 @@ def _prompts() -> list[list[int]]:
     return [long, long, shared]
 
 
-def _run(model_dir, enable_prefix_caching: bool):
+def _run(model_dir, enable_prefix_caching: bool, granularity: str):
     """Run the prompts one after another (each after the previous finished)."""
     from vllm import SamplingParams
 
@@ -34,7 +37,7 @@ def _run(model_dir, enable_prefix_caching: bool):
         max_model_len=4096,
         max_num_batched_tokens=1024,
         enable_prefix_caching=enable_prefix_caching,
-        additional_config=CONFIG,
+        additional_config={"kv_eviction": {"scorer": "snapkv", "budget": 0.1, "granularity": granularity}},
     ) as llm:
         results = [llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0] for p in _prompts()]
         returned = state_of(scheduler(llm).kv_cache_manager).blocks_returned
@@ -43,13 +46,13 @@ def _run(model_dir, enable_prefix_caching: bool):
 
 
 @pytest.fixture(scope="module")
-def without_caching(tiny_llama_dir):
-    return _run(tiny_llama_dir, enable_prefix_caching=False)
+def without_caching(tiny_llama_dir, granularity):
+    return _run(tiny_llama_dir, enable_prefix_caching=False, granularity=granularity)
 
 
 @pytest.fixture(scope="module")
-def with_caching(tiny_llama_dir, without_caching):
-    return _run(tiny_llama_dir, enable_prefix_caching=True)
+def with_caching(tiny_llama_dir, without_caching, granularity):
+    return _run(tiny_llama_dir, enable_prefix_caching=True, granularity=granularity)
 
 
 def test_same_long_prompt_twice_same_output(with_caching, without_caching):
