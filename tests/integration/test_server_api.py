@@ -219,7 +219,7 @@ def kvevict_samples(base: str) -> dict[str, float]:
     for family in text_string_to_metric_families(requests.get(base + "/metrics", timeout=10).text):
         for sample in family.samples:
             if sample.name.startswith("kvevict_"):
-                assert set(sample.labels) <= {"model_name", "engine", "policy", "granularity", "le"}, sample
+                assert set(sample.labels) <= {"model_name", "engine", "policy", "granularity", "outcome", "stage", "stat", "le"}, sample
                 if "le" not in sample.labels:
                     totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals

@@ -76,9 +76,14 @@ def check_request(params: Any, vllm_config: Any) -> None:
         return
     from vllm.exceptions import VLLMValidationError
 
+    default = server_default(vllm_config.additional_config)
     try:
-        request_config(extra_args, server_default(vllm_config.additional_config))
+        request_config(extra_args, default)
     except EvictionConfigError as exc:
+        from vllm_kvevict.vllm.metrics import record_rejected
+
+        granularity = extra_args.get("kv_granularity", getattr(default, "resolved_granularity", "page"))
+        record_rejected(str(extra_args.get("kv_eviction", default.scorer)), str(granularity))
         raise VLLMValidationError(f"vllm_xargs: {exc}", parameter=exc.field) from None
 
 

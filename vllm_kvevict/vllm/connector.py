@@ -33,7 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.vllm.manager import SchedulerEvictionState, attach_state, evict_blocks
-from vllm_kvevict.vllm.metrics import EvictionMetricsMixin
+from vllm_kvevict.vllm.metrics import EvictionMetricsMixin, pool_geometry, requested_labels
 from vllm_kvevict.vllm.worker import get_worker_state
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,10 @@ class KVEvictConnectorMetadata(KVConnectorMetadata):
     reset_req_ids: set[str] = field(default_factory=set)
     #: request id -> admission count, for requests (re)admitted this step (see generations).
     generations: dict[str, int] = field(default_factory=dict)
+    #: head granularity: request id -> its ``K`` compact block ids (compact this step).
+    compact_orders: dict[str, list[int]] = field(default_factory=dict)
+    #: head granularity: scored requests that stay whole (no room for their compact blocks).
+    abandoned: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -59,6 +63,14 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
     generations: dict[str, int] = field(default_factory=dict)
     #: request id -> (policy, seconds of its eviction pass), for the metrics.
     passes: dict[str, tuple[str, float]] = field(default_factory=dict)
+    #: head granularity: scored (kept tokens per (layer, KV head)), compacted (kept entries),
+    #: failed (left whole; their compact blocks go back).
+    head_scored: dict[str, list[int]] = field(default_factory=dict)
+    head_compacted: dict[str, int] = field(default_factory=dict)
+    head_failed: set[str] = field(default_factory=set)
+
+    def is_empty(self) -> bool:
+        return not (self.evicted or self.head_scored or self.head_compacted or self.head_failed)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         merged, gens = dict(self.evicted), dict(self.generations)
@@ -71,14 +83,23 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
                 gens.setdefault(req_id, getattr(other, "generations", {}).get(req_id, 0))
         passes = dict(getattr(other, "passes", {}))
         passes.update(self.passes)
-        return KVEvictWorkerMetadata(evicted=merged, generations=gens, passes=passes)
+        # tensor parallelism is not supported yet: head reports are taken from rank 0 (self)
+        return KVEvictWorkerMetadata(
+            evicted=merged,
+            generations=gens,
+            passes=passes,
+            head_scored=dict(self.head_scored),
+            head_compacted=dict(self.head_compacted),
+            head_failed=set(self.head_failed) | set(getattr(other, "head_failed", ())),
+        )
 
 
 class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
     """Carries eviction decisions; its stats are the ``kvevict_*`` metrics (see metrics.py).
 
-    Metrics are recorded on the scheduler side only (one record per request eviction, however
-    many workers), when the report is applied."""
+    Metrics: what reaches vLLM's pool is recorded on the scheduler side (one record per request
+    eviction, however many workers), when the report is applied; scoring time, ``skipped_short``
+    and errors on the worker side (see "metrics" at the end of the class)."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -90,11 +111,21 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         self._pending_evicted: dict[str, list[int]] = {}
         self._pending_generations: dict[str, int] = {}
         self._pending_passes: dict[str, tuple[str, float]] = {}
+        self._pending_head = KVEvictWorkerMetadata()
+        #: scheduler side: request id -> prompt length, and scoring seconds of head evictions.
+        self._prompt_lens: dict[str, int] = {}
+        self._head_seconds: dict[str, float] = {}
+        model_config = vllm_config.model_config
+        self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
+        self._num_kv_heads = model_config.get_num_kv_heads(vllm_config.parallel_config)
         #: scheduler side: request id -> how many times it was admitted (new or resumed).
         self._generation: dict[str, int] = {}
         self.scheduler_state: Optional[SchedulerEvictionState] = None
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_state = SchedulerEvictionState(default)
+            pool = pool_geometry(kv_cache_config)  # metrics: pool size, bytes per block
+            if pool is not None:
+                self.eviction_stats.set_pool(*pool)
         else:
             state = get_worker_state()
             state.server_default = default
@@ -104,7 +135,10 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         # Every step. V1 runner: before the batch is updated; MRV2: after planning (see worker).
         get_worker_state().begin_step(
-            getattr(kv_connector_metadata, "reset_req_ids", ()), getattr(kv_connector_metadata, "generations", None)
+            getattr(kv_connector_metadata, "reset_req_ids", ()),
+            getattr(kv_connector_metadata, "generations", None),
+            getattr(kv_connector_metadata, "compact_orders", None),
+            getattr(kv_connector_metadata, "abandoned", ()),
         )
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
@@ -119,6 +153,7 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
     def wait_for_save(self):
         # After the forward: choose this step's evicted pages.
         state = get_worker_state()
+        scoring = self._worker_metrics_before(state)
         try:
             evicted = state.finish_step()
         except Exception as exc:  # never into the engine core
@@ -128,14 +163,28 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         for req_id in evicted:
             self._pending_generations[req_id] = state.generation_of(req_id)
         self._pending_passes.update(state.last_evictions)
+        self._record_worker_metrics(state, evicted, scoring)
+        head = self._pending_head
+        head.head_scored.update(state.head_scored)
+        head.head_compacted.update(state.head_compacted)
+        head.head_failed |= state.head_failed
+        for req_id in (*state.head_scored, *state.head_compacted, *state.head_failed):
+            self._pending_generations[req_id] = state.generation_of(req_id)
 
     def build_connector_worker_meta(self) -> Optional[KVConnectorWorkerMetadata]:
-        if not self._pending_evicted:
+        head = self._pending_head
+        if not self._pending_evicted and head.is_empty():
             return None
         meta = KVEvictWorkerMetadata(
-            evicted=self._pending_evicted, generations=self._pending_generations, passes=self._pending_passes
+            evicted=self._pending_evicted,
+            generations=self._pending_generations,
+            passes=self._pending_passes,
+            head_scored=head.head_scored,
+            head_compacted=head.head_compacted,
+            head_failed=head.head_failed,
         )
         self._pending_evicted, self._pending_generations, self._pending_passes = {}, {}, {}
+        self._pending_head = KVEvictWorkerMetadata()
         return meta
 
     # ------------------------------------------------------------------ scheduler side
@@ -145,10 +194,14 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
             attach_state(kv_cache_manager, self.scheduler_state)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        # every (re)admitted request passes here: remember its policy and prompt length
+        if self.scheduler_state is not None:
+            self.scheduler_state.config_for(request)
+            self._prompt_lens[request.request_id] = request.num_prompt_tokens
         return 0, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
-        return
+        self._note_admission(request)
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         finished = set(scheduler_output.finished_req_ids or ())
@@ -157,19 +210,34 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         reset = finished | admitted | set(scheduler_output.preempted_req_ids or ())
         for req_id in finished:
             self._generation.pop(req_id, None)
+        for req_id in finished | set(scheduler_output.preempted_req_ids or ()):
+            self.release_tokens(req_id)  # metrics: no longer held
         for req_id in admitted:
             self._generation[req_id] = self._generation.get(req_id, 0) + 1
-        if self.scheduler_state is not None:
-            self.scheduler_state.forget(reset)
+        state = self.scheduler_state
+        orders, abandoned = {}, set()
+        if state is not None:
+            state.forget(reset)
+            for req_id in reset:
+                self._release_pending(req_id)
+            orders = {r: ids for r, ids in state.compact_orders.items() if r not in reset}
+            abandoned = state.abandoned - reset
+            state.compact_orders, state.abandoned = {}, set()
         return KVEvictConnectorMetadata(
-            reset_req_ids=reset, generations={r: self._generation[r] for r in admitted}
+            reset_req_ids=reset,
+            generations={r: self._generation[r] for r in admitted},
+            compact_orders=orders,
+            abandoned=abandoned,
         )
 
     def update_connector_output(self, connector_output) -> None:
         meta = connector_output.kv_connector_worker_meta
-        evicted = getattr(meta, "evicted", None)
         state = self.scheduler_state
-        if not evicted or state is None or self._kv_cache_manager is None:
+        if meta is None or state is None or self._kv_cache_manager is None:
+            return
+        self._apply_head_reports(meta)
+        evicted = getattr(meta, "evicted", None)
+        if not evicted:
             return
         generations = getattr(meta, "generations", {})
         for req_id, blocks in evicted.items():
@@ -188,7 +256,99 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
             policy, seconds = getattr(meta, "passes", {}).get(req_id, ("other", 0.0))
             block_size = self._block_size()
             self.eviction_stats.record(policy, "page", len(blocks) * block_size, len(blocks), seconds)
-            self.eviction_stats.record_blocks_returned(n)
+            self._record_page_eviction(req_id, policy, blocks, n)
+
+    # ------------------------------------------------------------------ head granularity
+    def _apply_head_reports(self, meta: KVConnectorWorkerMetadata) -> None:
+        """Scored requests get their ``K`` compact blocks (an order in the next step's metadata);
+        compacted ones swap them in and free their positional blocks; failed ones give them back.
+        See :mod:`vllm_kvevict.vllm.head_blocks`."""
+        from vllm_kvevict.vllm.head_blocks import (
+            PendingCompaction,
+            blocks_released_by_compaction,
+            install_compact_blocks,
+            take_compact_blocks,
+        )
+
+        state, manager = self.scheduler_state, self._kv_cache_manager
+        generations = getattr(meta, "generations", {})
+        current = lambda req_id: generations.get(req_id) == self._generation.get(req_id)  # noqa: E731
+        for req_id in getattr(meta, "head_failed", ()):
+            self._release_pending(req_id)
+        for req_id, (_, seconds) in getattr(meta, "passes", {}).items():
+            if req_id in getattr(meta, "head_scored", {}):
+                self._head_seconds[req_id] = seconds
+        for req_id, kept_per_head in getattr(meta, "head_scored", {}).items():
+            if not current(req_id) or req_id in state.pending_compactions:
+                continue
+            cfg, prompt_len = state.known_config(req_id), self._prompt_lens.get(req_id)
+            if cfg is None or prompt_len is None:
+                state.abandoned.add(req_id)
+                continue
+            k, released = blocks_released_by_compaction(
+                cfg, prompt_len, self._block_size(), self._num_layers, self._num_kv_heads
+            )
+            blocks = take_compact_blocks(manager, req_id, k) if k < released else None
+            if blocks is None:
+                state.abandoned.add(req_id)
+                continue
+            state.pending_compactions[req_id] = PendingCompaction(
+                blocks, released, generations.get(req_id, 0), list(kept_per_head)
+            )
+            state.compact_orders[req_id] = [b.block_id for b in blocks]
+            state.frozen.add(req_id)  # tokens from here on attend a compacted context
+        for req_id, kept_entries in getattr(meta, "head_compacted", {}).items():
+            pending = state.pending_compactions.get(req_id)
+            if pending is None or not current(req_id):
+                continue
+            released = install_compact_blocks(manager, req_id, pending)
+            del state.pending_compactions[req_id]
+            if released is None:
+                self._free_blocks(pending.blocks)
+                continue
+            returned = released - len(pending.blocks)
+            state.blocks_returned += returned
+            cfg = state.known_config(req_id)
+            policy = cfg.scorer if cfg is not None else "other"
+            seconds = self._head_seconds.pop(req_id, 0.0)
+            # token-equivalents: prompt tokens minus the mean kept per (layer, KV head)
+            prompt_len = self._prompt_lens.get(req_id, 0)
+            kept_tokens = kept_entries / max(1, self._num_layers * self._num_kv_heads)
+            evicted_tokens = max(0, round(prompt_len - kept_tokens))
+            self.eviction_stats.record(policy, "head", evicted_tokens, max(0, returned), seconds)
+            self.eviction_stats.record_blocks_returned(returned)
+            self._record_head_memory(req_id, cfg, policy, pending, evicted_tokens, kept_tokens)
+
+    def _record_head_memory(self, req_id, cfg, policy, pending, evicted_tokens: int, kept_tokens: float) -> None:
+        """Memory efficiency (ideal / held, from vLLM's block list), compression, per-head spread
+        and held tokens of a request that was just compacted."""
+        from vllm_kvevict.cache import ideal_blocks
+
+        self.eviction_stats.record_head_budgets(policy, "head", pending.kept_per_head)
+        request = self._metric_requests().get(req_id)
+        prompt_len = self._prompt_lens.get(req_id, 0)
+        if request is None or cfg is None or not prompt_len:
+            return
+        manager = self._kv_cache_manager.coordinator.single_type_managers[0]
+        held = sum(1 for b in manager.req_to_blocks.get(req_id, ()) if not b.is_null)
+        ideal = ideal_blocks(cfg, prompt_len, int(request.num_tokens), self._block_size())
+        self.eviction_stats.record_memory(policy, "head", ideal, held, prompt_len, round(kept_tokens))
+        self.hold_tokens(request, policy, "head", evicted_tokens)
+
+    def _release_pending(self, req_id: str) -> None:
+        state = self.scheduler_state
+        if state is None:
+            return
+        state.compact_orders.pop(req_id, None)
+        pending = state.pending_compactions.pop(req_id, None)
+        if pending is not None:
+            self._free_blocks(pending.blocks)
+
+    def _free_blocks(self, blocks: list) -> None:
+        from vllm_kvevict.vllm.head_blocks import release_blocks
+
+        if self._kv_cache_manager is not None:
+            release_blocks(self._kv_cache_manager, blocks)
 
     def _block_size(self) -> int:
         managers = self._kv_cache_manager.coordinator.single_type_managers
@@ -196,7 +356,87 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids):
         self._generation.pop(request.request_id, None)
+        self._release_pending(request.request_id)
+        self._prompt_lens.pop(request.request_id, None)
+        self._head_seconds.pop(request.request_id, None)
         state = self.scheduler_state
         if state is not None:
             state.finished(request.request_id)
+        self.release_tokens(request.request_id)
         return False, None
+
+    # ------------------------------------------------------------------ metrics (metrics.py)
+    def _note_admission(self, request) -> None:
+        """Scheduler side, every allocation of a waiting request: on its first admission count
+        it as ``opted_out`` when its policy leaves it whole; remember it for the held gauges."""
+        state = self.scheduler_state
+        if state is None:
+            return
+        self._metric_requests()[request.request_id] = request
+        if request.request_id in self._generation:
+            return  # resumed after preemption: counted already
+        try:
+            if state.config_for(request) is None:
+                sp = getattr(request, "sampling_params", None)
+                labels = requested_labels(getattr(sp, "extra_args", None), state.server_default)
+                self.eviction_stats.record_outcome(*labels, "opted_out")
+        except Exception as exc:  # metrics never break scheduling
+            logger.debug("kvevict: admission not counted: %s", exc)
+
+    def _metric_requests(self) -> dict:
+        return self.__dict__.setdefault("_kvevict_requests", {})
+
+    def release_tokens(self, req_id: str) -> None:
+        super().release_tokens(req_id)
+        self._metric_requests().pop(req_id, None)
+
+    def _record_page_eviction(self, req_id: str, policy: str, blocks: list[int], returned: int) -> None:
+        """Scheduler side, after a page eviction was applied: blocks and bytes returned,
+        compression, per-head budgets (all heads keep the same pages), held tokens."""
+        import math
+
+        self.eviction_stats.record_blocks_returned(returned)
+        request = self._metric_requests().get(req_id)
+        if request is None:
+            return
+        block_size = self._block_size()
+        logical = int(request.num_prompt_tokens)
+        evicted = len(blocks) * block_size
+        kept = max(0, logical - evicted)
+        held = 0
+        for manager in self._kv_cache_manager.coordinator.single_type_managers[:1]:
+            held = sum(1 for b in manager.req_to_blocks.get(req_id, ()) if not b.is_null)
+        self.eviction_stats.record_memory(policy, "page", math.ceil(kept / block_size), held, logical, kept)
+        heads = getattr(self, "_num_layers", 0) * getattr(self, "_num_kv_heads", 0)
+        self.eviction_stats.record_head_budgets(policy, "page", [kept] * heads)
+        self.hold_tokens(request, policy, "page", evicted)
+
+    def _worker_metrics_before(self, state) -> dict[str, float]:
+        """Worker side, before ``finish_step``: seconds the attention backend spent scoring the
+        requests whose prompt completes this step."""
+        return {
+            plan.req_id: state.requests[plan.req_id].seconds
+            for plan in state.rows.values()
+            if plan.score and plan.req_id in state.requests
+        }
+
+    def _record_worker_metrics(self, state, evicted: dict, scoring: dict[str, float]) -> None:
+        """Worker side, after ``finish_step``: scoring time, ``skipped_short`` (scored, nothing
+        worth evicting) and ``error`` outcomes, each failed request once. Evicted outcomes are
+        counted by the scheduler side, once the report is applied. (With tensor parallelism
+        every rank would count these: not supported yet.)"""
+        labels_of = lambda r: (r.config.scorer, str(getattr(r.config, "resolved_granularity", "page")))  # noqa: E731
+        for req_id, seconds in scoring.items():
+            request = state.requests.get(req_id)
+            if request is None or request.failed:
+                continue
+            self.eviction_stats.record_scoring(*labels_of(request), seconds)
+            if req_id in evicted and not evicted[req_id]:
+                self.eviction_stats.record_outcome(*labels_of(request), "skipped_short")
+        counted = self.__dict__.setdefault("_kvevict_failed", set())
+        counted &= set(state.requests)
+        for req_id, request in state.requests.items():
+            if request.failed and req_id not in counted:
+                counted.add(req_id)
+                self.eviction_stats.record_outcome(*labels_of(request), "error")
+                self.eviction_stats.record_error("scoring")
