@@ -19,12 +19,16 @@ from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, rando
 pytestmark = pytest.mark.slow
 
 BLOCK, BUDGET, PROMPT_LEN, NEW_TOKENS = 32, 0.25, 700, 8
-#: what issue #4 names: adakv (snapkv's default), criticalkv, defensivekv, snapkv with uniform allocation.
+#: adakv (snapkv's default), criticalkv, defensivekv, snapkv with uniform allocation, and the
+#: allocations across layers.
 POLICIES = {
     "snapkv-adakv": {"kv_eviction": "snapkv"},
     "criticalkv-adakv": {"kv_eviction": "criticalkv"},
     "defensivekv-adakv": {"kv_eviction": "defensivekv"},
     "snapkv-uniform": {"kv_eviction": "snapkv", "kv_allocation": "uniform", "kv_granularity": "head"},
+    # allocations across layers, capped per layer so that K stays a function of the budget
+    "laprox-global": {"kv_eviction": "laprox"},
+    "pyramidkv-pyramid": {"kv_eviction": "pyramidkv"},
 }
 
 

@@ -115,3 +115,20 @@ def test_window_zero_only_for_scorers_without_window_attention():
     with pytest.raises(EvictionConfigError) as info:
         EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_window": 0})
     assert info.value.field == "kv_window"
+
+
+def test_granularity_defaults_to_head_for_per_head_allocations():
+    for scorer in ("criticalkv", "snapkv", "defensivekv", "knorm", "keydiff", "expected_attention"):
+        cfg = EvictionConfig(scorer=scorer, budget=0.1)
+        assert (cfg.resolved_allocation, cfg.resolved_granularity) == ("adakv", "head"), scorer
+    assert EvictionConfig(scorer="laprox", budget=0.1).resolved_granularity == "head"
+    assert EvictionConfig(scorer="pyramidkv", budget=0.1).resolved_granularity == "head"
+    for scorer in ("streamingllm", "tova", "h2o", "value_aware"):
+        assert EvictionConfig(scorer=scorer, budget=0.1).resolved_granularity == "page", scorer
+    assert EvictionConfig(scorer="snapkv", budget=0.1, allocation="uniform").resolved_granularity == "page"
+    assert EvictionConfig(scorer="criticalkv", budget=0.1, granularity="page").resolved_granularity == "page"
+    # a request changing the scorer gets that scorer's default granularity unless one was set
+    base = EvictionConfig(scorer="streamingllm", budget=0.1)
+    assert EvictionConfig.from_flat({"kv_eviction": "criticalkv"}, base=base).resolved_granularity == "head"
+    with pytest.raises(EvictionConfigError, match="granularity"):
+        EvictionConfig.from_flat({"kv_granularity": "token"})
