@@ -78,6 +78,7 @@ FLAT_KEYS: dict[str, str] = {
     "kv_decode_interval": "decode_interval",
     "kv_alpha": "alpha",
     "kv_rho": "rho",
+    "kv_epsilon": "epsilon",
 }
 FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
 #: Key of the nested form inside vLLM's ``additional_config``.
@@ -121,8 +122,16 @@ class EvictionConfig(BaseModel):
     decode_interval: int = Field(0, ge=0, description="re-compress every N decoded tokens (0: never)")
     alpha: float = Field(0.2, ge=0.0, le=1.0, description="Ada-KV: share of the budget spread uniformly")
     rho: float = Field(0.5, ge=0.0, le=1.0, description="CriticalKV: share of the budget chosen by stage 1")
+    epsilon: float = Field(
+        0.0,
+        ge=0.0,
+        description="CriticalKV: eps in stage 2's (attention + eps) * value norm; 0 is the paper's "
+        "criterion, 1e-4 the authors' code and kvpress (docs/NEEDLE_STUDY.md)",
+    )
 
-    @field_validator("budget", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", mode="before")
+    @field_validator(
+        "budget", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", "epsilon", mode="before"
+    )
     @classmethod
     def _no_bools(cls, value: Any, info) -> Any:
         # pydantic's lax mode reads True as 1; a boolean is never a meaningful number here.

@@ -14,7 +14,6 @@ from vllm_kvevict.policies import (
     select_pages,
 )
 from vllm_kvevict.policies.ops import value_l1_norm
-from vllm_kvevict.policies.scorers.criticalkv import CRITICALKV_EPSILON
 
 L, HKV, GROUP, D, BLOCK, WINDOW = 256, 2, 2, 8, 16, 8
 PLANTED = torch.tensor([20, 21, 22])  # three tokens of block 1 the window attends to strongly
@@ -45,7 +44,7 @@ def test_criticalkv_page_scores_are_its_stage2_criterion_without_marks():
     layer, config = _needle_layer(), _config("criticalkv")
     scores = page_score_layer(layer, config)
     base = protect(score_layer(layer, _config("snapkv")), config)
-    assert torch.equal(scores, (base + CRITICALKV_EPSILON) * value_l1_norm(layer))
+    assert torch.equal(scores, (base + config.epsilon) * value_l1_norm(layer))
     assert torch.isinf(scores[:, L - WINDOW :]).all()
     assert torch.isfinite(scores[:, : L - WINDOW]).all()
 

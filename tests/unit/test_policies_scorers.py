@@ -143,6 +143,19 @@ def test_criticalkv_two_stages_on_a_toy():
     assert kept(layer, scorer="criticalkv", rho=1.0, **fields) == [[0, 1, 2, 5]]
 
 
+def test_criticalkv_epsilon_swamps_attention_far_below_it():
+    # exp(k) = 1e6, 30, 10, 1, 1 | 1 (window): a = (1e6, 30, 10, 1, 1)/S, S = 1e6 + 43, so
+    # a1 ~ 3e-5, a2 ~ 1e-5, a3 = a4 ~ 1e-6, all below eps = 1e-4. Values 1 except j3 = 2.
+    # budget 3, rho 0.5 -> stage 1: int(1.5) = 1 = the window; stage 2 picks two of j0..j4.
+    # eps = 1e-4: j0 ~ 1, then j3 (1e-6 + 1e-4) * 2 beats j1 (3e-5 + 1e-4) * 1 -> value norm decides.
+    # eps = 0: j1 3e-5 beats j3 2e-6 -> attention decides, as snapkv does.
+    layer = one_head_layer([math.log(w) for w in (1e6, 30, 10, 1, 1, 1)], values=[1, 1, 1, 2, 1, 1])
+    fields = {"budget": 3, "window": 1, "pooling_kernel": 1, "allocation": "uniform", "granularity": "head"}
+    assert kept(layer, scorer="snapkv", **fields) == [[0, 1, 5]]
+    assert kept(layer, scorer="criticalkv", epsilon=1e-4, **fields) == [[0, 3, 5]]
+    assert kept(layer, scorer="criticalkv", **fields) == [[0, 1, 5]]  # default eps = 0
+
+
 def test_criticalkv_value_term_is_l1_through_wo():
     from vllm_kvevict.policies.ops import value_l1_norm
 

@@ -44,8 +44,32 @@ class RunResult:
         return asdict(self)
 
 
+#: Fields a policy name always shows; any other field set explicitly is appended as ``key=value``.
+_NAMED_FIELDS = ("scorer", "budget", "allocation", "granularity")
+
+
 def policy_name(config: EvictionConfig) -> str:
-    return "full" if config.keeps_everything else f"{config.scorer}/{config.resolved_allocation}/{config.granularity}"
+    """``scorer/allocation/granularity``, then ``/key=value`` for each other field set explicitly."""
+    if config.keeps_everything:
+        return "full"
+    name = f"{config.scorer}/{config.resolved_allocation}/{config.granularity}"
+    extra = sorted(set(config.model_fields_set) - set(_NAMED_FIELDS))
+    return name + "".join(f"/{key}={getattr(config, key)}" for key in extra)
+
+
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """``"criticalkv:allocation=uniform,rho=0.8"`` -> ``("criticalkv", {"allocation": "uniform", "rho": "0.8"})``.
+
+    The overrides are EvictionConfig fields (validated there); a bare ``"snapkv"`` has none.
+    """
+    scorer, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy override {item!r} in {spec!r} is not key=value")
+        overrides[key.strip()] = value.strip()
+    return scorer.strip(), overrides
 
 
 def run_task(
@@ -108,11 +132,11 @@ def summarize(results: Sequence[RunResult]) -> list[dict]:
 
 
 def format_summary(rows: Sequence[dict]) -> str:
-    lines = [f"{'protocol':8} {'policy':36} {'budget':>6} {'n':>3} {'accuracy':>8} {'95% CI':>13} {'memory':>7}"]
+    lines = [f"{'protocol':8} {'policy':40} {'budget':>6} {'n':>3} {'accuracy':>8} {'95% CI':>13} {'memory':>7}"]
     for row in rows:
         low, high = row["ci95"]
         lines.append(
-            f"{row['protocol']:8} {row['policy']:36} {row['budget']:6.2f} {row['n']:3d} "
+            f"{row['protocol']:8} {row['policy']:40} {row['budget']:6.2f} {row['n']:3d} "
             f"{row['accuracy']:8.2f} {f'[{low:.2f}, {high:.2f}]':>13} {row['memory_kept']:7.3f}"
         )
     return "\n".join(lines)
@@ -134,7 +158,12 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", nargs="+", default=["niah_single"])
     p.add_argument("--lengths", nargs="+", type=int, default=[2000, 3000])
     p.add_argument("--n", type=int, default=10, help="prompts per kind x length")
-    p.add_argument("--policies", nargs="+", default=["snapkv", "criticalkv"])
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=["snapkv", "criticalkv"],
+        help="scorers, each optionally with config overrides: criticalkv:allocation=uniform,rho=0.8",
+    )
     p.add_argument("--budgets", nargs="+", type=float, default=[0.25])
     p.add_argument("--granularity", default="head")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
@@ -145,9 +174,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    specs = [parse_policy(spec) for spec in args.policies]
     configs = [EvictionConfig()] + [
-        EvictionConfig(scorer=s, budget=int(b) if b > 1 else b, granularity=args.granularity)
-        for s in args.policies
+        EvictionConfig(**{"scorer": s, "budget": int(b) if b > 1 else b, "granularity": args.granularity, **extra})
+        for s, extra in specs
         for b in args.budgets
     ]
     engine = ReferenceEngine(args.model)
@@ -162,7 +192,7 @@ def main(argv=None) -> int:
             for r in runs:
                 out.write(json.dumps(r.to_json()) + "\n")
             out.flush()
-        marks = " ".join(f"{r.protocol[0]}:{r.policy.split('/')[0]}={r.score:.0f}" for r in runs)
+        marks = " ".join(f"{r.protocol[0]}:{r.policy}={r.score:.0f}" for r in runs)
         print(f"[{i + 1}/{len(tasks)}] {task.uid} {marks} ({time.perf_counter() - start:.0f} s)", flush=True)
     if out:
         out.close()

@@ -16,6 +16,13 @@ takes the budgets from those marks). With ``global`` it only lifts the stage-1 w
 (``n1 = int(rho * B)`` per head) to ``+inf`` and returns stage-2 scores for the rest.
 Base scorer: ``LayerInputs.extras["criticalkv_base"]`` or :data:`CRITICALKV_BASE`.
 
+``eps`` is ``config.epsilon``, 0 by default: the paper's criterion ``a * nbar1``. The authors' code
+and kvpress add an absolute ``1e-4`` (:data:`KVPRESS_EPSILON`, "for numerical stability"; the
+kvpress parity test sets it). Where the pooled attention ``a`` of the stage-2 candidates is far
+below it (heads that concentrate their attention: SmolLM2 at 2-3k tokens has ``a ~ 1e-9 .. 1e-5``
+there), ``(a + eps) * nbar1 ~ eps * nbar1`` and stage 2 ranks by value norm alone, dropping needle
+digits: docs/NEEDLE_STUDY.md (0.35 against 1.00 with eps 0, n=20).
+
 Page granularity (:func:`criticalkv_page`) ranks blocks by the stage-2 criterion
 ``(a + eps) * nbar1`` of every token, with no ``+inf`` marks: the two stages split a per-head
 budget, which whole pages shared by all heads do not have, and marking a quarter of each row
@@ -35,8 +42,8 @@ from vllm_kvevict.policies.select import protect
 
 #: Base scorer of CriticalKV (ALGORITHMS.md and kvpress's usual pairing).
 CRITICALKV_BASE = "snapkv"
-#: CriticalKV's epsilon in ``(a + eps) * nbar1``.
-CRITICALKV_EPSILON = 1e-4
+#: The authors' code's and kvpress's epsilon in ``(a + eps) * nbar1`` (ours: ``config.epsilon``).
+KVPRESS_EPSILON = 1e-4
 
 
 def _stage1_uniform(length: int, config: EvictionConfig) -> int:
@@ -75,7 +82,7 @@ def criticalkv(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor:
     else:
         budgets = torch.full((inputs.num_kv_heads,), config.budget_tokens(inputs.seq_len), dtype=torch.int64)
     stage1 = forced | (rank_in_row(base) < _stage1_counts(budgets, inputs.seq_len, config)[:, None])
-    stage2 = (base + CRITICALKV_EPSILON) * value_l1_norm(inputs)
+    stage2 = (base + config.epsilon) * value_l1_norm(inputs)
     stage2 = torch.where(stage1, torch.full_like(stage2, float("inf")), stage2)
     if _preselects(config):
         chosen = rank_in_row(stage2) < budgets[:, None]
@@ -88,4 +95,4 @@ def criticalkv_page(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor
     """``[Hkv, L]``: ``(a + eps) * nbar1`` (window and sinks ``+inf``), for page granularity."""
     base_name = inputs.extras.get("criticalkv_base", CRITICALKV_BASE)
     base = protect(SCORERS[base_name](inputs, config), config)
-    return (base + CRITICALKV_EPSILON) * value_l1_norm(inputs)
+    return (base + config.epsilon) * value_l1_norm(inputs)
