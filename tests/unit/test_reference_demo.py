@@ -50,3 +50,18 @@ def test_demo_prints_accuracy_and_memory(tiny_llama_dir, capsys):
 def test_demo_rejects_a_bad_budget(tiny_llama_dir, capsys):
     assert demo.main(["--model", str(tiny_llama_dir), "--budget", "2.5"]) == 2
     assert "budget" in capsys.readouterr().err
+
+
+def test_study_policy_specs_and_names():
+    from vllm_kvevict.config import EvictionConfig
+    from vllm_kvevict.reference.study import parse_policy, policy_name
+
+    assert parse_policy("snapkv") == ("snapkv", {})
+    scorer, overrides = parse_policy("criticalkv:allocation=uniform, rho=0.8")
+    assert (scorer, overrides) == ("criticalkv", {"allocation": "uniform", "rho": "0.8"})
+    config = EvictionConfig(scorer=scorer, budget=0.25, granularity="head", **overrides)
+    assert policy_name(config) == "criticalkv/uniform/head/rho=0.8"
+    assert policy_name(EvictionConfig(scorer="snapkv", budget=0.25)) == "snapkv/adakv/head"
+    assert policy_name(EvictionConfig(scorer="snapkv", budget=1.0)) == "full"
+    with pytest.raises(ValueError, match="key=value"):
+        parse_policy("criticalkv:rho")

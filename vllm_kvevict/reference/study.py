@@ -52,7 +52,7 @@ def policy_name(config: EvictionConfig) -> str:
     """``scorer/allocation/granularity``, then ``/key=value`` for each other field set explicitly."""
     if config.keeps_everything:
         return "full"
-    name = f"{config.scorer}/{config.resolved_allocation}/{config.granularity}"
+    name = f"{config.scorer}/{config.resolved_allocation}/{config.resolved_granularity}"
     extra = sorted(set(config.model_fields_set) - set(_NAMED_FIELDS))
     return name + "".join(f"/{key}={getattr(config, key)}" for key in extra)
 
