@@ -146,14 +146,15 @@ def test_request_holds_its_compact_blocks_and_tail_then_frees_all(head_llm):
     assert pool.get_num_free_blocks() == free0
 
 
-@pytest.mark.parametrize("when", ["ordered", "compacted"])
+@pytest.mark.parametrize("when", ["prefilling", "compacted"])
 def test_abort_before_or_after_compaction_frees_everything(head_llm, when):
     engine, pool, state = head_llm.llm_engine, block_pool(head_llm), _state(head_llm)
     free0, returned0 = pool.get_num_free_blocks(), state.blocks_returned
     req_id = engine.add_request(f"abort-{when}", {"prompt_token_ids": random_prompt(2060, seed=3)}, _greedy(100))
     for _ in range(50):
         engine.step()
-        if when == "ordered" and req_id in state.pending_compactions:
+        req = scheduler(head_llm).requests.get(req_id)
+        if when == "prefilling" and req is not None and 0 < req.num_computed_tokens < 2060:
             break
         if when == "compacted" and state.blocks_returned > returned0:
             break
@@ -163,5 +164,16 @@ def test_abort_before_or_after_compaction_frees_everything(head_llm, when):
     while engine.has_unfinished_requests():
         engine.step()
     assert not state.pending_compactions
+    assert pool.get_num_free_blocks() == free0
+
+
+def test_request_finishing_in_its_scoring_step_gives_its_compact_blocks_back(head_llm):
+    """max_tokens=1: the request finishes in the step that compacts it, before the swap."""
+    engine, pool, state = head_llm.llm_engine, block_pool(head_llm), _state(head_llm)
+    free0, returned0 = pool.get_num_free_blocks(), state.blocks_returned
+    engine.add_request("one-token", {"prompt_token_ids": random_prompt(2060, seed=4)}, _greedy(1))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not state.pending_compactions and state.blocks_returned == returned0
     assert pool.get_num_free_blocks() == free0
 

@@ -104,63 +104,73 @@ def test_two_segment_attention_equals_masked_full_attention():
 
 
 HEAD_ARGS = {"kv_eviction": "snapkv", "kv_budget": 0.25, "kv_window": 8}
+PROMPT = 320
 
 
-def _scored_state(prompt_len=320, layers=2):
+def _scoring_step(order: bool, layers: int = 2, prompt_len: int = PROMPT, fail_copy: bool = False):
+    """One worker step that completes a head-granular prompt, with the KV caches and positional
+    blocks the backend would have stashed; returns the state and the caches."""
+    torch.manual_seed(0)
     state = WorkerEvictionState()
     state.num_layers, state.block_size = layers, BS
-    state.begin_step(())
+    config = EvictionConfig.from_flat(HEAD_ARGS)
+    k = 4  # compact blocks 40..43; positional blocks 0..9
+    state.begin_step((), compact_orders={"r": list(range(40, 40 + k))} if order else None)
     state.plan_row(0, "r", HEAD_ARGS, prompt_len, 0, prompt_len)
+    assert state.rows[0].score and config.resolved_granularity == "head"
+    keys = torch.randn(prompt_len, HKV, D)
+    caches = {}
     for layer in range(layers):
+        kv, pages = _packed_cache(keys + layer, keys - layer, torch.arange(10), num_blocks=48)
+        caches[layer] = (kv, pages)
+        if not (fail_copy and layer == layers - 1):
+            state.kv_caches[layer] = (kv, _isa())
         state.record_scores(0, layer, torch.rand(HKV, prompt_len))
+    state.requests["r"].source_blocks = torch.arange(10)
     state.finish_step()
-    return state
+    return state, caches, keys
 
 
-def test_worker_head_lifecycle_scored_ordered_compacted():
-    state = _scored_state()
-    assert EvictionConfig.from_flat(HEAD_ARGS).resolved_granularity == "head"
-    assert "r" not in state.history  # head granularity evicts no positional pages
-    assert len(state.head_scored["r"]) == 2 * HKV
+def _isa():
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(torch.float32, BS, D, "auto")
+
+
+def test_scoring_step_with_an_order_compacts_every_layer_after_the_forward():
+    state, caches, keys = _scoring_step(order=True)
     head = state.requests["r"].head
-    assert head is not None and head.region is None
-    # before the order arrives the request attends its full positional cache
+    assert head is not None and not state.compact_orders and not state.kv_caches
+    assert state.head_compacted == {"r": head.kept.head_budgets.flatten().tolist()}
+    assert "r" not in state.history  # head granularity evicts no positional pages
+    for layer, (kv, pages) in caches.items():
+        got_k, _ = read_region(kv, pages, head.region, layer)
+        want = torch.cat([(keys + layer)[head.kept.indices[layer][g], g] for g in range(HKV)])
+        assert torch.equal(got_k, want)
+    # later steps attend compact region + tail: the stock kernel gets the tail only
     state.begin_step(())
-    state.plan_row(0, "r", HEAD_ARGS, 320, 321, 1)
-    assert not state.head_rows and not state.compact_rows
-    state.finish_step()
-    # the order: compact this step (table still positional), then attend the compact region
-    ids = list(range(100, 100 + head.num_compact_blocks))
-    state.begin_step((), compact_orders={"r": ids})
-    state.plan_row(0, "r", HEAD_ARGS, 320, 322, 1)
-    assert state.head_rows[0].compact_now and 0 not in state.compact_rows
-    head.layers_done |= {0, 1}  # what the backend does, layer by layer
-    state.finish_step()
-    assert state.head_compacted == {"r": int(head.kept.head_budgets.sum())}
-    state.begin_step(())
-    state.plan_row(0, "r", HEAD_ARGS, 320, 323, 1)
-    assert not state.head_rows[0].compact_now
-    assert torch.equal(state.compact_rows[0], torch.arange(320 // BS))
+    state.plan_row(0, "r", HEAD_ARGS, PROMPT, PROMPT + 1, 1)
+    assert state.head_rows[0].head is head
+    assert torch.equal(state.compact_rows[0], torch.arange(PROMPT // BS))
 
 
-def test_worker_head_compaction_failure_and_refusal_leave_request_whole():
-    state = _scored_state()
-    ids = list(range(100, 100 + state.requests["r"].head.num_compact_blocks))
-    state.begin_step((), compact_orders={"r": ids})
-    state.plan_row(0, "r", HEAD_ARGS, 320, 321, 1)
-    state.requests["r"].head.layers_done.add(0)  # layer 1 never copied
-    state.finish_step()
-    assert state.head_failed == {"r"} and state.requests["r"].head is None
+def test_no_order_leaves_the_request_whole():
+    state, _, _ = _scoring_step(order=False)
+    assert state.requests["r"].head is None and not state.head_compacted and not state.head_failed
     state.begin_step(())
-    state.plan_row(0, "r", HEAD_ARGS, 320, 322, 1)
+    state.plan_row(0, "r", HEAD_ARGS, PROMPT, PROMPT + 1, 1)
     assert not state.head_rows and not state.compact_rows
 
-    refused = _scored_state()
-    refused.begin_step((), abandoned={"r"})
-    refused.plan_row(0, "r", HEAD_ARGS, 320, 321, 1)
-    assert refused.requests["r"].head is None and not refused.head_rows and not refused.compact_rows
+
+def test_failed_compaction_reports_the_order_back_and_leaves_the_request_whole():
+    state, _, _ = _scoring_step(order=True, fail_copy=True)  # one layer's cache never seen
+    assert state.head_failed == {"r"} and not state.head_compacted
+    assert state.requests["r"].head is None and state.num_failed == 1
 
 
-def test_short_prompt_is_left_whole_when_compaction_saves_nothing():
-    state = _scored_state(prompt_len=40, layers=1)  # K = 1 compact block >= 1 released
-    assert state.head_scored == {} and state.requests["r"].head is None
+def test_a_reset_drops_the_order():
+    state = WorkerEvictionState()
+    state.begin_step((), compact_orders={"r": [1, 2]})
+    state.finish_step()
+    state.begin_step({"r"})
+    assert "r" not in state.compact_orders

@@ -90,14 +90,14 @@ def layer_index(layer_name: str) -> int:
     return 0
 
 
-def stash_compaction_sources(head_rows, block_table: torch.Tensor, block_size: int) -> None:
-    """Remember the positional block ids of rows compacting this step (the copy's sources)
-    before any block-table rewrite."""
-    for row, head_row in head_rows.items():
-        head = head_row.head
-        if head_row.compact_now and head.source_blocks is None and row < block_table.shape[0]:
-            num_blocks = -(-head.region.tail_start // block_size)
-            head.source_blocks = block_table[row, :num_blocks].to("cpu", torch.int64).clone()
+def stash_compaction_sources(state, block_table: torch.Tensor, block_size: int) -> None:
+    """Head granularity: remember the positional block ids of rows scored this step (the
+    compaction's sources, after the forward) before any block-table rewrite."""
+    for row, plan in state.rows.items():
+        req = state.requests.get(plan.req_id)
+        if plan.score and req is not None and req.config.resolved_granularity == "head" and row < block_table.shape[0]:
+            num_blocks = -(-req.prompt_len // block_size)
+            req.source_blocks = block_table[row, :num_blocks].to("cpu", torch.int64).clone()
 
 
 class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -112,8 +112,8 @@ class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         fast_build: bool = False,
     ) -> CPUAttentionMetadata:
         state = get_worker_state()
-        if state.step_open and state.head_rows:
-            stash_compaction_sources(state.head_rows, common_attn_metadata.block_table_tensor, self.block_size)
+        if state.step_open and state.rows:
+            stash_compaction_sources(state, common_attn_metadata.block_table_tensor, self.block_size)
         rows = state.compact_rows
         if rows and state.step_open and not state.compacted_by_runner and not self.is_encoder_only_attention:
             cm = common_attn_metadata
@@ -134,6 +134,8 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         if attn_metadata is None or not state.step_open or self.attn_type != AttentionType.DECODER:
             return out
         layer_name = getattr(layer, "layer_name", "")
+        if state.compact_orders:  # a compaction after this step's forward copies from here
+            state.kv_caches[layer_index(layer_name)] = (kv_cache, layer.isa)
         for row, head_row in list(state.head_rows.items()):
             try:
                 self._attend_head_row(layer, layer_name, row, head_row, query, kv_cache, attn_metadata, output)
@@ -150,31 +152,22 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         return out
 
     def _attend_head_row(self, layer, layer_name, row, head_row, query, kv_cache, md: CPUAttentionMetadata, output) -> None:
-        """Head granularity: (compact this layer first, in the compacting step, then) replace the
-        row's output by attention over its compact region + positional tail."""
-        from vllm_kvevict.vllm.head_pages import PackedPages, attend_compacted, compact_layer, read_region, read_tail
+        """Head granularity: replace the row's output (the stock kernel's, over the tail only)
+        by attention over its compact region + positional tail."""
+        from vllm_kvevict.vllm.head_pages import PackedPages, attend_compacted, read_region, read_tail
 
-        if head_row.head.broken:
-            return
         if self.is_fp8_kv_cache or self.alibi_slopes is not None or self.logits_soft_cap or self.sinks is not None:
             raise RuntimeError("head granularity supports plain causal attention only")
         if self.sliding_window not in (None, -1, (-1, -1)):
             raise RuntimeError(f"head granularity does not support sliding window {self.sliding_window}")
-        head, region = head_row.head, head_row.head.region
+        region = head_row.head.region
         idx = layer_index(layer_name)
         num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
         head_dim = self.head_size
         pages = PackedPages.from_layout(*block_layout(layer.isa, block_size, head_dim, kv_cache.dtype), block_size, head_dim)
-        if head_row.compact_now:
-            if idx not in head.layers_done:
-                compact_layer(kv_cache, pages, head.source_blocks, head.plan.layer_gather(idx))
-                head.layers_done.add(idx)
-            # this step the row's block table is still positional and whole
-            seq_len = int(md.seq_lens[row])
-            tail_blocks = md.block_table[row, region.first_tail_block :]
-        else:
-            seq_len = int(md.seq_lens[row]) + region.first_tail_block * block_size
-            tail_blocks = md.block_table[row]
+        # the builder gave this row the tail only: blocks from P // bs, seq_len - (P // bs) * bs
+        seq_len = int(md.seq_lens[row]) + region.first_tail_block * block_size
+        tail_blocks = md.block_table[row]
         q0, q1 = int(md.query_start_loc[row]), int(md.query_start_loc[row + 1])
         n = q1 - q0
         region_k, region_v = read_region(kv_cache, pages, region, idx)

@@ -48,10 +48,9 @@ class KVEvictConnectorMetadata(KVConnectorMetadata):
     reset_req_ids: set[str] = field(default_factory=set)
     #: request id -> admission count, for requests (re)admitted this step (see generations).
     generations: dict[str, int] = field(default_factory=dict)
-    #: head granularity: request id -> its ``K`` compact block ids (compact this step).
+    #: head granularity: request id -> its ``K`` compact block ids, for requests whose prompt
+    #: completes this step (scored, then compacted after the forward).
     compact_orders: dict[str, list[int]] = field(default_factory=dict)
-    #: head granularity: scored requests that stay whole (no room for their compact blocks).
-    abandoned: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -63,14 +62,13 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
     generations: dict[str, int] = field(default_factory=dict)
     #: request id -> (policy, seconds of its eviction pass), for the metrics.
     passes: dict[str, tuple[str, float]] = field(default_factory=dict)
-    #: head granularity: scored (kept tokens per (layer, KV head)), compacted (kept entries),
-    #: failed (left whole; their compact blocks go back).
-    head_scored: dict[str, list[int]] = field(default_factory=dict)
-    head_compacted: dict[str, int] = field(default_factory=dict)
+    #: head granularity: compacted (kept tokens per (layer, KV head)) and failed (left whole,
+    #: their compact blocks go back).
+    head_compacted: dict[str, list[int]] = field(default_factory=dict)
     head_failed: set[str] = field(default_factory=set)
 
     def is_empty(self) -> bool:
-        return not (self.evicted or self.head_scored or self.head_compacted or self.head_failed)
+        return not (self.evicted or self.head_compacted or self.head_failed)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         merged, gens = dict(self.evicted), dict(self.generations)
@@ -88,7 +86,6 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
             evicted=merged,
             generations=gens,
             passes=passes,
-            head_scored=dict(self.head_scored),
             head_compacted=dict(self.head_compacted),
             head_failed=set(self.head_failed) | set(getattr(other, "head_failed", ())),
         )
@@ -112,9 +109,8 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         self._pending_generations: dict[str, int] = {}
         self._pending_passes: dict[str, tuple[str, float]] = {}
         self._pending_head = KVEvictWorkerMetadata()
-        #: scheduler side: request id -> prompt length, and scoring seconds of head evictions.
+        #: scheduler side: request id -> prompt length.
         self._prompt_lens: dict[str, int] = {}
-        self._head_seconds: dict[str, float] = {}
         model_config = vllm_config.model_config
         self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
         self._num_kv_heads = model_config.get_num_kv_heads(vllm_config.parallel_config)
@@ -138,7 +134,6 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
             getattr(kv_connector_metadata, "reset_req_ids", ()),
             getattr(kv_connector_metadata, "generations", None),
             getattr(kv_connector_metadata, "compact_orders", None),
-            getattr(kv_connector_metadata, "abandoned", ()),
         )
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
@@ -165,10 +160,9 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         self._pending_passes.update(state.last_evictions)
         self._record_worker_metrics(state, evicted, scoring)
         head = self._pending_head
-        head.head_scored.update(state.head_scored)
         head.head_compacted.update(state.head_compacted)
         head.head_failed |= state.head_failed
-        for req_id in (*state.head_scored, *state.head_compacted, *state.head_failed):
+        for req_id in (*state.head_compacted, *state.head_failed):
             self._pending_generations[req_id] = state.generation_of(req_id)
 
     def build_connector_worker_meta(self) -> Optional[KVConnectorWorkerMetadata]:
@@ -179,7 +173,6 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
             evicted=self._pending_evicted,
             generations=self._pending_generations,
             passes=self._pending_passes,
-            head_scored=head.head_scored,
             head_compacted=head.head_compacted,
             head_failed=head.head_failed,
         )
@@ -215,19 +208,16 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         for req_id in admitted:
             self._generation[req_id] = self._generation.get(req_id, 0) + 1
         state = self.scheduler_state
-        orders, abandoned = {}, set()
+        orders = {}
         if state is not None:
             state.forget(reset)
             for req_id in reset:
                 self._release_pending(req_id)
-            orders = {r: ids for r, ids in state.compact_orders.items() if r not in reset}
-            abandoned = state.abandoned - reset
-            state.compact_orders, state.abandoned = {}, set()
+            orders = self._order_compactions(scheduler_output)
         return KVEvictConnectorMetadata(
             reset_req_ids=reset,
             generations={r: self._generation[r] for r in admitted},
             compact_orders=orders,
-            abandoned=abandoned,
         )
 
     def update_connector_output(self, connector_output) -> None:
@@ -259,50 +249,53 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
             self._record_page_eviction(req_id, policy, blocks, n)
 
     # ------------------------------------------------------------------ head granularity
-    def _apply_head_reports(self, meta: KVConnectorWorkerMetadata) -> None:
-        """Scored requests get their ``K`` compact blocks (an order in the next step's metadata);
-        compacted ones swap them in and free their positional blocks; failed ones give them back.
-        See :mod:`vllm_kvevict.vllm.head_blocks`."""
-        from vllm_kvevict.vllm.head_blocks import (
-            PendingCompaction,
-            blocks_released_by_compaction,
-            install_compact_blocks,
-            take_compact_blocks,
-        )
+    def _order_compactions(self, scheduler_output) -> dict[str, list[int]]:
+        """``K`` compact blocks for every head-granular request whose prompt completes in this
+        step (it is scored, then compacted after the forward); see :mod:`.head_blocks`."""
+        from vllm_kvevict.vllm.head_blocks import PendingCompaction, blocks_released_by_compaction, take_compact_blocks
 
         state, manager = self.scheduler_state, self._kv_cache_manager
-        generations = getattr(meta, "generations", {})
-        current = lambda req_id: generations.get(req_id) == self._generation.get(req_id)  # noqa: E731
-        for req_id in getattr(meta, "head_failed", ()):
-            self._release_pending(req_id)
-        for req_id, (_, seconds) in getattr(meta, "passes", {}).items():
-            if req_id in getattr(meta, "head_scored", {}):
-                self._head_seconds[req_id] = seconds
-        for req_id, kept_per_head in getattr(meta, "head_scored", {}).items():
-            if not current(req_id) or req_id in state.pending_compactions:
+        if manager is None:
+            return {}
+        if not state.known_configs_any():
+            return {}
+        computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+        cached = scheduler_output.scheduled_cached_reqs
+        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+        orders = {}
+        for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            prompt_len, done = self._prompt_lens.get(req_id), computed.get(req_id)
+            if prompt_len is None or done is None or not done < prompt_len <= done + num_scheduled:
                 continue
-            cfg, prompt_len = state.known_config(req_id), self._prompt_lens.get(req_id)
-            if cfg is None or prompt_len is None:
-                state.abandoned.add(req_id)
+            cfg = state.known_config(req_id)
+            if cfg is None or cfg.resolved_granularity != "head" or req_id in state.pending_compactions:
                 continue
             k, released = blocks_released_by_compaction(
                 cfg, prompt_len, self._block_size(), self._num_layers, self._num_kv_heads
             )
             blocks = take_compact_blocks(manager, req_id, k) if k < released else None
             if blocks is None:
-                state.abandoned.add(req_id)
-                continue
-            state.pending_compactions[req_id] = PendingCompaction(
-                blocks, released, generations.get(req_id, 0), list(kept_per_head)
-            )
-            state.compact_orders[req_id] = [b.block_id for b in blocks]
+                continue  # left whole: nothing to gain, or no room in the pool
+            state.pending_compactions[req_id] = PendingCompaction(blocks, released, self._generation.get(req_id, 0))
             state.frozen.add(req_id)  # tokens from here on attend a compacted context
-        for req_id, kept_entries in getattr(meta, "head_compacted", {}).items():
+            orders[req_id] = [b.block_id for b in blocks]
+        return orders
+
+    def _apply_head_reports(self, meta: KVConnectorWorkerMetadata) -> None:
+        """Compacted requests swap their compact blocks in and free their positional blocks;
+        failed ones give the compact blocks back. See :mod:`vllm_kvevict.vllm.head_blocks`."""
+        from vllm_kvevict.vllm.head_blocks import install_compact_blocks
+
+        state, manager = self.scheduler_state, self._kv_cache_manager
+        generations = getattr(meta, "generations", {})
+        for req_id in getattr(meta, "head_failed", ()):
+            self._release_pending(req_id)
+        for req_id, kept_per_head in getattr(meta, "head_compacted", {}).items():
             pending = state.pending_compactions.get(req_id)
-            if pending is None or not current(req_id):
+            if pending is None or generations.get(req_id) != self._generation.get(req_id):
                 continue
-            released = install_compact_blocks(manager, req_id, pending)
             del state.pending_compactions[req_id]
+            released = install_compact_blocks(manager, req_id, pending)
             if released is None:
                 self._free_blocks(pending.blocks)
                 continue
@@ -310,21 +303,21 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
             state.blocks_returned += returned
             cfg = state.known_config(req_id)
             policy = cfg.scorer if cfg is not None else "other"
-            seconds = self._head_seconds.pop(req_id, 0.0)
+            seconds = getattr(meta, "passes", {}).get(req_id, ("", 0.0))[1]
             # token-equivalents: prompt tokens minus the mean kept per (layer, KV head)
             prompt_len = self._prompt_lens.get(req_id, 0)
-            kept_tokens = kept_entries / max(1, self._num_layers * self._num_kv_heads)
+            kept_tokens = sum(kept_per_head) / max(1, len(kept_per_head))
             evicted_tokens = max(0, round(prompt_len - kept_tokens))
             self.eviction_stats.record(policy, "head", evicted_tokens, max(0, returned), seconds)
             self.eviction_stats.record_blocks_returned(returned)
-            self._record_head_memory(req_id, cfg, policy, pending, evicted_tokens, kept_tokens)
+            self._record_head_memory(req_id, cfg, policy, kept_per_head, evicted_tokens, kept_tokens)
 
-    def _record_head_memory(self, req_id, cfg, policy, pending, evicted_tokens: int, kept_tokens: float) -> None:
+    def _record_head_memory(self, req_id, cfg, policy, kept_per_head, evicted_tokens: int, kept_tokens: float) -> None:
         """Memory efficiency (ideal / held, from vLLM's block list), compression, per-head spread
         and held tokens of a request that was just compacted."""
         from vllm_kvevict.cache import ideal_blocks
 
-        self.eviction_stats.record_head_budgets(policy, "head", pending.kept_per_head)
+        self.eviction_stats.record_head_budgets(policy, "head", kept_per_head)
         request = self._metric_requests().get(req_id)
         prompt_len = self._prompt_lens.get(req_id, 0)
         if request is None or cfg is None or not prompt_len:
@@ -339,7 +332,6 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         state = self.scheduler_state
         if state is None:
             return
-        state.compact_orders.pop(req_id, None)
         pending = state.pending_compactions.pop(req_id, None)
         if pending is not None:
             self._free_blocks(pending.blocks)
@@ -358,7 +350,6 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         self._generation.pop(request.request_id, None)
         self._release_pending(request.request_id)
         self._prompt_lens.pop(request.request_id, None)
-        self._head_seconds.pop(request.request_id, None)
         state = self.scheduler_state
         if state is not None:
             state.finished(request.request_id)

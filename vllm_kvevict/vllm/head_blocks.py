@@ -1,23 +1,22 @@
 """Scheduler side of head granularity: the ``K`` compact blocks of a request, from vLLM's pool.
 
-Timeline of one request (synchronous scheduling; async only shifts each arrow by a step):
+Timeline of one request:
 
-1. step N (the prompt's last chunk): the worker scores, selects each (layer, head)'s kept
-   tokens, and reports the request as scored;
-2. output N: :func:`take_compact_blocks` takes ``K = cache.compact_blocks_needed(...)`` fresh
-   blocks (computed from the budget alone) from the pool; the next step's connector metadata
-   carries their ids (an *order*); the request's positional blocks are untouched;
-3. step N+1: the worker copies every layer's kept K/V into the head-pages of those blocks
-   before the layer attends, and attends the compact region + the positional tail from then on;
-4. output N+1: :func:`install_compact_blocks` puts the ``K`` blocks in the request's block list
-   in place of its first ``P // bs`` positional blocks (the rest of those entries become the
-   null block) and frees the positional ones: vLLM frees the compact blocks with the request.
+1. schedule of step N, the step that completes the prompt: :func:`take_compact_blocks` takes
+   ``K = cache.compact_blocks_needed(...)`` fresh blocks (computed from the budget alone, before
+   any score exists) from the pool; the step's connector metadata carries their ids (an *order*);
+2. step N: the worker scores every layer in the forward, then (after the forward) selects each
+   (layer, head)'s kept tokens and copies them into the head-pages of those blocks;
+3. output N: :func:`install_compact_blocks` puts the ``K`` blocks in the request's block list in
+   place of its first ``P // bs`` positional blocks (the rest of those entries become the null
+   block) and frees the positional ones; vLLM frees the compact blocks with the request. From
+   step N+1 on the worker attends the compact region + the positional tail.
 
-Freeing rule: the positional blocks are freed once the step that compacted them has returned,
-and the worker never reads them after that step (it switched to the compact region in it); a
-freed block can only be reused by a schedule made after the free. Before step 4 the ``K``
-blocks belong to no request in vLLM's eyes: :func:`release_blocks` frees them if the request
-finishes, is aborted or preempted first.
+Freeing rule: the positional blocks are freed once the step that copied them has returned; no
+later step reads them (with async scheduling, step N+1 may be in flight: it already attends the
+compact region), and a freed block can only be reused by a schedule made after the free.
+Between 1 and 3 the ``K`` blocks belong to no request in vLLM's eyes: :func:`release_blocks`
+frees them if the request finishes, is aborted or preempted first, or its compaction fails.
 """
 
 from __future__ import annotations
@@ -39,8 +38,6 @@ class PendingCompaction:
     blocks: list  # vLLM KVCacheBlock
     first_tail_block: int
     generation: int
-    #: kept tokens per (layer, KV head), for the metrics.
-    kept_per_head: list
 
 
 def blocks_released_by_compaction(

@@ -37,10 +37,8 @@ class SchedulerEvictionState:
         self.frozen: set[str] = set()
         self.blocks_returned = 0
         #: head granularity: request id -> compact blocks taken, not yet in its block list
-        #: (:mod:`vllm_kvevict.vllm.head_blocks`); orders and refusals for the next step's metadata.
+        #: (:mod:`vllm_kvevict.vllm.head_blocks`).
         self.pending_compactions: dict[str, Any] = {}
-        self.compact_orders: dict[str, list[int]] = {}
-        self.abandoned: set[str] = set()
 
     def config_for(self, request: Any) -> Optional[EvictionConfig]:
         """The policy of a scheduler ``Request`` (cached by request id)."""
@@ -50,6 +48,10 @@ class SchedulerEvictionState:
             extra = getattr(sp, "extra_args", None) if sp is not None else None
             self._configs[req_id] = resolve_request_config(extra, self.server_default)
         return self._configs[req_id]
+
+    def known_configs_any(self) -> bool:
+        """Whether any request seen so far may evict (``False``: nothing to plan)."""
+        return any(cfg is not None for cfg in self._configs.values())
 
     def known_config(self, req_id: str) -> Optional[EvictionConfig]:
         """The policy :meth:`config_for` resolved for ``req_id`` (``None`` if unknown or whole)."""

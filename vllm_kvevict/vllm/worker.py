@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -121,37 +121,27 @@ class RequestState:
     query_stats: dict = field(default_factory=dict)
     #: layer name -> ``[H, prompt_len]`` attention paid by every prompt query so far (``h2o``).
     attention_sum: dict = field(default_factory=dict)
-    #: head granularity: the kept set and its compaction, once scored (``None`` otherwise).
+    #: head granularity: the request's positional block ids covering the prompt, taken in its
+    #: scoring step (the compaction's sources).
+    source_blocks: Optional[torch.Tensor] = None
+    #: head granularity: where its kept entries live once compacted (``None`` otherwise).
     head: Optional["HeadEviction"] = None
 
 
 @dataclass
 class HeadEviction:
-    """A head-granular request after scoring: what it keeps, and its compaction's progress.
-
-    ``region`` exists once the scheduler's order (the ``K`` compact block ids) arrived; the
-    step that receives it copies every layer (``layers_done``) before that layer attends.
-    """
+    """A compacted head-granular request: what it keeps and where (``head_pages.CompactRegion``)."""
 
     kept: Any  # policies.KeptSet
-    num_compact_blocks: int
-    plan: Any = None  # cache.CompactionPlan
-    region: Any = None  # head_pages.CompactRegion
-    #: the request's positional block ids covering the prompt (sources of the copy).
-    source_blocks: Optional[torch.Tensor] = None
-    layers_done: set = field(default_factory=set)
-    compacted: bool = False
-    #: a layer's copy or attention failed in the compacting step: left whole.
-    broken: bool = False
+    region: Any
 
 
 @dataclass
 class HeadRow:
-    """A batch row attending its compact region this step (``compact_now``: copy first)."""
+    """A batch row attending its compact region and positional tail this step."""
 
     req_id: str
     head: HeadEviction
-    compact_now: bool
 
 
 @dataclass
@@ -208,10 +198,13 @@ class WorkerEvictionState:
         self.num_failed = 0
         #: batch row -> head-granular row attending its compact region this step.
         self.head_rows: dict[int, HeadRow] = {}
-        #: this step's head-granular reports: request id -> kept tokens per (layer, KV head)
-        #: (scored), kept entries (compacted), and requests whose compaction failed.
-        self.head_scored: dict[str, list[int]] = {}
-        self.head_compacted: dict[str, int] = {}
+        #: request id -> the ``K`` compact block ids the scheduler took for its scoring step.
+        self.compact_orders: dict[str, list[int]] = {}
+        #: layer index -> (its KV cache tensor, the CPU kernels' ISA), seen by the backend.
+        self.kv_caches: dict[int, tuple[torch.Tensor, str]] = {}
+        #: this step's head-granular reports: request id -> kept tokens per (layer, KV head) of
+        #: the requests compacted; requests whose order was not used (their blocks go back).
+        self.head_compacted: dict[str, list[int]] = {}
         self.head_failed: set[str] = set()
         #: when a dict (tests set it), request id -> the ``KeptSet`` of its head-granular eviction.
         self.debug_kept: Optional[dict[str, Any]] = None
@@ -241,6 +234,7 @@ class WorkerEvictionState:
             self.requests.pop(req_id, None)
             self.generations.pop(req_id, None)
             self.extra_args.pop(req_id, None)
+            self.compact_orders.pop(req_id, None)
         self.generations.update(generations or {})
 
     def begin_step(
@@ -248,35 +242,11 @@ class WorkerEvictionState:
         reset_req_ids,
         generations: Optional[Mapping[str, int]] = None,
         compact_orders: Optional[Mapping[str, list[int]]] = None,
-        abandoned: Iterable[str] = (),
     ) -> None:
-        """V1 order (connector first, then planning): resets, head-granular orders, open the step."""
+        """V1 order (connector first, then planning): resets, compaction orders, open the step."""
         self.apply_resets(reset_req_ids, generations)
-        self.apply_head_orders(compact_orders or {}, abandoned)
+        self.compact_orders.update(compact_orders or {})
         self.open_step()
-
-    def apply_head_orders(self, compact_orders: Mapping[str, list[int]], abandoned: Iterable[str]) -> None:
-        """The scheduler's answers to scored head-granular requests: compact into these block ids,
-        or stay whole (no room in the pool)."""
-        from vllm_kvevict.cache import plan_compaction
-        from vllm_kvevict.vllm.head_pages import CompactRegion
-
-        for req_id in abandoned:
-            state = self.requests.get(req_id)
-            if state is not None and state.head is not None and state.head.region is None:
-                state.head = None
-                state.evicted = torch.zeros(0, dtype=torch.long)
-        for req_id, block_ids in compact_orders.items():
-            state = self.requests.get(req_id)
-            if state is None or state.head is None or state.head.region is not None:
-                continue
-            try:
-                plan = plan_compaction(state.head.kept, block_ids, self.block_size, state.head.kept.head_budgets.shape[1])
-                state.head.plan = plan
-                state.head.region = CompactRegion.from_plan(plan, state.prompt_len)
-            except Exception as exc:
-                logger.warning("kvevict: compaction plan failed for %s, request left whole: %s", req_id, exc)
-                self._head_failed(req_id, state)
 
     def track(self, req_id: str, extra_args, prompt_len: int) -> Optional[RequestState]:
         state = self.requests.get(req_id)
@@ -299,11 +269,9 @@ class WorkerEvictionState:
             self.requests.pop(req_id, None)
             state = None
         if state is not None and state.head is not None:
-            head = state.head
-            if head.region is not None:  # else: waiting for the order, attends the full cache
-                self.head_rows[row] = HeadRow(req_id, head, compact_now=not head.compacted)
-                if head.compacted:  # the stock kernel reads only the tail (its output is replaced)
-                    self.compact_rows[row] = torch.arange(head.region.first_tail_block)
+            self.head_rows[row] = HeadRow(req_id, state.head)
+            # the stock kernel reads only the tail (the backend replaces its output)
+            self.compact_rows[row] = torch.arange(state.head.region.first_tail_block)
             return
         if state is not None and state.evicted is not None:
             if state.evicted.numel():
@@ -335,11 +303,10 @@ class WorkerEvictionState:
         """Choose evicted pages for every request scored this step; ``{req_id: blocks}``."""
         out: dict[str, list[int]] = {}
         self.last_evictions = {}
-        self.head_scored, self.head_compacted, self.head_failed = {}, {}, set()
+        self.head_compacted, self.head_failed = {}, set()
         if not self.step_open:
             return out
         self.step_open = False
-        self._finish_compactions()
         for plan in self.rows.values():
             if not plan.score:
                 continue
@@ -380,64 +347,57 @@ class WorkerEvictionState:
         self.rows = {}
         self.compact_rows = {}  # a step's plan never outlives it (a stock engine may follow)
         self.head_rows = {}
+        self.kv_caches = {}
         return out
 
     def _select_head(self, req_id: str, state: RequestState, layers: list[torch.Tensor]) -> None:
-        """Head granularity: each (layer, KV head)'s kept tokens; the request then waits for its
-        compact blocks. Left whole (``state.head`` stays ``None``) when compaction would not
-        release more blocks than it takes."""
+        """Head granularity, after the scoring step's forward: each (layer, KV head)'s kept
+        tokens, copied into the head-pages of the ``K`` blocks the scheduler took for this step.
+        Without an order (compaction would not release more blocks than it takes, or the pool
+        had no room) the request stays whole; a failure with an order gives its blocks back."""
         from vllm_kvevict.cache import plan_compaction
         from vllm_kvevict.policies import plan_kept
-        from vllm_kvevict.vllm.head_blocks import blocks_released_by_compaction
+        from vllm_kvevict.vllm.head_pages import CompactRegion
 
-        kept = plan_kept(layers, state.config, state.prompt_len)
-        num_kv_heads = kept.head_budgets.shape[1]
-        k, released = blocks_released_by_compaction(
-            state.config, state.prompt_len, self.block_size, self.num_layers, num_kv_heads
-        )
-        if k >= released:
+        block_ids = self.compact_orders.pop(req_id, None)
+        if block_ids is None:
             return
-        plan_compaction(kept, range(k), self.block_size, num_kv_heads)  # raises if K is too small
+        try:
+            kept = plan_kept(layers, state.config, state.prompt_len)
+            plan = plan_compaction(kept, block_ids, self.block_size, kept.head_budgets.shape[1])
+            self._compact(state, plan)
+        except Exception:
+            self.head_failed.add(req_id)
+            raise
         if self.debug_kept is not None:
             self.debug_kept[req_id] = kept
-        state.head = HeadEviction(kept=kept, num_compact_blocks=k)
-        self.head_scored[req_id] = kept.head_budgets.flatten().tolist()
+        state.head = HeadEviction(kept=kept, region=CompactRegion.from_plan(plan, state.prompt_len))
+        state.source_blocks = None
+        self.head_compacted[req_id] = kept.head_budgets.flatten().tolist()
 
-    def _finish_compactions(self) -> None:
-        """After the forward: rows that compacted this step report it (every layer copied), or
-        fail (left whole: their positional blocks are still held and intact)."""
-        for row in self.head_rows.values():
-            head = row.head
-            if not row.compact_now or head.compacted:
-                continue
-            state = self.requests.get(row.req_id)
-            if state is None or state.head is not head:
-                continue
-            if not head.broken and len(head.layers_done) == self.num_layers:
-                head.compacted = True
-                head.source_blocks = None
-                self.head_compacted[row.req_id] = int(head.kept.head_budgets.sum())
-            else:
-                logger.warning("kvevict: %s compacted %d/%d layers; request left whole",
-                               row.req_id, len(head.layers_done), self.num_layers)
-                self._head_failed(row.req_id, state)
+    def _compact(self, state: RequestState, plan: Any) -> None:
+        """Copy every layer's kept K/V from the request's positional blocks into its head-pages.
 
-    def _head_failed(self, req_id: str, state: RequestState) -> None:
-        state.head = None
-        state.failed = True
-        state.evicted = torch.zeros(0, dtype=torch.long)
-        self.num_failed += 1
-        self.head_failed.add(req_id)
+        Runs after the scoring step's forward: nothing can have been written to those positional
+        blocks since (the scheduler frees them only once this step's output is processed)."""
+        from vllm_kvevict.vllm.backend import block_layout
+        from vllm_kvevict.vllm.head_pages import PackedPages, compact_layer
+
+        if state.source_blocks is None or len(self.kv_caches) < plan.num_layers:
+            raise RuntimeError("compaction sources or KV caches not seen in the scoring step")
+        for layer in range(plan.num_layers):
+            kv_cache, isa = self.kv_caches[layer]
+            _, _, block_size, two_d = kv_cache.shape
+            pages = PackedPages.from_layout(*block_layout(isa, block_size, two_d // 2, kv_cache.dtype), block_size, two_d // 2)
+            compact_layer(kv_cache, pages, state.source_blocks, plan.layer_gather(layer))
 
     def fail_head_row(self, row: int, exc: BaseException) -> None:
-        """A compaction or attention error on a head-granular row (the whole step's row is
-        dropped from head mode; :meth:`_finish_compactions` reports it if it was compacting)."""
+        """Attention over a compacted row failed (logged; its output this step is the stock
+        kernel's over the tail only)."""
         head_row = self.head_rows.get(row)
-        if head_row is None:
-            return
-        logger.warning("kvevict: head-granular attention failed for %s: %s", head_row.req_id, exc)
-        logger.debug("kvevict: head-granular failure", exc_info=exc)
-        head_row.head.broken = True
+        if head_row is not None:
+            logger.error("kvevict: head-granular attention failed for %s: %s", head_row.req_id, exc)
+            logger.debug("kvevict: head-granular failure", exc_info=exc)
 
     def generation_of(self, req_id: str) -> int:
         return self.generations.get(req_id, 0)
