@@ -174,3 +174,13 @@ def test_a_reset_drops_the_order():
     state.finish_step()
     state.begin_step({"r"})
     assert "r" not in state.compact_orders
+
+
+def test_failed_scoring_gives_the_order_back():
+    state = WorkerEvictionState()
+    state.num_layers, state.block_size = 1, BS
+    state.begin_step((), compact_orders={"r": [40, 41]})
+    state.plan_row(0, "r", HEAD_ARGS, PROMPT, 0, PROMPT)
+    state.fail(0, RuntimeError("unsupported layer"))
+    state.finish_step()
+    assert state.head_failed == {"r"} and not state.compact_orders and state.requests["r"].head is None

@@ -156,10 +156,6 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         by attention over its compact region + positional tail."""
         from vllm_kvevict.vllm.head_pages import PackedPages, attend_compacted, read_region, read_tail
 
-        if self.is_fp8_kv_cache or self.alibi_slopes is not None or self.logits_soft_cap or self.sinks is not None:
-            raise RuntimeError("head granularity supports plain causal attention only")
-        if self.sliding_window not in (None, -1, (-1, -1)):
-            raise RuntimeError(f"head granularity does not support sliding window {self.sliding_window}")
         region = head_row.head.region
         idx = layer_index(layer_name)
         num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
@@ -186,9 +182,19 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         )
         output.view(output.shape[0], self.num_heads, head_dim)[q0:q1] = out.to(output.dtype)
 
+    def _head_unsupported(self) -> str:
+        """Why this layer cannot attend head-pages (empty if it can)."""
+        if self.is_fp8_kv_cache or self.alibi_slopes is not None or self.logits_soft_cap or self.sinks is not None:
+            return "head granularity supports plain causal attention only (no fp8, ALiBi, soft-cap, sinks)"
+        if self.sliding_window not in (None, -1, (-1, -1)):
+            return f"head granularity does not support sliding window {self.sliding_window}"
+        return ""
+
     def _observe_row(self, state, layer, layer_name, row, plan, query, kv_cache, md: CPUAttentionMetadata) -> None:
         if self.is_fp8_kv_cache:
             raise RuntimeError("fp8 KV cache is not supported by the eviction scorer")
+        if plan.score and state.requests[plan.req_id].config.resolved_granularity == "head" and self._head_unsupported():
+            raise RuntimeError(self._head_unsupported())  # scored nowhere: the request stays whole
         q0 = int(md.query_start_loc[row])
         q = query.view(query.shape[0], self.num_heads, self.head_size)
         if plan.window_hi > plan.window_lo:

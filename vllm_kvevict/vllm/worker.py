@@ -312,6 +312,8 @@ class WorkerEvictionState:
                 continue
             state = self.requests.get(plan.req_id)
             if state is None or state.failed or state.evicted is not None:
+                if self.compact_orders.pop(plan.req_id, None) is not None:
+                    self.head_failed.add(plan.req_id)  # its compact blocks go back
                 continue
             started = time.perf_counter()
             try:
