@@ -5,8 +5,9 @@ For each configuration, one engine with exactly ``--num-blocks`` KV blocks runs 
 directly (never the plugin's bookkeeping):
 
 * memory: one long request alone; blocks it holds once eviction has run = the pool's free count
-  before it arrived minus the free count after its first decode steps; ideal = budget x prompt
-  blocks; efficiency = ideal / held;
+  before it arrived minus the free count after its first decode steps; ideal = ceil(budget x
+  prompt blocks) + the blocks of its generated tokens (EVALUATION.md's rule,
+  ``cache.accounting.ideal_blocks``); efficiency = ideal / held;
 * capacity: ``--num-requests`` long requests submitted at once; the largest number running at
   the same time over the run, and output tokens per second.
 
@@ -30,7 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _engine(model: str, num_blocks: int, block_size: int, eviction: dict | None, max_num_seqs: int, max_model_len: int):
+def _engine(model: str, num_blocks: int, block_size: int, eviction: dict | None, max_num_seqs: int, max_model_len: int,
+            max_num_batched_tokens: int | None = None):
     from vllm import LLM
 
     kwargs = dict(
@@ -44,6 +46,8 @@ def _engine(model: str, num_blocks: int, block_size: int, eviction: dict | None,
         enable_prefix_caching=False,  # distinct prompts anyway; keeps the pool counts exact
         gpu_memory_utilization=0.5,
     )
+    if max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = max_num_batched_tokens
     if eviction:
         kwargs["additional_config"] = {"kv_eviction": eviction}
     return LLM(**kwargs)
@@ -75,7 +79,8 @@ def run_one(args, eviction: dict | None) -> dict:
     from vllm.inputs import TokensPrompt
 
     max_model_len = args.prompt_tokens + args.max_tokens + args.block_size
-    llm = _engine(args.model, args.num_blocks, args.block_size, eviction, args.max_num_seqs, max_model_len)
+    llm = _engine(args.model, args.num_blocks, args.block_size, eviction, args.max_num_seqs, max_model_len,
+                  args.max_num_batched_tokens)
     sched = _scheduler(llm)
     pool = sched.kv_cache_manager.block_pool
     engine = llm.llm_engine
@@ -85,15 +90,16 @@ def run_one(args, eviction: dict | None) -> dict:
     (single,) = _prompts(args.model, 1, args.prompt_tokens, seed=1234)
     free_start = pool.get_num_free_blocks()
     engine.add_request("mem-0", TokensPrompt(prompt_token_ids=single), params)
-    held_after = None
+    held_after = tokens_at_measure = None
     steps_after_prefill = 0
     while engine.has_unfinished_requests():
         engine.step()
         req = sched.running[0] if sched.running else None  # vLLM suffixes request ids
         if req is not None and req.num_computed_tokens >= len(single):
             steps_after_prefill += 1
-            if steps_after_prefill == 3:  # eviction planned after prefill, applied next step
+            if steps_after_prefill == 3:  # scored after prefill, compacted/freed in the next steps
                 held_after = free_start - pool.get_num_free_blocks()
+                tokens_at_measure = req.num_tokens
     free_end = pool.get_num_free_blocks()
 
     # Capacity: many requests at once.
@@ -111,6 +117,7 @@ def run_one(args, eviction: dict | None) -> dict:
     prompt_blocks = math.ceil(args.prompt_tokens / args.block_size)
     return {
         "blocks_held": held_after,
+        "tokens_at_measure": tokens_at_measure,
         "prompt_blocks": prompt_blocks,
         "free_start": free_start,
         "free_end": free_end,
@@ -129,7 +136,8 @@ def _child(args) -> None:
 def _spawn(args, eviction: dict | None) -> dict:
     """One engine per configuration, each in a fresh process (memory is returned in between)."""
     cmd = [sys.executable, __file__, "--child-eviction", json.dumps(eviction) if eviction else "none"]
-    for key in ("model", "prompt_tokens", "num_blocks", "block_size", "num_requests", "max_tokens", "max_num_seqs", "seed"):
+    for key in ("model", "prompt_tokens", "num_blocks", "block_size", "num_requests", "max_tokens", "max_num_seqs", "seed",
+                "max_num_batched_tokens"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -149,41 +157,49 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=0,
+                        help="tokens per step (0: vLLM's default); prompts admitted per step = this / prompt tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--policies", default="snapkv", help="comma-separated scorers")
     parser.add_argument("--budgets", default="0.1", help="comma-separated budgets")
-    parser.add_argument("--granularity", default="page")
+    parser.add_argument("--granularities", default="page", help="comma-separated: page, head")
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--child-eviction", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_eviction is not None:
         return _child(args)
 
+    from vllm_kvevict.cache import ideal_blocks
+    from vllm_kvevict.config import EvictionConfig
+
     stock = _spawn(args, None)
     rows = []
-    for policy in args.policies.split(","):
-        for budget in (float(b) for b in args.budgets.split(",")):
-            ev = {"scorer": policy, "budget": budget, "granularity": args.granularity}
-            got = _spawn(args, ev)
-            ideal = budget * got["prompt_blocks"]
-            rows.append({
-                "policy": policy,
-                "granularity": args.granularity,
-                "budget": budget,
-                "prompt_tokens": args.prompt_tokens,
-                "blocks_held": got["blocks_held"],
-                "blocks_ideal": round(ideal, 2),
-                "efficiency": round(ideal / got["blocks_held"], 3) if got["blocks_held"] else None,
-                "max_running_stock": stock["max_running"],
-                "max_running_plugin": got["max_running"],
-                "capacity_ratio": round(got["max_running"] / stock["max_running"], 2),
-                "blocks_held_stock": stock["blocks_held"],
-                "leaked_blocks": got["free_start"] - got["free_end"],
-                "num_blocks": args.num_blocks,
-                "num_requests": args.num_requests,
-                "output_tokens_per_s_stock": stock["output_tokens_per_s"],
-                "output_tokens_per_s_plugin": got["output_tokens_per_s"],
-            })
+    for granularity, policy, budget in (
+        (g, p, float(b)) for g in args.granularities.split(",") for p in args.policies.split(",") for b in args.budgets.split(",")
+    ):
+        ev = {"scorer": policy, "budget": budget, "granularity": granularity}
+        got = _spawn(args, ev)
+        ideal = ideal_blocks(EvictionConfig(**ev), args.prompt_tokens, got["tokens_at_measure"], args.block_size)
+        rows.append({
+            "policy": policy,
+            "allocation": EvictionConfig(**ev).resolved_allocation,
+            "granularity": granularity,
+            "budget": budget,
+            "prompt_tokens": args.prompt_tokens,
+            "blocks_held": got["blocks_held"],
+            "blocks_ideal": round(ideal, 2),
+            "efficiency": round(ideal / got["blocks_held"], 3) if got["blocks_held"] else None,
+            "max_running_stock": stock["max_running"],
+            "max_running_plugin": got["max_running"],
+            "capacity_ratio": round(got["max_running"] / stock["max_running"], 2),
+            "capacity_target": round(0.8 / budget, 2),
+            "blocks_held_stock": stock["blocks_held"],
+            "leaked_blocks": got["free_start"] - got["free_end"],
+            "num_blocks": args.num_blocks,
+            "num_requests": args.num_requests,
+            "output_tokens_per_s_stock": stock["output_tokens_per_s"],
+            "output_tokens_per_s_plugin": got["output_tokens_per_s"],
+        })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"
