@@ -140,10 +140,11 @@ def test_help_lists_the_flags_with_defaults(cli_runs):
         ("--kv-sinks", "per scorer"),
         ("--kv-pooling", "avg"),
         ("--kv-pooling-kernel", "5"),
-        ("--kv-granularity", "page"),
+        ("--kv-granularity", "per scorer"),
         ("--kv-decode-interval", "0"),
         ("--kv-alpha", "0.2"),
         ("--kv-rho", "0.5"),
+        ("--kv-epsilon", "0.0"),
     ]:
         assert option in text
         after = text[text.index(option + " ") :]
