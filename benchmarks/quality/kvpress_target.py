@@ -98,7 +98,8 @@ def run_kvpress(tasks, points: list[Point], writer, *, model_dir, threads: int, 
         "model_dir": str(model_dir),
         "threads": threads,
         "tasks": [{"uid": t.uid, "context_ids": t.context_ids, "question_ids": t.question_ids,
-                   "max_new_tokens": t.max_new_tokens} for t in pending_tasks],
+                   "max_new_tokens": t.max_new_tokens, "runs": [r["id"] for r in runs if (t.uid, r["id"]) in rows]}
+                  for t in pending_tasks],
         "runs": [{"id": r["id"], "press": r["press"]} for r in runs],
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:

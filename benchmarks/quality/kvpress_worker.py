@@ -3,7 +3,7 @@
 It imports only torch, transformers and kvpress (never ``vllm_kvevict``). Input: a JSON file
 
     {"model_dir": ..., "threads": 2,
-     "tasks": [{"uid", "context_ids", "question_ids", "max_new_tokens"}],
+     "tasks": [{"uid", "context_ids", "question_ids", "max_new_tokens", "runs": [ids to run]}],
      "runs":  [{"id", "press": {"class": "AdaKVPress", "press": {"class": "SnapKVPress",
                                  "compression_ratio": 0.8, ...}, ...} or null}]}
 
@@ -49,7 +49,10 @@ def main(spec_path: str) -> None:
             "context_ids": torch.tensor([task["context_ids"]], dtype=torch.long),
             "questions_ids": [torch.tensor([task["question_ids"]], dtype=torch.long)],
         }
+        todo = set(task.get("runs", [run["id"] for run in spec["runs"]]))
         for run in spec["runs"]:
+            if run["id"] not in todo:  # already in the results file
+                continue
             start = time.perf_counter()
             with torch.no_grad():
                 (answer,) = pipe._forward(inputs, max_new_tokens=task["max_new_tokens"], press=build_press(run["press"]))

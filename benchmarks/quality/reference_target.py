@@ -8,19 +8,34 @@ instructions, context) and the question is fed after eviction, never evicted. Pr
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from benchmarks.quality.grid import Point, base_row
 
 
-def point_config(point: Point):
-    """``EvictionConfig`` of a sweep point (``none`` for the full cache)."""
+#: ``--kvpress-settings``: kvpress 0.5.5's settings where ours differ, as in tests/parity/: windows
+#: (ours protect the last 32 tokens for every scorer; kvpress's KnormPress, KeyDiffPress and
+#: ExpectedAttentionPress protect none, TOVAPress only the last position) and CriticalKV's
+#: stage-2 epsilon (ours 0, the paper's criterion; kvpress and the authors' code 1e-4).
+KVPRESS_SETTINGS: dict[str, dict] = {
+    "knorm": {"window": 0},
+    "keydiff": {"window": 0},
+    "expected_attention": {"window": 0},
+    "tova": {"window": 1},
+    "criticalkv": {"epsilon": 1e-4},
+}
+
+
+def point_config(point: Point, overrides: Optional[dict] = None):
+    """``EvictionConfig`` of a sweep point (``none`` for the full cache); ``overrides`` maps a
+    scorer to extra fields (e.g. :data:`KVPRESS_SETTINGS`)."""
     from vllm_kvevict.config import EvictionConfig
 
     if point.is_full_cache:
         return EvictionConfig()
+    extra = (overrides or {}).get(point.policy, {})
     return EvictionConfig.from_fields(
-        scorer=point.policy, budget=point.budget, allocation=point.allocation, granularity=point.granularity
+        scorer=point.policy, budget=point.budget, allocation=point.allocation, granularity=point.granularity, **extra
     )
 
 
@@ -29,7 +44,16 @@ def allocation_label(point: Point) -> str:
 
 
 def run_reference(
-    tasks, points: list[Point], writer, *, model_dir, protocol: str, block_size: int, progress: Callable[[int], None]
+    tasks,
+    points: list[Point],
+    writer,
+    *,
+    model_dir,
+    protocol: str,
+    block_size: int,
+    progress: Callable[[int], None],
+    engine_name: str = "reference",
+    overrides: Optional[dict] = None,
 ) -> None:
     """Run ``points`` on ``tasks`` with :class:`vllm_kvevict.reference.engine.ReferenceEngine`."""
     from vllm_kvevict.evaluation.scoring import score
@@ -39,7 +63,7 @@ def run_reference(
     for task in tasks:
         pending = []
         for point in points:
-            row = base_row("reference", task, point, protocol, allocation_label(point))
+            row = base_row(engine_name, task, point, protocol, allocation_label(point))
             if writer.has(row):
                 progress(1)
             else:
@@ -55,7 +79,7 @@ def run_reference(
             compressed, suffix = prefilled, None
         for point, row in pending:
             start, cpu = time.perf_counter(), time.process_time()
-            gen = engine.generate(compressed, point_config(point), task.max_new_tokens, suffix_ids=suffix, block_size=block_size)
+            gen = engine.generate(compressed, point_config(point, overrides), task.max_new_tokens, suffix_ids=suffix, block_size=block_size)
             row.update(
                 score=score(task, gen.text),
                 output=gen.text,

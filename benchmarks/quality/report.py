@@ -110,6 +110,39 @@ def table(summary: list[dict], flagged: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(rows: list[dict], engine_a: str, engine_b: str) -> str:
+    """Markdown: two engines side by side on the settings and prompts both ran.
+
+    Per (policy, allocation, budget): each engine's accuracy and interval (average over tasks,
+    on the prompts both answered), ``differs`` when each accuracy lies outside the other's 95%
+    interval, and the paired agreement: prompts where the two scored the same, and where the
+    two outputs were the same text.
+    """
+    from vllm_kvevict.evaluation.scoring import wilson_interval
+
+    rows = label_protocols(rows)
+    key = lambda r: (r["policy"], r["allocation"], float(r["budget"]), r["uid"])  # noqa: E731
+    a = {key(r): r for r in rows if r["engine"] == engine_a}
+    b = {key(r): r for r in rows if r["engine"] == engine_b}
+    cells: dict[tuple, list[tuple]] = defaultdict(list)
+    for k in sorted(set(a) & set(b)):
+        cells[k[:3]].append((a[k], b[k]))
+    lines = [f"| policy | allocation | budget | n | {engine_a} | {engine_a} 95% CI | {engine_b} | {engine_b} 95% CI | "
+             "differs | same score | same output |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (policy, allocation, budget), pairs in sorted(cells.items(), key=lambda kv: (kv[0][0] != FULL, kv[0][0], kv[0][1], -kv[0][2])):
+        n = len(pairs)
+        sa, sb = [p[0]["score"] for p in pairs], [p[1]["score"] for p in pairs]
+        acc_a, acc_b = _mean(sa), _mean(sb)
+        ci_a, ci_b = wilson_interval(sum(sa), n), wilson_interval(sum(sb), n)
+        differs = not (ci_a[0] <= acc_b <= ci_a[1] or ci_b[0] <= acc_a <= ci_b[1])
+        same_score = sum(x == y for x, y in zip(sa, sb))
+        same_text = sum(p[0]["output"].strip() == p[1]["output"].strip() for p in pairs)
+        lines.append(f"| {policy} | {allocation} | {budget:g} | {n} | {acc_a:.3f} | [{ci_a[0]:.2f}, {ci_a[1]:.2f}] | "
+                     f"{acc_b:.3f} | [{ci_b[0]:.2f}, {ci_b[1]:.2f}] | {'**yes**' if differs else 'no'} | "
+                     f"{same_score}/{n} | {same_text}/{n} |")
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict], path: Path) -> None:
     """Accuracy (average over tasks, all lengths) against budget, one line per policy."""
     import matplotlib
@@ -119,18 +152,24 @@ def plot(summary: list[dict], path: Path) -> None:
 
     avg = [r for r in summary if r["task"] == ALL and r["context_tokens"] == ALL]
     engines = sorted({r["engine"] for r in avg})
+    # one style per (policy, allocation, granularity) across every panel
+    styles = {line: i for i, line in enumerate(sorted({(r["policy"], r["allocation"], r["granularity"]) for r in avg
+                                                          if r["policy"] != FULL}))}
     fig, axes = plt.subplots(1, len(engines), figsize=(7 * len(engines), 5), squeeze=False)
     for ax, engine in zip(axes[0], engines):
         rows = [r for r in avg if r["engine"] == engine]
         full = next((r for r in rows if r["policy"] == FULL), None)
         lines = sorted({(r["policy"], r["allocation"], r["granularity"]) for r in rows if r["policy"] != FULL})
         for policy, allocation, granularity in lines:
+            i = styles[(policy, allocation, granularity)]
             pts = sorted((r["budget"], r["accuracy"]) for r in rows
                          if (r["policy"], r["allocation"], r["granularity"]) == (policy, allocation, granularity))
             if full:
                 pts.append((1.0, full["accuracy"]))
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=f"{policy} ({allocation}, {granularity})")
+            # 20 distinct colours, and marker/line style varying too, so no two lines look alike
+            ax.plot(xs, ys, color=plt.cm.tab20(i % 20), marker="osv^D<>p"[i % 8], linestyle=("-", "--", ":")[i % 3],
+                    label=f"{policy} ({allocation}, {granularity})")
         if full:
             ax.axhline(full["accuracy"], color="gray", linestyle="--", linewidth=1, label="full cache")
         ax.set_xscale("log")
@@ -148,7 +187,8 @@ def plot(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(inputs: list[Path], out_dir: Path, min_full_accuracy: float = 0.1) -> str:
+def write_report(inputs: list[Path], out_dir: Path, min_full_accuracy: float = 0.1,
+                 comparisons: tuple[tuple[str, str], ...] = ()) -> str:
     rows = list(read_rows(inputs))
     if not rows:
         raise SystemExit(f"no result rows in {', '.join(map(str, inputs))}")
@@ -156,6 +196,8 @@ def write_report(inputs: list[Path], out_dir: Path, min_full_accuracy: float = 0
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     text = table(summary, flagged)
+    for engine_a, engine_b in comparisons:
+        text += f"\n\n{engine_a} against {engine_b}, on the prompts both ran:\n\n" + compare(rows, engine_a, engine_b)
     (out_dir / "summary.md").write_text(text + "\n")
     plot(summary, out_dir / "accuracy_vs_budget.png")
     return text
@@ -166,9 +208,12 @@ def main(argv=None) -> None:
     ap.add_argument("inputs", nargs="+", type=Path, help="results.jsonl files or folders holding them")
     ap.add_argument("--out", type=Path, help="output folder (default: the first input's folder)")
     ap.add_argument("--min-full-accuracy", type=float, default=0.1)
+    ap.add_argument("--compare", action="append", default=[], metavar="A,B",
+                    help="also tabulate engine A beside engine B on the prompts both ran (repeatable)")
     args = ap.parse_args(argv)
     out = args.out or (args.inputs[0] if args.inputs[0].is_dir() else args.inputs[0].parent)
-    print(write_report(args.inputs, out, args.min_full_accuracy))
+    comparisons = tuple(tuple(c.split(",", 1)) for c in args.compare)
+    print(write_report(args.inputs, out, args.min_full_accuracy, comparisons))
     print(f"\nwrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'accuracy_vs_budget.png'}")
 
 

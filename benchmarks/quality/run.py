@@ -63,7 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="torch threads (reference, kvpress); on a shared, busy CPU 1 is fastest")
     ap.add_argument("--base-url", default="http://localhost:8000/v1", help="server target")
     ap.add_argument("--served-model", default=None, help="server target: model name (default: the first served)")
-    ap.add_argument("--engine-name", default="vllm", help="server target: engine label in the results")
+    ap.add_argument("--engine-name", default=None,
+                    help="engine label in the results (default: vllm for server, else the target's name)")
+    ap.add_argument("--kvpress-settings", action="store_true",
+                    help="reference: kvpress's windows for knorm, keydiff, expected_attention (0) and tova (1) and "
+                         "criticalkv's epsilon 1e-4, so they share kvpress's definition (label the engine apart, "
+                         "e.g. reference-kvsettings)")
     ap.add_argument("--concurrency", type=int, default=4, help="server target: requests in flight")
     ap.add_argument("--min-full-accuracy", type=float, default=0.1, help="report: retention threshold")
     ap.add_argument("--workers", type=int, default=2,
@@ -115,15 +120,16 @@ def main(argv=None) -> None:
     with tqdm(total=len(tasks) * len(points), desc=f"{args.target} {args.shard or ''}".strip(), unit="run",
               position=position) as bar:
         if args.target == "reference":
-            from benchmarks.quality.reference_target import run_reference
+            from benchmarks.quality.reference_target import KVPRESS_SETTINGS, run_reference
 
             run_reference(tasks, points, writer, model_dir=args.model_dir, protocol=args.protocol,
-                          block_size=args.block_size, progress=bar.update)
+                          block_size=args.block_size, progress=bar.update, engine_name=args.engine_name or "reference",
+                          overrides=KVPRESS_SETTINGS if args.kvpress_settings else None)
         elif args.target == "server":
             from benchmarks.quality.server_target import run_server
 
             run_server(tasks, points, writer, base_url=args.base_url, model=args.served_model,
-                       engine_name=args.engine_name, concurrency=args.concurrency, progress=bar.update)
+                       engine_name=args.engine_name or "vllm", concurrency=args.concurrency, progress=bar.update)
         else:
             from benchmarks.quality.kvpress_target import run_kvpress
 

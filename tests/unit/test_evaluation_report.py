@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from benchmarks.quality.grid import FULL_CACHE, Point, ResultWriter, sweep_points
 from benchmarks.quality.kvpress_target import press_spec
@@ -131,3 +132,68 @@ def test_reference_runner_end_to_end_on_the_tiny_model(tiny_llama_dir, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["task"] for r in summary} == {"niah_single", "qa", "all"}
     assert (tmp_path / "accuracy_vs_budget.png").exists()
+
+
+def test_kvpress_settings_give_kvpress_windows_only_where_they_differ():
+    from benchmarks.quality.reference_target import KVPRESS_SETTINGS, point_config
+
+    assert point_config(Point("knorm", "uniform", "head", 0.2)).window == 32
+    assert point_config(Point("knorm", "uniform", "head", 0.2), KVPRESS_SETTINGS).window == 0
+    assert point_config(Point("tova", "uniform", "head", 0.2), KVPRESS_SETTINGS).window == 1
+    snap = point_config(Point("snapkv", "adakv_floor", "head", 0.2), KVPRESS_SETTINGS)
+    assert (snap.window, snap.resolved_allocation) == (32, "adakv_floor")  # kvpress target sets window 32
+    critical = Point("criticalkv", "adakv_floor", "head", 0.2)
+    assert point_config(critical, KVPRESS_SETTINGS).epsilon == pytest.approx(1e-4)
+    assert point_config(critical).epsilon == 0.0
+    assert point_config(FULL_CACHE, KVPRESS_SETTINGS).keeps_everything
+
+
+@pytest.mark.parametrize("prompt_len", [1000, 1024, 2030])
+@pytest.mark.parametrize("budget", [0.1, 0.2])
+def test_head_vs_page_compares_at_equal_held_blocks(prompt_len, budget):
+    """page@blocks is given exactly the blocks head mode holds (K compact + tail)."""
+    import math
+
+    from benchmarks.quality.head_vs_page import settings
+    from vllm_kvevict.cache.blocks import compact_blocks_needed
+    from vllm_kvevict.policies import select_pages
+
+    modes = {mode: (cfg, held) for mode, cfg, held in settings(budget, prompt_len, 32, 30, 3)}
+    head, held = modes["head"]
+    k = compact_blocks_needed(head, prompt_len, 32, 30, 3)
+    assert held == k + (1 if prompt_len % 32 else 0)
+    page_cfg, _ = modes["page@blocks"]
+    blocks = math.ceil(prompt_len / 32)
+    kept = select_pages(torch.rand(blocks), prompt_len, 32, page_cfg)
+    assert kept.numel() == held
+    assert modes["head@tokens"][1] > held  # as many tokens as page@blocks costs head mode more blocks
+    fewer = select_pages(torch.rand(blocks), prompt_len, 32, modes["page@budget"][0])
+    assert fewer.numel() <= held
+
+
+def test_head_vs_page_summary_pairs_by_prompt():
+    from benchmarks.quality.head_vs_page import summarize as hvp_summary
+
+    def r(uid, mode, score, held):
+        return {"uid": uid, "policy": mode, "budget": 0.1, "task": "vt", "score": score, "held_blocks": held,
+                "prompt_blocks": 32, "memory_fraction": 0.1}
+
+    rows = [r("a", "head", 1.0, 5), r("a", "page@blocks", 0.0, 5), r("b", "head", 0.5, 5), r("b", "page@blocks", 0.5, 5)]
+    text = hvp_summary(rows)
+    assert "| 0.1 | head | all | 2 | 0.750 |" in text
+    assert "| 0.1 | 1 | 0 | 1 | 0 |" in text
+
+
+def test_compare_pairs_engines_on_shared_prompts_and_flags_differences():
+    from benchmarks.quality.report import compare
+
+    rows = []
+    for i in range(10):
+        rows.append(dict(_row("knorm", 0.5, "niah", 1.0, engine="kvpress", uid=f"u{i}"), output="42"))
+        rows.append(dict(_row("knorm", 0.5, "niah", float(i < 9), engine="reference", uid=f"u{i}"), output="42" if i < 9 else "7"))
+        rows.append(dict(_row("knorm", 0.1, "niah", 1.0, engine="kvpress", uid=f"u{i}"), output="42"))
+        rows.append(dict(_row("knorm", 0.1, "niah", 0.0, engine="reference", uid=f"u{i}"), output="7"))
+    rows.append(dict(_row("knorm", 0.1, "niah", 1.0, engine="reference", uid="only-ours"), output="42"))
+    text = compare(rows, "kvpress", "reference")
+    assert "| knorm | adakv | 0.5 | 10 | 1.000 | [0.72, 1.00] | 0.900 |" in text and "| no | 9/10 | 9/10 |" in text
+    assert "| knorm | adakv | 0.1 | 10 | 1.000 |" in text and "| **yes** | 0/10 | 0/10 |" in text
