@@ -13,13 +13,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from server_processes import free_port, log_tail, vllm_command
 
 requests = pytest.importorskip("requests")
 
@@ -39,21 +39,6 @@ DECODE = 28
 TOOLS = Path(os.environ.get("KVEVICT_TOOLS_DIR", Path.home() / ".cache/vllm-kvevict/tools"))
 PROMETHEUS = TOOLS / "prometheus/usr/bin/prometheus"
 SCRAPE_S = 1
-
-
-def vllm_command() -> list[str]:
-    exe = Path(sys.executable).with_name("vllm")
-    return [str(exe)] if exe.exists() else [shutil.which("vllm") or "vllm"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def log_tail(path: Path, lines: int = 60) -> str:
-    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
 
 
 def prometheus_binary() -> Path:

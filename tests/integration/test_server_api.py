@@ -7,14 +7,11 @@ that keeps everything by default (``--kv-eviction=snapkv --kv-budget=1``) so req
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from server_processes import free_port, log_tail, vllm_command
 
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
@@ -23,18 +20,6 @@ pytestmark = pytest.mark.slow
 
 STARTUP_TIMEOUT_S = 600
 MODEL_NAME = "tiny"
-
-
-def vllm_command() -> list[str]:
-    """The `vllm` console script of this interpreter's environment (the one with the plugin)."""
-    exe = Path(sys.executable).with_name("vllm")
-    return [str(exe)] if exe.exists() else [shutil.which("vllm") or "vllm"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 #: Short `vllm` runs, started together before the server so they overlap its start-up.
@@ -110,10 +95,6 @@ def server(tiny_llama_dir, tmp_path_factory, cli_runs):
             proc.kill()
             proc.wait()
         log.close()
-
-
-def log_tail(path: Path, lines: int = 60) -> str:
-    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
 
 
 @pytest.fixture(scope="module")
