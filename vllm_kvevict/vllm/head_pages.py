@@ -150,16 +150,18 @@ def attend_compacted(
     n, num_heads, d = queries.shape
     num_kv_heads = region_lens.numel()
     group = num_heads // num_kv_heads
-    q = queries.float().view(n, num_kv_heads, group, d)
+    # each head's region, padded to the longest one: [Hkv, Lmax, d] and its validity [Hkv, Lmax]
+    lens = region_lens.to(torch.int64)
+    longest = int(lens.max()) if lens.numel() else 0
+    slot = torch.arange(longest)
+    valid = slot[None, :] < lens[:, None]
+    index = ((torch.cumsum(lens, 0) - lens)[:, None] + slot[None, :]).clamp(max=max(region_keys.shape[0] - 1, 0))
+    keys = torch.cat([region_keys.float()[index], tail_keys.float().transpose(0, 1)], dim=1)  # [Hkv, Lmax+T, d]
+    values = torch.cat([region_values.float()[index], tail_values.float().transpose(0, 1)], dim=1)
     visible = tail_positions[None, :] <= query_positions[:, None]  # [n, T]
-    out = torch.empty(n, num_kv_heads, group, d)
-    keys_by_head = torch.split(region_keys.float(), region_lens.tolist())
-    values_by_head = torch.split(region_values.float(), region_lens.tolist())
-    for g in range(num_kv_heads):
-        keys = torch.cat([keys_by_head[g], tail_keys[:, g].float()])
-        values = torch.cat([values_by_head[g], tail_values[:, g].float()])
-        logits = torch.einsum("ngd,td->ngt", q[:, g], keys) * scale
-        mask = torch.cat([torch.ones(n, keys_by_head[g].shape[0], dtype=torch.bool), visible], dim=1)
-        logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
-        out[:, g] = torch.einsum("ngt,td->ngd", torch.softmax(logits, dim=-1), values)
-    return out.view(n, num_heads, d)
+    mask = torch.cat([valid[None].expand(n, -1, -1), visible[:, None, :].expand(-1, num_kv_heads, -1)], dim=2)
+    q = queries.float().view(n, num_kv_heads, group, d)
+    logits = torch.einsum("nkgd,ktd->nkgt", q, keys) * scale
+    logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
+    out = torch.einsum("nkgt,ktd->nkgd", torch.softmax(logits, dim=-1), values)
+    return out.reshape(n, num_heads, d)
