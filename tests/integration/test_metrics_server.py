@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from server_processes import free_port, log_tail, vllm_command
+from server_processes import free_port, log_tail, stop, vllm_command, wait_until_healthy
 
 requests = pytest.importorskip("requests")
 
@@ -49,15 +49,6 @@ def prometheus_binary() -> Path:
             pytest.skip("no Prometheus and no apt-get to fetch Debian's (scripts/fetch_prometheus.sh)")
         pytest.fail(f"{PROMETHEUS} missing after scripts/fetch_prometheus.sh")
     return PROMETHEUS
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +81,7 @@ def stack(smollm2_dir, tmp_path_factory):
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_tail(log_path)}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, f"vllm serve not ready:\n{log_tail(log_path)}"
-            time.sleep(1)
+        wait_until_healthy(proc, base, log_path, STARTUP_TIMEOUT_S)
         assert prom.poll() is None, log_tail(folder / "prometheus.log")
         yield {"base": base, "prom": f"http://127.0.0.1:{prom_port}", "proc": proc, "log": log_path}
     finally:

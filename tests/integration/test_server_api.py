@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from server_processes import free_port, log_tail, vllm_command
+from server_processes import free_port, stop, vllm_command, wait_until_healthy
 
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
@@ -73,27 +73,11 @@ def server(tiny_llama_dir, tmp_path_factory, cli_runs):
     log = open(log_path, "w")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_tail(log_path)}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not ready after {STARTUP_TIMEOUT_S} s:\n{log_tail(log_path)}")
-            time.sleep(1)
+        wait_until_healthy(proc, base, log_path, STARTUP_TIMEOUT_S)
         yield {"base": base, "proc": proc, "log": log_path}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 
