@@ -32,7 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.vllm.manager import SchedulerEvictionState, attach_state, evict_blocks
+from vllm_kvevict.vllm.manager import SchedulerEvictionState, attach_state, evict_blocks, held_block_count
 from vllm_kvevict.vllm.metrics import EvictionMetricsMixin, pool_geometry, requested_labels
 from vllm_kvevict.vllm.worker import get_worker_state
 
@@ -109,8 +109,6 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         self._pending_generations: dict[str, int] = {}
         self._pending_passes: dict[str, tuple[str, float]] = {}
         self._pending_head = KVEvictWorkerMetadata()
-        #: scheduler side: request id -> prompt length.
-        self._prompt_lens: dict[str, int] = {}
         model_config = vllm_config.model_config
         self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
         self._num_kv_heads = model_config.get_num_kv_heads(vllm_config.parallel_config)
@@ -187,10 +185,6 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
             attach_state(kv_cache_manager, self.scheduler_state)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
-        # every (re)admitted request passes here: remember its policy and prompt length
-        if self.scheduler_state is not None:
-            self.scheduler_state.config_for(request)
-            self._prompt_lens[request.request_id] = request.num_prompt_tokens
         return 0, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
@@ -255,17 +249,19 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         from vllm_kvevict.vllm.head_blocks import PendingCompaction, blocks_released_by_compaction, take_compact_blocks
 
         state, manager = self.scheduler_state, self._kv_cache_manager
-        if manager is None:
-            return {}
-        if not state.known_configs_any():
+        admitted = self._admitted_requests()
+        if manager is None or not admitted:
             return {}
         computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
         cached = scheduler_output.scheduled_cached_reqs
         computed.update(zip(cached.req_ids, cached.num_computed_tokens))
         orders = {}
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
-            prompt_len, done = self._prompt_lens.get(req_id), computed.get(req_id)
-            if prompt_len is None or done is None or not done < prompt_len <= done + num_scheduled:
+            request, done = admitted.get(req_id), computed.get(req_id)
+            if request is None or done is None:
+                continue
+            prompt_len = request.num_prompt_tokens
+            if not done < prompt_len <= done + num_scheduled:
                 continue
             cfg = state.known_config(req_id)
             if cfg is None or cfg.resolved_granularity != "head" or req_id in state.pending_compactions:
@@ -305,25 +301,24 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
             policy = cfg.scorer if cfg is not None else "other"
             seconds = getattr(meta, "passes", {}).get(req_id, ("", 0.0))[1]
             # token-equivalents: prompt tokens minus the mean kept per (layer, KV head)
-            prompt_len = self._prompt_lens.get(req_id, 0)
+            request = self._admitted_requests().get(req_id)
+            prompt_len = request.num_prompt_tokens if request is not None else 0
             kept_tokens = sum(kept_per_head) / max(1, len(kept_per_head))
             evicted_tokens = max(0, round(prompt_len - kept_tokens))
             self.eviction_stats.record(policy, "head", evicted_tokens, max(0, returned), seconds)
             self.eviction_stats.record_blocks_returned(returned)
-            self._record_head_memory(req_id, cfg, policy, kept_per_head, evicted_tokens, kept_tokens)
+            self._record_head_memory(request, cfg, policy, kept_per_head, evicted_tokens, kept_tokens)
 
-    def _record_head_memory(self, req_id, cfg, policy, kept_per_head, evicted_tokens: int, kept_tokens: float) -> None:
+    def _record_head_memory(self, request, cfg, policy, kept_per_head, evicted_tokens: int, kept_tokens: float) -> None:
         """Memory efficiency (ideal / held, from vLLM's block list), compression, per-head spread
         and held tokens of a request that was just compacted."""
         from vllm_kvevict.cache import ideal_blocks
 
         self.eviction_stats.record_head_budgets(policy, "head", kept_per_head)
-        request = self._metric_requests().get(req_id)
-        prompt_len = self._prompt_lens.get(req_id, 0)
-        if request is None or cfg is None or not prompt_len:
+        if request is None or cfg is None:
             return
-        manager = self._kv_cache_manager.coordinator.single_type_managers[0]
-        held = sum(1 for b in manager.req_to_blocks.get(req_id, ()) if not b.is_null)
+        prompt_len = request.num_prompt_tokens
+        held = held_block_count(self._kv_cache_manager, request.request_id)
         ideal = ideal_blocks(cfg, prompt_len, int(request.num_tokens), self._block_size())
         self.eviction_stats.record_memory(policy, "head", ideal, held, prompt_len, round(kept_tokens))
         self.hold_tokens(request, policy, "head", evicted_tokens)
@@ -349,7 +344,6 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
     def request_finished(self, request, block_ids):
         self._generation.pop(request.request_id, None)
         self._release_pending(request.request_id)
-        self._prompt_lens.pop(request.request_id, None)
         state = self.scheduler_state
         if state is not None:
             state.finished(request.request_id)
@@ -363,7 +357,7 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         state = self.scheduler_state
         if state is None:
             return
-        self._metric_requests()[request.request_id] = request
+        self._admitted_requests()[request.request_id] = request
         if request.request_id in self._generation:
             return  # resumed after preemption: counted already
         try:
@@ -374,12 +368,14 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         except Exception as exc:  # metrics never break scheduling
             logger.debug("kvevict: admission not counted: %s", exc)
 
-    def _metric_requests(self) -> dict:
+    def _admitted_requests(self) -> dict:
+        """Scheduler side: request id -> scheduler ``Request`` of every admitted, unfinished
+        request (for its prompt length, the metrics and the held-token gauges)."""
         return self.__dict__.setdefault("_kvevict_requests", {})
 
     def release_tokens(self, req_id: str) -> None:
         super().release_tokens(req_id)
-        self._metric_requests().pop(req_id, None)
+        self._admitted_requests().pop(req_id, None)
 
     def _record_page_eviction(self, req_id: str, policy: str, blocks: list[int], returned: int) -> None:
         """Scheduler side, after a page eviction was applied: blocks and bytes returned,
@@ -387,16 +383,14 @@ class KVEvictConnector(EvictionMetricsMixin, KVConnectorBase_V1):
         import math
 
         self.eviction_stats.record_blocks_returned(returned)
-        request = self._metric_requests().get(req_id)
+        request = self._admitted_requests().get(req_id)
         if request is None:
             return
         block_size = self._block_size()
         logical = int(request.num_prompt_tokens)
         evicted = len(blocks) * block_size
         kept = max(0, logical - evicted)
-        held = 0
-        for manager in self._kv_cache_manager.coordinator.single_type_managers[:1]:
-            held = sum(1 for b in manager.req_to_blocks.get(req_id, ()) if not b.is_null)
+        held = held_block_count(self._kv_cache_manager, req_id)
         self.eviction_stats.record_memory(policy, "page", math.ceil(kept / block_size), held, logical, kept)
         heads = getattr(self, "_num_layers", 0) * getattr(self, "_num_kv_heads", 0)
         self.eviction_stats.record_head_budgets(policy, "page", [kept] * heads)

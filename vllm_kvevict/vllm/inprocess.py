@@ -61,9 +61,9 @@ def block_pool(llm: Any) -> Any:
 
 def held_blocks(llm: Any, request_id: str) -> int:
     """Real (non-null) blocks in the request's block list, per vLLM's KV-cache manager."""
-    manager = scheduler(llm).kv_cache_manager
-    blocks = manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id, [])
-    return sum(1 for b in blocks if not b.is_null)
+    from vllm_kvevict.vllm.manager import held_block_count
+
+    return held_block_count(scheduler(llm).kv_cache_manager, request_id)
 
 
 def random_prompt(num_tokens: int, seed: int, low: int = 100, high: int = 20000) -> list[int]:

@@ -49,10 +49,6 @@ class SchedulerEvictionState:
             self._configs[req_id] = resolve_request_config(extra, self.server_default)
         return self._configs[req_id]
 
-    def known_configs_any(self) -> bool:
-        """Whether any request seen so far may evict (``False``: nothing to plan)."""
-        return any(cfg is not None for cfg in self._configs.values())
-
     def known_config(self, req_id: str) -> Optional[EvictionConfig]:
         """The policy :meth:`config_for` resolved for ``req_id`` (``None`` if unknown or whole)."""
         return self._configs.get(req_id)
@@ -106,6 +102,13 @@ def evict_blocks(kv_cache_manager: Any, request_id: str, block_indices: Iterable
             manager.block_pool.free_blocks(freed)
             released += len(freed)
     return released
+
+
+def held_block_count(kv_cache_manager: Any, request_id: str) -> int:
+    """Real (non-null) blocks in the request's block list (first KV-cache group)."""
+    managers = kv_cache_manager.coordinator.single_type_managers
+    blocks = managers[0].req_to_blocks.get(request_id, ()) if managers else ()
+    return sum(1 for b in blocks if not b.is_null)
 
 
 #: Attribute under which the state hangs on vLLM's ``KVCacheManager`` and its coordinator (one
