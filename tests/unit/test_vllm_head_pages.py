@@ -13,10 +13,9 @@ import torch
 from vllm_kvevict.cache import plan_compaction
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies import plan_kept
-from vllm_kvevict.vllm.backend import block_layout
+from vllm_kvevict.vllm.backend import packed_pages
 from vllm_kvevict.vllm.head_pages import (
     CompactRegion,
-    PackedPages,
     attend_compacted,
     compact_layer,
     read_region,
@@ -40,7 +39,7 @@ def _packed_cache(keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
     slots = table[pos // BS].long() * BS + pos % BS
     ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa,
                                    k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-    pages = PackedPages.from_layout(*block_layout(isa, BS, D, torch.float32), BS, D)
+    pages = packed_pages(isa, BS, D, torch.float32)
     return kv, pages
 
 

@@ -82,6 +82,15 @@ def block_layout(isa: str, block_size: int, head_dim: int, dtype: torch.dtype) -
     return index(k_tok, k_dim), index(v_tok, v_dim)
 
 
+@functools.lru_cache(maxsize=None)
+def packed_pages(isa: str, block_size: int, head_dim: int, dtype: torch.dtype):
+    """:func:`block_layout` as the :class:`~vllm_kvevict.vllm.head_pages.PackedPages` the
+    head-page copy and reads index with (one object per layout, shared by every layer)."""
+    from vllm_kvevict.vllm.head_pages import PackedPages
+
+    return PackedPages.from_layout(*block_layout(isa, block_size, head_dim, dtype), block_size, head_dim)
+
+
 def layer_index(layer_name: str) -> int:
     """``model.layers.7.self_attn.attn`` -> 7 (the first integer component)."""
     for part in layer_name.split("."):
@@ -154,13 +163,13 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
     def _attend_head_row(self, layer, layer_name, row, head_row, query, kv_cache, md: CPUAttentionMetadata, output) -> None:
         """Head granularity: replace the row's output (the stock kernel's, over the tail only)
         by attention over its compact region + positional tail."""
-        from vllm_kvevict.vllm.head_pages import PackedPages, attend_compacted, read_region, read_tail
+        from vllm_kvevict.vllm.head_pages import attend_compacted, read_region, read_tail
 
         region = head_row.head.region
         idx = layer_index(layer_name)
         num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
         head_dim = self.head_size
-        pages = PackedPages.from_layout(*block_layout(layer.isa, block_size, head_dim, kv_cache.dtype), block_size, head_dim)
+        pages = packed_pages(layer.isa, block_size, head_dim, kv_cache.dtype)
         # the builder gave this row the tail only: blocks from P // bs, seq_len - (P // bs) * bs
         seq_len = int(md.seq_lens[row]) + region.first_tail_block * block_size
         tail_blocks = md.block_table[row]
@@ -193,8 +202,10 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
     def _observe_row(self, state, layer, layer_name, row, plan, query, kv_cache, md: CPUAttentionMetadata) -> None:
         if self.is_fp8_kv_cache:
             raise RuntimeError("fp8 KV cache is not supported by the eviction scorer")
-        if plan.score and state.requests[plan.req_id].config.resolved_granularity == "head" and self._head_unsupported():
-            raise RuntimeError(self._head_unsupported())  # scored nowhere: the request stays whole
+        if plan.score and state.requests[plan.req_id].config.resolved_granularity == "head":
+            unsupported = self._head_unsupported()
+            if unsupported:
+                raise RuntimeError(unsupported)  # scored nowhere: the request stays whole
         q0 = int(md.query_start_loc[row])
         q = query.view(query.shape[0], self.num_heads, self.head_size)
         if plan.window_hi > plan.window_lo:

@@ -382,15 +382,15 @@ class WorkerEvictionState:
 
         Runs after the scoring step's forward: nothing can have been written to those positional
         blocks since (the scheduler frees them only once this step's output is processed)."""
-        from vllm_kvevict.vllm.backend import block_layout
-        from vllm_kvevict.vllm.head_pages import PackedPages, compact_layer
+        from vllm_kvevict.vllm.backend import packed_pages
+        from vllm_kvevict.vllm.head_pages import compact_layer
 
         if state.source_blocks is None or len(self.kv_caches) < plan.num_layers:
             raise RuntimeError("compaction sources or KV caches not seen in the scoring step")
         for layer in range(plan.num_layers):
             kv_cache, isa = self.kv_caches[layer]
             _, _, block_size, two_d = kv_cache.shape
-            pages = PackedPages.from_layout(*block_layout(isa, block_size, two_d // 2, kv_cache.dtype), block_size, two_d // 2)
+            pages = packed_pages(isa, block_size, two_d // 2, kv_cache.dtype)
             compact_layer(kv_cache, pages, state.source_blocks, plan.layer_gather(layer))
 
     def fail_head_row(self, row: int, exc: BaseException) -> None:
