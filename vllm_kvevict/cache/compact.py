@@ -7,6 +7,8 @@ Cache layout (head-major, one layer): ``[num_blocks, Hkv, block_size, head_dim]`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vllm_kvevict.cache.page_table import CompactionPlan, LayerGather
@@ -27,6 +29,46 @@ def compact_layer(
     compact_gather(k_cache, v_cache, block_table, plan.layer_gather(layer))
 
 
+@dataclass
+class CopyIndices:
+    """Where each entry of a :class:`LayerGather` is read and written: all ``[N]`` int64."""
+
+    src_block: torch.Tensor
+    head: torch.Tensor
+    src_slot: torch.Tensor
+    dst_block: torch.Tensor
+    dst_plane: torch.Tensor
+    dst_slot: torch.Tensor
+
+
+def copy_indices(
+    gather: LayerGather, block_table: torch.Tensor, num_blocks: int, num_kv_heads: int, block_size: int, device=None
+) -> CopyIndices:
+    """Checked (block, plane, slot) of every copy of ``gather``: sources through the request's
+    positional ``block_table``, destinations from head-page ids. Raises ``ValueError`` for a
+    kept position past the table, a destination outside the cache, or a destination block that
+    is also a source block (the copy would overwrite what it reads)."""
+    table = torch.as_tensor(block_table, dtype=torch.int64).to(device)
+    src_pos = gather.src_positions.to(device)
+    if int(src_pos.max()) >= table.numel() * block_size:
+        raise ValueError(f"kept position {int(src_pos.max())} past the block table ({table.numel()} blocks)")
+    src_block = table[src_pos // block_size]
+    dst_page = gather.dst_page.to(device)
+    dst_block = dst_page // num_kv_heads
+    if bool(torch.isin(dst_block, src_block).any()):
+        raise ValueError("a compact block is also a source block of this compaction")
+    if int(dst_block.max()) >= num_blocks or int(dst_page.min()) < 0:
+        raise ValueError(f"head-page out of range for a cache of {num_blocks} blocks")
+    return CopyIndices(
+        src_block=src_block,
+        head=gather.head.to(device),
+        src_slot=src_pos % block_size,
+        dst_block=dst_block,
+        dst_plane=dst_page % num_kv_heads,
+        dst_slot=gather.dst_slot.to(device),
+    )
+
+
 def compact_gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, gather: LayerGather) -> None:
     """:func:`compact_layer` on an explicit copy list. Sources are read before any write."""
     num_blocks, num_kv_heads, block_size, _ = k_cache.shape
@@ -34,22 +76,9 @@ def compact_gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: to
         raise ValueError(f"K cache {tuple(k_cache.shape)} and V cache {tuple(v_cache.shape)} differ")
     if gather.head.numel() == 0:
         return
-    table = torch.as_tensor(block_table, dtype=torch.int64).to(k_cache.device)
-    src_pos = gather.src_positions.to(k_cache.device)
-    if int(src_pos.max()) >= table.numel() * block_size:
-        raise ValueError(f"kept position {int(src_pos.max())} past the block table ({table.numel()} blocks)")
-    src_block = table[src_pos // block_size]
-    dst_page = gather.dst_page.to(k_cache.device)
-    dst_block = dst_page // num_kv_heads
-    if bool(torch.isin(dst_block, src_block).any()):
-        raise ValueError("a compact block is also a source block of this compaction")
-    if int(dst_block.max()) >= num_blocks or int(dst_page.min()) < 0:
-        raise ValueError(f"head-page out of range for a cache of {num_blocks} blocks")
-    head = gather.head.to(k_cache.device)
-    src_slot = src_pos % block_size
-    dst_plane, dst_slot = dst_page % num_kv_heads, gather.dst_slot.to(k_cache.device)
+    c = copy_indices(gather, block_table, num_blocks, num_kv_heads, block_size, k_cache.device)
     for cache in (k_cache, v_cache):
-        cache[dst_block, dst_plane, dst_slot] = cache[src_block, head, src_slot]
+        cache[c.dst_block, c.dst_plane, c.dst_slot] = cache[c.src_block, c.head, c.src_slot]
 
 
 def gather_compact(cache: torch.Tensor, pages: torch.Tensor, lens: torch.Tensor) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvevict.cache.compact import copy_indices
 from vllm_kvevict.cache.page_table import CompactionPlan, LayerGather
 
 
@@ -56,20 +57,11 @@ def compact_layer(kv_cache: torch.Tensor, pages: PackedPages, source_blocks: tor
     if gather.head.numel() == 0:
         return
     num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    c = copy_indices(gather, source_blocks, num_blocks, num_kv_heads, block_size)
     flat = _flat(kv_cache)
-    src_pos = gather.src_positions
-    if int(src_pos.max()) >= source_blocks.numel() * block_size:
-        raise ValueError(f"kept position {int(src_pos.max())} past the request's {source_blocks.numel()} blocks")
-    src_block = source_blocks.long()[src_pos // block_size]
-    dst_block, dst_plane = gather.dst_page // num_kv_heads, gather.dst_page % num_kv_heads
-    if bool(torch.isin(dst_block, src_block).any()):
-        raise ValueError("a compact block is also a source block of this compaction")
-    if int(dst_block.max()) >= num_blocks or int(gather.dst_page.min()) < 0:
-        raise ValueError(f"head-page out of range for a cache of {num_blocks} blocks")
-    src_slot = src_pos % block_size
     for offsets in (pages.key, pages.value):
-        values = flat[src_block[:, None], gather.head[:, None], offsets[src_slot]]  # [N, d], a copy
-        flat[dst_block[:, None], dst_plane[:, None], offsets[gather.dst_slot]] = values
+        values = flat[c.src_block[:, None], c.head[:, None], offsets[c.src_slot]]  # [N, d], a copy
+        flat[c.dst_block[:, None], c.dst_plane[:, None], offsets[c.dst_slot]] = values
 
 
 @dataclass
