@@ -3,14 +3,16 @@ both against an entry-by-entry copy."""
 
 import pytest
 import torch
+from kernel_checks import DEVICE, SCALE
 
 from vllm_kvevict.kernels import compact, torch_compact, triton_compact
 
 
-def random_compaction(gen, B, Hkv, d, bs, dtype):
-    """Positional blocks holding each request's tokens, kept subsets ragged per head (0 and 1
-    included), destination head-pages: the planes of fresh NaN blocks, in random order."""
-    seq_lens = torch.randint(1, 4 * bs, (B,), generator=gen).tolist()
+def random_compaction(gen, B, Hkv, d, bs, dtype, scale=1):
+    """Positional blocks holding each request's tokens (up to ``4 * bs * scale``), kept subsets
+    ragged per head (0 and 1 included), destination head-pages: the planes of fresh NaN blocks,
+    in random order."""
+    seq_lens = torch.randint(1, 4 * bs * scale, (B,), generator=gen).tolist()
     n_blk = [(s + bs - 1) // bs for s in seq_lens]
     kept_lens = torch.stack([torch.randint(0, s + 1, (Hkv,), generator=gen) for s in seq_lens])
     kept_lens[0, 0] = 0
@@ -44,14 +46,16 @@ def random_compaction(gen, B, Hkv, d, bs, dtype):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_triton_matches_torch_and_copies_exactly(head_dim, block_size, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    B, Hkv = 3, 4
-    k, v, table, kept_pos, kept_lens, dest = random_compaction(gen, B, Hkv, head_dim, block_size, dtype)
-    k_ref, v_ref = k.clone(), v.clone()
-    torch_compact(k_ref, v_ref, table, kept_pos, kept_lens, dest)
-    k_tri, v_tri = k.clone(), v.clone()
-    triton_compact(k_tri, v_tri, table, kept_pos, kept_lens, dest, block_t=32)
+    B, Hkv = (3, 4) if SCALE == 1 else (8, 8)
+    k, v, table, kept_pos, kept_lens, dest = random_compaction(gen, B, Hkv, head_dim, block_size, dtype, SCALE)
+    on = [x.to(DEVICE) for x in (table, kept_pos, kept_lens, dest)]
+    k_ref, v_ref = k.to(DEVICE), v.to(DEVICE)
+    torch_compact(k_ref, v_ref, *on)
+    k_tri, v_tri = k.to(DEVICE), v.to(DEVICE)
+    triton_compact(k_tri, v_tri, *on, block_t=32)
     torch.testing.assert_close(k_tri, k_ref, rtol=0, atol=0, equal_nan=True, msg=f"seed={seed}")
     torch.testing.assert_close(v_tri, v_ref, rtol=0, atol=0, equal_nan=True, msg=f"seed={seed}")
+    k_tri, v_tri = k_tri.cpu(), v_tri.cpu()  # the entry-by-entry check below runs on CPU
     bs = block_size
     written = torch.zeros(k.shape[:3], dtype=torch.bool)
     for b in range(B):

@@ -5,8 +5,8 @@ import random
 
 import pytest
 import torch
-from kernel_checks import TOL, rel_err
 import torch.nn.functional as F
+from kernel_checks import DEVICE, SCALE, TOL, rel_err
 
 from vllm_kvevict.kernels import (
     STATISTICS,
@@ -24,10 +24,10 @@ from vllm_kvevict.kernels import (
 from vllm_kvevict.kernels.synthetic import make_two_segment_case
 
 
-def positional_request(gen, Hkv, d, bs, dtype, seq_len, null_blocks=1):
+def positional_request(gen, Hkv, d, bs, dtype, seq_len, null_blocks=1, device="cpu"):
     """One request, every token positional (as in the last prefill chunk), some null blocks."""
     case = make_two_segment_case(torch.zeros(1, Hkv, dtype=torch.long), [0], [seq_len], d, bs, dtype,
-                                 null_tail_blocks=null_blocks, generator=gen)
+                                 device=device, null_tail_blocks=null_blocks, generator=gen)
     return case.k_cache, case.block_table[0]
 
 
@@ -37,11 +37,11 @@ def positional_request(gen, Hkv, d, bs, dtype, seq_len, null_blocks=1):
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_triton_matches_torch_reference(group, head_dim, block_size, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    Hkv = 2
-    seq_len = int(torch.randint(block_size + 1, 3 * block_size, (1,), generator=gen))
-    W = int(torch.randint(1, 20, (1,), generator=gen))
-    k_cache, table = positional_request(gen, Hkv, head_dim, block_size, dtype, seq_len)
-    q = torch.randn(W, Hkv * group, head_dim, generator=gen).to(dtype)
+    Hkv = 2 if SCALE == 1 else 8
+    seq_len = int(torch.randint(block_size + 1, 3 * block_size * SCALE, (1,), generator=gen))
+    W = int(torch.randint(1, 20, (1,), generator=gen)) if SCALE == 1 else 32
+    k_cache, table = positional_request(gen, Hkv, head_dim, block_size, dtype, seq_len, device=DEVICE)
+    q = torch.randn(W, Hkv * group, head_dim, generator=gen).to(dtype).to(DEVICE)
     lse = torch_window_lse(q, k_cache, table, seq_len)
     assert not lse.isnan().any(), f"seed={seed}"  # -inf where a row sees only null blocks
     lse_triton = triton_window_lse(q, k_cache, table, seq_len, block_n=32)
@@ -52,7 +52,7 @@ def test_triton_matches_torch_reference(group, head_dim, block_size, dtype, seed
     for per_head in (False, True):
         ref = torch_window_scores(q, lse, k_cache, table, seq_len, stats=stats, per_query_head=per_head)
         rows = Hkv * group if per_head else Hkv
-        out = torch.full((len(stats), rows, seq_len), float("nan"))
+        out = torch.full((len(stats), rows, seq_len), float("nan"), device=DEVICE)
         got = triton_window_scores(q, lse, k_cache, table, seq_len, stats=stats, per_query_head=per_head, out=out)
         assert not out.isnan().any(), f"seed={seed}: unwritten or NaN output"
         for name in stats:
@@ -103,10 +103,10 @@ def test_dispatcher_and_null_blocks(seed):
 @pytest.mark.parametrize("kernel_size", [1, 3, 5, 7])
 def test_pooling_matches_torch(kind, kernel_size, seed):
     gen = torch.Generator().manual_seed(seed)
-    for L in (3, 50, 300):
-        x = torch.rand(3, L, generator=gen)
+    for L in (3, 50, 300 * SCALE):
+        x = torch.rand(3, L, generator=gen).to(DEVICE)
         ref = torch_pool_scores(x, kind, kernel_size)
-        out = torch.full((3, L), float("nan"))
+        out = torch.full((3, L), float("nan"), device=DEVICE)
         triton_pool_scores(x, kind, kernel_size, block=128, out=out)
         assert not out.isnan().any(), f"seed={seed}"
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7, msg=f"seed={seed} L={L}")

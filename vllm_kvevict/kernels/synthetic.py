@@ -64,7 +64,7 @@ def make_two_segment_case(
     tail_starts, seq_lens : per request; the tail is ``tail_start .. seq_len - 1``. Positional
         blocks wholly before ``tail_start`` are null (0), as after compaction.
     null_tail_blocks : per request, this many tail blocks (not the last) are made null.
-    poison : NaN in every slot no table points at (the loops are slow: tests only).
+    poison : NaN in every slot no table points at.
     """
     g = generator
     B, Hkv = compact_lens.shape
@@ -105,16 +105,19 @@ def make_two_segment_case(
         v = torch.randn(shape, device=device, dtype=dtype)
     if poison:
         used = torch.zeros(num_blocks, Hkv, bs, dtype=torch.bool)
-        for b in range(B):
-            for h in range(Hkv):
-                n = int(compact_lens[b, h])
-                for p in range(int(cpages_per_head[b, h])):
-                    page = int(compact_pages[b, h, p])
-                    used[page // Hkv, page % Hkv, : min(bs, n - p * bs)] = True
-            for pos in range(tail_starts[b], seq_lens[b]):
-                blk = int(block_table[b, pos // bs])
-                if blk > 0:
-                    used[blk, :, pos % bs] = True
+        # compact: token i of head (b, h) sits in head-page compact_pages[b, h, i // bs], slot i % bs
+        i = torch.arange(max_pages * bs)
+        live = i.view(1, 1, -1) < compact_lens.view(B, Hkv, 1)
+        pages = compact_pages.long().repeat_interleave(bs, dim=-1)[live]
+        slots = i.expand(B, Hkv, -1)[live] % bs
+        used[pages // Hkv, pages % Hkv, slots] = True
+        # tail: positions tail_start .. seq_len - 1 of non-null blocks, every plane
+        pos = torch.arange(max_blocks * bs)
+        in_tail = (pos.view(1, -1) >= torch.as_tensor(list(tail_starts)).view(-1, 1)) & (
+            pos.view(1, -1) < torch.as_tensor(list(seq_lens)).view(-1, 1))
+        blocks = block_table.long().repeat_interleave(bs, dim=-1)
+        live = in_tail & (blocks > 0)
+        used.permute(0, 2, 1)[blocks[live], pos.expand(B, -1)[live] % bs] = True
         k[~used] = float("nan")
         v[~used] = float("nan")
     as_i32 = lambda x: torch.as_tensor(x, dtype=torch.int32)  # noqa: E731
