@@ -3,9 +3,9 @@ reference, and the reference against an explicit per-head ``v @ Wo[h]^T``."""
 
 import pytest
 import torch
-from kernel_checks import TOL, rel_err
+from kernel_checks import DEVICE, SCALE, TOL, rel_err
 
-from vllm_kvevict.kernels import head_gram, torch_value_norms, triton_value_norms, value_norms
+from vllm_kvevict.kernels import gram_factor, head_gram, torch_value_norms, triton_value_norms, value_norms
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -13,20 +13,20 @@ from vllm_kvevict.kernels import head_gram, torch_value_norms, triton_value_norm
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_triton_matches_torch_reference(group, head_dim, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    Hkv = 2
+    Hkv = 2 if SCALE == 1 else 8
     H = Hkv * group
-    N = int(torch.randint(1, 50, (1,), generator=gen))
-    D = 80  # not a multiple of the Wo tile: the last tile is masked
-    values = torch.randn(N, Hkv, head_dim, generator=gen).to(dtype)
-    o_proj = (torch.randn(D, H * head_dim, generator=gen) / head_dim ** 0.5).to(dtype)
+    N = int(torch.randint(1, 50 * SCALE, (1,), generator=gen))
+    D = 80 * SCALE + 16 * (SCALE > 1)  # not a multiple of the Wo tile: the last tile is masked
+    values = torch.randn(N, Hkv, head_dim, generator=gen).to(dtype).to(DEVICE)
+    o_proj = (torch.randn(D, H * head_dim, generator=gen) / head_dim ** 0.5).to(dtype).to(DEVICE)
     gram = head_gram(o_proj, H)
-    for p in (1, 2):
+    for p, extra in ((1, {}), (2, {"gram": gram}), (2, {"factor": gram_factor(gram)})):
         ref = torch_value_norms(values, o_proj, H, p=p)
-        out = torch.full((N, H), float("nan"))
-        triton_value_norms(values, o_proj, H, p=p, gram=gram if p == 2 else None, block_e=32, out=out)
+        out = torch.full((N, H), float("nan"), device=DEVICE)
+        triton_value_norms(values, o_proj, H, p=p, block_e=32, out=out, **extra)
         assert not out.isnan().any(), f"seed={seed} p={p}: unwritten or NaN output"
         err = rel_err(out, ref)
-        assert err < TOL[dtype], f"seed={seed} p={p}: relative error {err:.2e}"
+        assert err < TOL[dtype], f"seed={seed} p={p} {list(extra)}: relative error {err:.2e}"
 
 
 def test_reference_matches_explicit_projection(seed):
@@ -39,8 +39,13 @@ def test_reference_matches_explicit_projection(seed):
         proj = values[:, h // G] @ o_proj[:, h * d:(h + 1) * d].T  # [N, D], materialised on purpose
         torch.testing.assert_close(torch_value_norms(values, o_proj, H, p=1)[:, h], proj.abs().sum(1).float())
         torch.testing.assert_close(torch_value_norms(values, o_proj, H, p=2)[:, h], proj.norm(dim=1).float())
-    gram_path = value_norms(values.float(), o_proj.float(), H, p=2, gram=head_gram(o_proj, H), impl="torch")
+    gram = head_gram(o_proj, H)
+    gram_path = value_norms(values.float(), o_proj.float(), H, p=2, gram=gram, impl="torch")
     torch.testing.assert_close(gram_path, torch_value_norms(values, o_proj, H, p=2), rtol=1e-4, atol=1e-4)
+    factor = gram_factor(gram)
+    torch.testing.assert_close(factor @ factor.transpose(1, 2), gram.float(), rtol=1e-4, atol=1e-4)
+    factor_path = value_norms(values.float(), o_proj.float(), H, p=2, factor=factor, impl="torch")
+    torch.testing.assert_close(factor_path, torch_value_norms(values, o_proj, H, p=2), rtol=1e-4, atol=1e-4)
 
 
 def test_dispatcher_uses_triton_under_the_interpreter(seed):

@@ -35,7 +35,8 @@ one):
 - :func:`window_lse` then :func:`window_scores`, then :func:`pool_scores`: the window rows'
   log-sum-exp, the window attention statistics (sum, mean, max, sum of squares per KV head or
   per query head) for scoring in the last prefill chunk, and their pooling.
-- :func:`value_norms`, :func:`head_gram`: ``||Wo[h] v||_1`` / ``||Wo[h] v||_2`` per token.
+- :func:`value_norms`, :func:`head_gram`, :func:`gram_factor`: ``||Wo[h] v||_1`` / ``||Wo[h] v||_2``
+  per token.
 - :func:`compact`: gather kept entries into head-pages, batched over requests.
 
 :mod:`vllm_kvevict.kernels.synthetic` builds random caches in this layout (tests, benchmarks).
@@ -51,7 +52,13 @@ from vllm_kvevict.kernels.decode_attention import (
 )
 from vllm_kvevict.kernels.paged import gather_positional, gather_two_segment, head_page_ids
 from vllm_kvevict.kernels.pooling import pool_scores, torch_pool_scores, triton_pool_scores
-from vllm_kvevict.kernels.value_norms import head_gram, torch_value_norms, triton_value_norms, value_norms
+from vllm_kvevict.kernels.value_norms import (
+    gram_factor,
+    head_gram,
+    torch_value_norms,
+    triton_value_norms,
+    value_norms,
+)
 from vllm_kvevict.kernels.window_scoring import (
     STATISTICS,
     torch_window_lse,
@@ -67,6 +74,7 @@ __all__ = [
     "compact",
     "gather_positional",
     "gather_two_segment",
+    "gram_factor",
     "head_gram",
     "head_page_ids",
     "paged_decode_attention",

@@ -2,8 +2,12 @@
 
 For token ``j``, query head ``h`` (KV head ``g = h // G``) and ``Wo[h] = o_proj[:, h*d:(h+1)*d]``
 (``[D, d]``): ``n1[j, h] = ||Wo[h] v[j, g]||_1`` and ``n2[j, h] = ||Wo[h] v[j, g]||_2``.
-The L1 kernel streams tiles of ``Wo[h]`` and never materialises ``V @ Wo``; the L2 kernel uses
-the per-head Gram matrix ``Wo[h]^T Wo[h]`` (``[d, d]``): ``n2 = sqrt(v^T Gram_h v)``.
+The L1 kernel streams tiles of ``Wo[h]`` and never materialises ``V @ Wo``. The L2 kernel goes
+through the per-head Gram matrix ``Gram_h = Wo[h]^T Wo[h]`` (``[d, d]``), factored once per
+layer as ``Gram_h = F_h F_h^T`` (:func:`gram_factor`): ``n2^2 = v^T Gram_h v = ||v F_h||^2``, a
+sum of squares. Evaluating the quadratic form directly cancels (it needed float32 products and
+ran slower than torch on an H100); the factored form has no cancellation, so it runs on the
+tensor cores in the values' dtype like the L1 kernel, ``G`` query heads per loaded value tile.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ def head_gram(o_proj: torch.Tensor, num_heads: int) -> torch.Tensor:
     D, Hd = o_proj.shape
     w = o_proj.float().view(D, num_heads, Hd // num_heads).permute(1, 2, 0)  # [H, d, D]
     return w @ w.transpose(1, 2)
+
+
+def gram_factor(gram: torch.Tensor) -> torch.Tensor:
+    """``F [H, d, d]`` float32 with ``F_h F_h^T = Gram_h`` (eigen-decomposition; the Gram matrix
+    is positive semi-definite, rounding below zero is clamped). Compute once per layer."""
+    evals, evecs = torch.linalg.eigh(gram.detach().double().cpu())  # small: CPU LAPACK, float64
+    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)).float().to(gram.device)
 
 
 def torch_value_norms(values: torch.Tensor, o_proj: torch.Tensor, num_heads: int, p: int = 1) -> torch.Tensor:
@@ -65,22 +76,27 @@ if HAVE_TRITON:
         tl.store(out_ptr + rows * stride_on + h, acc, mask=r_mask)
 
     @triton.jit
-    def _value_l2_kernel(v_ptr, gram_ptr, out_ptr, N,
-                         stride_vn, stride_vh, stride_gh, stride_gr, stride_on,
+    def _value_l2_kernel(v_ptr, f_ptr, out_ptr, N,
+                         stride_vn, stride_vh, stride_fh, stride_fr, stride_on,
                          G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-        h = tl.program_id(1)
+                         BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        g = tl.program_id(1)  # one KV head: its value tile is loaded once for its G query heads
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         r_mask = rows < N
-        v = tl.load(v_ptr + rows[:, None].to(tl.int64) * stride_vn + (h // G) * stride_vh + offs_d[None, :],
-                    mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        gram = tl.load(gram_ptr + h * stride_gh + offs_d[:, None] * stride_gr + offs_d[None, :],
-                       mask=d_mask[:, None] & d_mask[None, :], other=0.0)
-        t = tl.dot(v, gram, input_precision="ieee")  # float32: the quadratic form cancels badly in tf32
-        sq = tl.maximum(tl.sum(t * v, 1), 0.0)
-        tl.store(out_ptr + rows * stride_on + h, tl.sqrt(sq), mask=r_mask)
+        v = tl.load(v_ptr + rows[:, None].to(tl.int64) * stride_vn + g * stride_vh + offs_d[None, :],
+                    mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        for i in range(G):  # a loop, not unrolled: G copies of a float32 [d, d] tile hung ptxas for G=4, d=128
+            h = g * G + i
+            f = tl.load(f_ptr + h * stride_fh + offs_d[:, None] * stride_fr + offs_d[None, :],
+                        mask=d_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST:
+                f = f.to(tl.float32)
+            t = tl.dot(v, f, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]: v F_h
+            tl.store(out_ptr + rows * stride_on + h, tl.sqrt(tl.sum(t * t, 1)), mask=r_mask)
 
 
 def triton_value_norms(
@@ -89,13 +105,19 @@ def triton_value_norms(
     num_heads: int,
     p: int = 1,
     gram: Optional[torch.Tensor] = None,
-    block_n: int = 32,
+    block_n: int = 128,
     block_e: int = 64,
     out: Optional[torch.Tensor] = None,
+    factor: Optional[torch.Tensor] = None,
+    num_warps: int = 8,
 ) -> torch.Tensor:
-    """Triton version of :func:`torch_value_norms`; ``gram`` (:func:`head_gram`) is reused for p=2.
+    """Triton version of :func:`torch_value_norms`.
 
-    ``out``: optional float32 ``[N, H]`` buffer.
+    For p=2 pass the layer's ``factor`` (:func:`gram_factor`), or its ``gram`` (:func:`head_gram`,
+    factored on each call), else both are computed from ``o_proj``. ``out``: optional float32
+    ``[N, H]`` buffer. ``block_n`` rows and ``block_e`` output features per tile, ``num_warps``:
+    the defaults were the fastest of a sweep on an H100 for both norms (bf16, N=4096, H=32,
+    Hkv=8, d=128, D=4096; benchmarks/kernels/RESULTS.md).
     """
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
@@ -105,27 +127,34 @@ def triton_value_norms(
     if out is None:
         out = torch.empty(N, num_heads, dtype=torch.float32, device=values.device)
     assert out.shape == (N, num_heads) and out.dtype == torch.float32
-    grid = (triton.cdiv(N, block_n), num_heads)
     if p == 1:
         w = o_proj.contiguous()
-        _value_l1_kernel[grid](values, w, out, N, w.shape[0],
-                               values.stride(0), values.stride(1), w.stride(0), out.stride(0),
-                               G=G, HEAD_DIM=d, BLOCK_D=next_pow2(d), BLOCK_N=block_n, BLOCK_E=block_e,
-                               UPCAST=upcast_dot_operands(), PRECISION=dot_precision(values.dtype))
+        _value_l1_kernel[(triton.cdiv(N, block_n), num_heads)](
+            values, w, out, N, w.shape[0],
+            values.stride(0), values.stride(1), w.stride(0), out.stride(0),
+            G=G, HEAD_DIM=d, BLOCK_D=next_pow2(d), BLOCK_N=block_n, BLOCK_E=block_e,
+            UPCAST=upcast_dot_operands(), PRECISION=dot_precision(values.dtype), num_warps=num_warps)
     else:
-        gram = head_gram(o_proj, num_heads) if gram is None else gram.float().contiguous()
-        _value_l2_kernel[grid](values, gram, out, N,
-                               values.stride(0), values.stride(1), gram.stride(0), gram.stride(1), out.stride(0),
-                               G=G, HEAD_DIM=d, BLOCK_D=next_pow2(d), BLOCK_N=block_n)
+        if factor is None:
+            factor = gram_factor(head_gram(o_proj, num_heads) if gram is None else gram)
+        f = factor.to(values.dtype).contiguous()
+        _value_l2_kernel[(triton.cdiv(N, block_n), Hkv)](
+            values, f, out, N,
+            values.stride(0), values.stride(1), f.stride(0), f.stride(1), out.stride(0),
+            G=G, HEAD_DIM=d, BLOCK_D=next_pow2(d), BLOCK_N=block_n,
+            UPCAST=upcast_dot_operands(), PRECISION=dot_precision(values.dtype), num_warps=num_warps)
     return out
 
 
 def value_norms(values: torch.Tensor, o_proj: torch.Tensor, num_heads: int, p: int = 1,
-                gram: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+                gram: Optional[torch.Tensor] = None, impl: str = "auto",
+                factor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatcher: Triton on CUDA (or under ``TRITON_INTERPRET=1``), torch otherwise."""
     if use_triton(values, impl):
-        return triton_value_norms(values, o_proj, num_heads, p, gram)
-    if p == 2 and gram is not None:
+        return triton_value_norms(values, o_proj, num_heads, p, gram, factor=factor)
+    if p == 2 and (factor is not None or gram is not None):
         v = values.float().repeat_interleave(num_heads // values.shape[1], dim=1)  # [N, H, d]
+        if factor is not None:
+            return torch.einsum("nhd,hde->nhe", v, factor.float()).norm(dim=-1)
         return torch.einsum("nhd,hde,nhe->nh", v, gram.float(), v).clamp_min(0).sqrt()
     return torch_value_norms(values, o_proj, num_heads, p)
