@@ -1,7 +1,7 @@
 """Kernel micro-benchmarks: our Triton kernels against their torch paths, vLLM's own decode
 kernels (when importable) and the copy-bandwidth floor.
 
-GPU (one command, from the repository root; ``--sweep`` also searches decode launch configs)::
+GPU (one command, from the repository root; ``--sweep`` also searches decode and value-norm launch configs)::
 
     python benchmarks/kernels/bench.py [--sweep]
 
@@ -9,9 +9,11 @@ writes ``benchmarks/kernels/summary.json`` (rows ``{"kernel", "device", "shape",
 "median_ms", "reference_ms", "floor_ms", "fraction_of_floor"}``, ``fraction_of_floor =
 floor_ms / median_ms``) and ``benchmarks/kernels/RESULTS.md``. Timings are medians of CUDA-event
 timings from ``triton.testing.do_bench`` (L2 flushed between runs). The floor of a kernel is
-the bytes it must move (K/V read for attention and scoring; read + written for copies) over
-the copy bandwidth measured in the same run (``(read + written bytes) / time`` of a large
-device-to-device copy).
+the larger of two times: the bytes it must move (K/V read for attention and scoring; read +
+written for copies) over the copy bandwidth measured in the same run (``(read + written bytes) /
+time`` of a large device-to-device copy), and its matrix-product operations over the bf16 matrix
+rate measured in the same run (an 8192^3 product). Only value norms and the prefill are bound by
+the second.
 
 CPU smoke run (tiny shapes, the Triton interpreter, wall-clock timer; proves the script
 works, its numbers mean nothing and it writes only under ``--out``)::
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from vllm_kvevict.kernels import (  # noqa: E402
+    gram_factor,
     head_gram,
     torch_compact,
     torch_paged_decode_attention,
@@ -79,6 +82,7 @@ class Setup:
     smoke: bool
     sweep: bool = False
     copy_gbps: float = 0.0
+    matmul_tflops: float = 0.0
     rows: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -113,12 +117,23 @@ def measure_copy_bandwidth(setup: Setup, bench) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def floor_ms(setup: Setup, nbytes: float) -> float:
-    return nbytes / (setup.copy_gbps * 1e9) * 1e3
+def measure_matmul_tflops(setup: Setup, bench) -> float:
+    """TFLOP/s of a large matrix product in the benchmark's dtype, on random data."""
+    n = 8192 if setup.device == "cuda" else 256
+    a = torch.randn(n, n, device=setup.device).to(setup.dtype)
+    b = torch.randn(n, n, device=setup.device).to(setup.dtype)
+    ms = bench(lambda: a @ b)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
-def add_row(setup: Setup, kernel: str, shape: str, median_ms: float, reference_ms: Optional[float], nbytes: float):
-    fl = floor_ms(setup, nbytes)
+def floor_ms(setup: Setup, nbytes: float, flops: float = 0.0) -> float:
+    """The larger of bytes over copy bandwidth and matrix operations over the matrix rate."""
+    return max(nbytes / (setup.copy_gbps * 1e9), flops / (setup.matmul_tflops * 1e12)) * 1e3
+
+
+def add_row(setup: Setup, kernel: str, shape: str, median_ms: float, reference_ms: Optional[float], nbytes: float,
+            flops: float = 0.0):
+    fl = floor_ms(setup, nbytes, flops)
     row = {
         "kernel": kernel,
         "device": setup.device_name,
@@ -246,7 +261,7 @@ def sweep_decode(setup: Setup, bench, q, case) -> tuple[float, str]:
     from vllm_kvevict.kernels.decode_attention import default_num_splits
 
     base = default_num_splits(q, case.k_cache, case.compact_pages, case.block_table)
-    grid = [(bn, w, st, sp) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)
+    grid = [(bn, w, st, sp) for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3, 4)
             for sp in sorted({max(1, base // 2), base, 2 * base})]
     if setup.smoke:
         grid = grid[:2]
@@ -257,6 +272,7 @@ def sweep_decode(setup: Setup, bench, q, case) -> tuple[float, str]:
         ms = guarded(setup, f"decode config bn={bn} w={w} st={st} splits={sp}", lambda: bench(fn))
         if ms is not None:
             results.append((ms, f"block_n={bn} warps={w} stages={st} splits={sp}"))
+            print(f"sweep decode B={q.shape[0]} {results[-1][1]}: {ms:.4f} ms", flush=True)
     return min(results)
 
 
@@ -283,14 +299,15 @@ def bench_window(setup: Setup, bench, gen):
     lse = triton_window_lse(q, case.k_cache, table, L)
     k_bytes = L * Hkv * d * case.k_cache.element_size()
     shape = f"L={L} W={W} H={H} Hkv={Hkv} d={d} bs={bs}"
+    qk_flops = 2 * W * H * L * d
     for stats in (("mean",), ("sum", "max", "sumsq")):
         ours = bench(lambda: triton_window_scores(q, lse, case.k_cache, table, L, stats=stats))
         ref = guarded(setup, "torch window scores",
                       lambda: bench(lambda: torch_window_scores(q, lse, case.k_cache, table, L, stats=stats)))
-        add_row(setup, f"window_scores[{','.join(stats)}]", shape, ours, ref, k_bytes)
+        add_row(setup, f"window_scores[{','.join(stats)}]", shape, ours, ref, k_bytes, qk_flops)
     lse_ms = bench(lambda: triton_window_lse(q, case.k_cache, table, L))
     lse_ref = guarded(setup, "torch window lse", lambda: bench(lambda: torch_window_lse(q, case.k_cache, table, L)))
-    add_row(setup, "window_lse", shape, lse_ms, lse_ref, k_bytes)
+    add_row(setup, "window_lse", shape, lse_ms, lse_ref, k_bytes, qk_flops)
     scores = torch.rand(Hkv, L, device=setup.device)
     for kind in ("avg", "max"):
         ours = bench(lambda: triton_pool_scores(scores, kind, 5))
@@ -302,7 +319,8 @@ def bench_window(setup: Setup, bench, gen):
         vp = torch.randn_like(kp)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         ms = bench(lambda: sdpa(qp, kp, vp, is_causal=True))
-        add_row(setup, "prefill_sdpa_causal", f"L={L} H={H} d={d}", ms, None, 4 * L * H * d * qp.element_size())
+        add_row(setup, "prefill_sdpa_causal", f"L={L} H={H} d={d}", ms, None, 4 * L * H * d * qp.element_size(),
+                2 * L * L * H * d)  # QK^T and PV, each 2*L*L*H*d, halved by the causal mask
         del qp, kp, vp
 
 
@@ -310,15 +328,34 @@ def bench_value_norms(setup: Setup, bench, gen):
     N, H, Hkv, d, D = setup.norm_tokens, setup.heads, setup.kv_heads, setup.head_dim, setup.hidden
     values = torch.randn(N, Hkv, d, device=setup.device).to(setup.dtype)
     o_proj = (torch.randn(D, H * d, device=setup.device) / math.sqrt(H * d)).to(setup.dtype)
-    gram = head_gram(o_proj, H)
+    factor = gram_factor(head_gram(o_proj, H))  # once per layer, at load time
     shape = f"N={N} H={H} Hkv={Hkv} d={d} D={D}"
     esz = values.element_size()
+    l1_bytes = (values.numel() + o_proj.numel()) * esz + N * H * 4
+    l1_flops = 2 * N * H * d * D
     ours = bench(lambda: triton_value_norms(values, o_proj, H, p=1))
     ref = guarded(setup, "torch value norms L1", lambda: bench(lambda: torch_value_norms(values, o_proj, H, p=1)))
-    add_row(setup, "value_norm_l1_streaming_wo", shape, ours, ref, (values.numel() + o_proj.numel()) * esz + N * H * 4)
-    ours = bench(lambda: triton_value_norms(values, o_proj, H, p=2, gram=gram))
+    add_row(setup, "value_norm_l1_streaming_wo", shape, ours, ref, l1_bytes, l1_flops)
+    l2_bytes = values.numel() * esz + factor.numel() * esz + N * H * 4
+    l2_flops = 2 * N * H * d * d
+    ours = bench(lambda: triton_value_norms(values, o_proj, H, p=2, factor=factor))
     ref = guarded(setup, "torch value norms L2", lambda: bench(lambda: torch_value_norms(values, o_proj, H, p=2)))
-    add_row(setup, "value_norm_l2_gram", shape, ours, ref, values.numel() * esz + gram.numel() * 4 + N * H * 4)
+    add_row(setup, "value_norm_l2_gram", shape, ours, ref, l2_bytes, l2_flops)
+    if setup.sweep:
+        for p, nbytes, flops, configs in (
+                (1, l1_bytes, l1_flops, [(bn, be, w) for bn in (32, 64, 128) for be in (64, 128) for w in (4, 8)]),
+                (2, l2_bytes, l2_flops, [(bn, 64, w) for bn in (32, 64, 128) for w in (4, 8)])):
+            results = []
+            for bn, be, w in (configs[:2] if setup.smoke else configs):
+                fn = lambda: triton_value_norms(values, o_proj, H, p=p, factor=factor, block_n=bn,  # noqa: E731
+                                                block_e=be, num_warps=w)
+                ms = guarded(setup, f"value norm p={p} block_n={bn} block_e={be} warps={w}", lambda: bench(fn))
+                if ms is not None:
+                    results.append((ms, f"block_n={bn} block_e={be} warps={w}"))
+                    print(f"sweep value_norm p={p} {results[-1][1]}: {ms:.4f} ms", flush=True)
+            best, config = min(results)
+            add_row(setup, f"value_norm_{'l1_streaming_wo' if p == 1 else 'l2_gram'}[{config}]", shape, best,
+                    None, nbytes, flops)
 
 
 def bench_compaction(setup: Setup, bench, gen):
@@ -350,14 +387,21 @@ def bench_compaction(setup: Setup, bench, gen):
 # --------------------------------------------------------------------------- report
 
 
+NOTES_MARK = "<!-- hand-written notes below: kept when bench.py rewrites the table above -->"
+
+
 def write_results(setup: Setup, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = out_dir / "RESULTS.md"
+    text = previous.read_text() if previous.exists() else ""
+    kept_notes = text.split(NOTES_MARK, 1)[1] if NOTES_MARK in text else ""
     (out_dir / "summary.json").write_text(json.dumps(setup.rows, indent=1) + "\n")
     lines = [
         "# Kernel benchmarks",
         "",
         f"Device: {setup.device_name}. dtype {setup.dtype}. Copy bandwidth (read + written): "
-        f"{setup.copy_gbps:.1f} GB/s. Command: `python benchmarks/kernels/bench.py"
+        f"{setup.copy_gbps:.1f} GB/s; matrix product {setup.matmul_tflops:.1f} TFLOP/s. "
+        f"Command: `python benchmarks/kernels/bench.py"
         f"{' --smoke' if setup.smoke else ''}`.",
         "",
         "| kernel | shape | median ms | torch ms | floor ms | fraction of floor |",
@@ -375,6 +419,8 @@ def write_results(setup: Setup, out_dir: Path) -> None:
                   + ", ".join(f"{r['kernel']} {100 * r['median_ms'] / prefill[0]['median_ms']:.2f} %" for r in window)]
     if setup.notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in setup.notes]
+    if kept_notes:
+        lines += ["", NOTES_MARK + kept_notes.rstrip("\n")]
     (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
@@ -384,7 +430,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="folder for summary.json and RESULTS.md")
     ap.add_argument("--only", default="decode,window,norms,compaction")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sweep", action="store_true", help="also search decode launch configurations")
+    ap.add_argument("--sweep", action="store_true", help="also search decode and value-norm launch configurations")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -403,7 +449,9 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     bench = timer(setup)
     setup.copy_gbps = measure_copy_bandwidth(setup, bench)
-    print(f"copy bandwidth {setup.copy_gbps:.1f} GB/s on {setup.device_name}", flush=True)
+    setup.matmul_tflops = measure_matmul_tflops(setup, bench)
+    print(f"copy bandwidth {setup.copy_gbps:.1f} GB/s, {setup.dtype} matrix product {setup.matmul_tflops:.1f} "
+          f"TFLOP/s on {setup.device_name}", flush=True)
     only = set(args.only.split(","))
     for name, fn in (("decode", bench_decode), ("window", bench_window), ("norms", bench_value_norms),
                      ("compaction", bench_compaction)):
