@@ -75,6 +75,7 @@ FLAT_KEYS: dict[str, str] = {
     "kv_pooling": "pooling",
     "kv_pooling_kernel": "pooling_kernel",
     "kv_granularity": "granularity",
+    "kv_head_selection": "head_selection",
     "kv_decode_interval": "decode_interval",
     "kv_alpha": "alpha",
     "kv_rho": "rho",
@@ -94,6 +95,11 @@ class EvictionConfigError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"invalid {field}={value!r}: {allowed}")
+
+
+#: Allocations that split one layer's pages across its heads from that layer's scores alone
+#: (``head_selection="page"`` runs them on page scores).
+HEAD_PAGE_ALLOCATIONS = ("uniform", "adakv", "adakv_floor")
 
 
 class EvictionConfig(BaseModel):
@@ -118,6 +124,12 @@ class EvictionConfig(BaseModel):
         None,
         description="evict whole pages, or per-head tokens compacted into head-pages "
         "(default: head when the allocation is not uniform, else page)",
+    )
+    head_selection: Optional[Literal["token", "page"]] = Field(
+        None,
+        description="head granularity: keep each KV head's best whole block-aligned pages "
+        "(no head-page left partly empty), or its best single tokens (default: page where the "
+        "allocation is uniform, adakv or adakv_floor, else token)",
     )
     decode_interval: int = Field(0, ge=0, description="re-compress every N decoded tokens (0: never)")
     alpha: float = Field(0.2, ge=0.0, le=1.0, description="Ada-KV: share of the budget spread uniformly")
@@ -148,6 +160,13 @@ class EvictionConfig(BaseModel):
             raise EvictionConfigError("budget", b, _BUDGET_ALLOWED)
         if self.window == 0 and self.scorer in WINDOW_SCORERS:
             raise EvictionConfigError("window", 0, f"an integer >= 1 ({self.scorer} scores with the window's queries)")
+        if self.head_selection == "page" and self.resolved_allocation not in HEAD_PAGE_ALLOCATIONS:
+            raise EvictionConfigError(
+                "head_selection",
+                "page",
+                f"'token' with allocation {self.resolved_allocation!r}; whole pages per head need one of "
+                + ", ".join(HEAD_PAGE_ALLOCATIONS),
+            )
         if self.pooling_kernel % 2 == 0:
             raise EvictionConfigError("pooling_kernel", self.pooling_kernel, "an odd integer >= 1")
         if self.is_token_budget and self.window + self.resolved_sinks > self.budget:
@@ -182,6 +201,13 @@ class EvictionConfig(BaseModel):
         if self.granularity is not None:
             return self.granularity
         return "page" if self.resolved_allocation == "uniform" else "head"
+
+    @property
+    def resolved_head_selection(self) -> str:
+        """``page`` (whole pages per head) for per-layer allocations, ``token`` otherwise, unless set."""
+        if self.head_selection is not None:
+            return self.head_selection
+        return "page" if self.resolved_allocation in HEAD_PAGE_ALLOCATIONS else "token"
 
     @property
     def resolved_sinks(self) -> int:

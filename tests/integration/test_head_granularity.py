@@ -19,10 +19,12 @@ from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, rando
 pytestmark = pytest.mark.slow
 
 BLOCK, BUDGET, PROMPT_LEN, NEW_TOKENS = 32, 0.25, 700, 8
-#: adakv (snapkv's default), criticalkv, defensivekv, snapkv with uniform allocation, and the
-#: allocations across layers.
+#: adakv (snapkv's default), criticalkv, defensivekv, snapkv with uniform allocation (whole pages
+#: per head, the default for these), adakv selecting single tokens, and the allocations across
+#: layers (single tokens).
 POLICIES = {
     "snapkv-adakv": {"kv_eviction": "snapkv"},
+    "snapkv-adakv-tokens": {"kv_eviction": "snapkv", "kv_head_selection": "token"},
     "criticalkv-adakv": {"kv_eviction": "criticalkv"},
     "defensivekv-adakv": {"kv_eviction": "defensivekv"},
     "snapkv-uniform": {"kv_eviction": "snapkv", "kv_allocation": "uniform", "kv_granularity": "head"},
@@ -94,13 +96,13 @@ def tiny_reference(tiny_llama_dir):
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_kept_sets_equal_reference(name, tiny_served, tiny_reference):
     engine, prefilled = tiny_reference
-    assert _differing_heads(tiny_served[name][1], engine.kept_indices(prefilled, _config(name))) == 0
+    assert _differing_heads(tiny_served[name][1], engine.kept_indices(prefilled, _config(name), BLOCK)) == 0
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_greedy_output_equals_reference_compacted_generation(name, tiny_served, tiny_reference):
     engine, prefilled = tiny_reference
-    want = engine.generate(prefilled, _config(name), NEW_TOKENS, stop_on_eos=False).token_ids
+    want = engine.generate(prefilled, _config(name), NEW_TOKENS, stop_on_eos=False, block_size=BLOCK).token_ids
     assert tiny_served[name][0] == list(want)
 
 

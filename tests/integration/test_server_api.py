@@ -106,6 +106,7 @@ def test_help_lists_the_flags_with_defaults(cli_runs):
         ("--kv-pooling", "avg"),
         ("--kv-pooling-kernel", "5"),
         ("--kv-granularity", "per scorer"),
+        ("--kv-head-selection", "per scorer"),
         ("--kv-decode-interval", "0"),
         ("--kv-alpha", "0.2"),
         ("--kv-rho", "0.5"),

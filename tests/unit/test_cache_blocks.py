@@ -80,8 +80,10 @@ def test_k_examples():
     adakv, uniform, pyramid, laprox, everything = CONFIGS[0], CONFIGS[2], CONFIGS[4], CONFIGS[5], CONFIGS[7]
     # 409 tokens per head at bs=16: 26 pages per head when heads are equal, one more block otherwise
     assert compact_blocks_needed(uniform, 4096, 16, 30, 3) == 26
-    assert compact_blocks_needed(adakv, 4096, 16, 30, 3) == 27
-    assert compact_blocks_needed(adakv, 4096, 16, 30, 1) == 26  # one head: no imbalance
+    assert compact_blocks_needed(adakv, 4096, 16, 30, 3) == 26  # whole pages per head: the ideal
+    tokens = adakv.model_copy(update={"head_selection": "token"})
+    assert compact_blocks_needed(tokens, 4096, 16, 30, 3) == 27  # any split of single tokens
+    assert compact_blocks_needed(tokens, 4096, 16, 30, 1) == 26  # one head: no imbalance
     top = pyramid_layer_budget(0, 30, 4096, pyramid)
     assert compact_blocks_needed(pyramid, 4096, 16, 30, 3) == math.ceil(top / 16)
     # cap 818 = 51 * 16 + 2: at most 3 * 818 + 3 * 15 = 2499 tokens' worth, 156 pages, 52 blocks

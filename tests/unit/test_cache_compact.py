@@ -82,7 +82,9 @@ def kept_sets():
     def get(policy: str, num_kv_heads: int):
         key = (policy, num_kv_heads)
         if key not in cache:
-            config = EvictionConfig(window=WINDOW, **POLICIES[policy])
+            # single tokens per head: the compaction of partly filled head-pages (whole pages per
+            # head are covered in test_policies_head_pages.py)
+            config = EvictionConfig(window=WINDOW, head_selection="token", **POLICIES[policy])
             layers = random_layers(num_kv_heads, seed=len(cache))
             cache[key] = (config, layers, compute_kept(layers, config))
         return cache[key]

@@ -28,6 +28,7 @@ from typing import Sequence
 
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies import global_layer_cap, pyramid_layer_budget
+from vllm_kvevict.policies.head_page_select import pages_per_head
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,14 @@ def compact_blocks_needed(
     """``K``: compact blocks a request needs so every layer's head-pages fit, from the budget alone.
 
     ``K = max_l ceil(pages_l / Hkv)`` with ``pages_l`` from :func:`head_pages_bound`; always
-    ``<= ceil(max_l Bbar_l / bs) + 1``. ``num_kv_heads`` is the heads this worker holds (per
+    ``<= ceil(max_l Bbar_l / bs) + 1``. With ``head_selection="page"`` every head-page holds one
+    whole run and ``K`` is :func:`~vllm_kvevict.policies.head_page_select.pages_per_head`. ``num_kv_heads`` is the heads this worker holds (per
     tensor-parallel rank); ranks with equal head counts get the same ``K``.
     """
     _check_sizes(prompt_len, block_size, num_layers, num_kv_heads)
     bounds = layer_budget_bounds(config, prompt_len, num_layers)
+    if config.resolved_head_selection == "page" and bounds[0].mean < prompt_len:
+        return pages_per_head(config, prompt_len, block_size)  # every head-page holds one whole run
     return max(_ceil_div(head_pages_bound(b, block_size, num_kv_heads), num_kv_heads) for b in bounds)
 
 

@@ -29,6 +29,7 @@ from vllm_kvevict.policies.registry import (
     register_page_scorer,
     register_scorer,
 )
+from vllm_kvevict.policies.head_page_select import plan_head_pages
 from vllm_kvevict.policies.select import KeptSet, plan_kept, protect, select_kept
 
 
@@ -46,6 +47,22 @@ def page_score_layer(inputs: LayerInputs, config: EvictionConfig) -> torch.Tenso
     """
     page = PAGE_SCORERS.get(config.scorer) if config.enabled else None
     return page(inputs, config).float() if page is not None else score_layer(inputs, config)
+
+
+def head_score_layer(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor:
+    """``[Hkv, L]`` token scores for head granularity: pooled into page scores when each head
+    keeps whole pages (:func:`page_score_layer`), the scorer's own otherwise (:func:`score_layer`)."""
+    if config.resolved_head_selection == "page":
+        return page_score_layer(inputs, config)
+    return score_layer(inputs, config)
+
+
+def plan_head(scores: list[torch.Tensor], config: EvictionConfig, seq_len: int, block_size: int) -> KeptSet:
+    """Head granularity's kept set from :func:`head_score_layer` scores: whole block-aligned pages
+    per head (:func:`plan_head_pages`) or single tokens (:func:`plan_kept`)."""
+    if config.resolved_head_selection == "page":
+        return plan_head_pages(scores, config, seq_len, block_size)
+    return plan_kept(scores, config, seq_len)
 
 
 def compute_kept(layers: list[LayerInputs], config: EvictionConfig) -> KeptSet:
@@ -67,7 +84,10 @@ __all__ = [
     "ScorerFn",
     "compute_kept",
     "global_layer_cap",
+    "head_score_layer",
     "page_score_layer",
+    "plan_head",
+    "plan_head_pages",
     "page_scores",
     "plan_kept",
     "preselects",

@@ -1,7 +1,7 @@
 """Which prompt tokens each (layer, KV head) keeps, from a policy and a prefilled prompt.
 
-``granularity="head"``: the policy's own per-head choice
-(:func:`vllm_kvevict.policies.compute_kept`). ``granularity="page"``: whole blocks of
+``granularity="head"``: each head's own choice (:func:`vllm_kvevict.policies.plan_head`): whole
+block-aligned pages (``head_selection="page"``) or single tokens. ``granularity="page"``: whole blocks of
 ``block_size`` tokens, the same blocks for every layer and head, chosen by
 :func:`vllm_kvevict.policies.select_pages` (what the served plugin does).
 """
@@ -52,5 +52,6 @@ def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -
         return [[tokens for _ in range(prefilled.num_kv_heads)] for _ in range(prefilled.num_layers)]
     from vllm_kvevict import policies
 
-    kept = policies.compute_kept(prefilled.layer_inputs(config), config)
+    scores = [policies.head_score_layer(layer, config) for layer in prefilled.layer_inputs(config)]
+    kept = policies.plan_head(scores, config, prefilled.prompt_len, block_size)
     return [[idx.to(torch.long) for idx in row] for row in kept.indices]

@@ -63,14 +63,15 @@ def needs_attention_sum(config: EvictionConfig) -> bool:
 def _score_layer(inputs, config: EvictionConfig) -> torch.Tensor:
     """``[Hkv, L]`` token scores of one layer.
 
-    Head granularity: the scorer's own scores (``score_layer``), as the reference engine.
-    Page granularity: scores to pool into page scores (``page_score_layer``: a scorer's page
-    variant where it has one, since criticalkv's keep-marks would swamp page sums).
+    Head granularity selecting tokens: the scorer's own scores (``score_layer``), as the
+    reference engine. Whole pages (page granularity, or per head with ``head_selection="page"``):
+    scores to pool into page scores (``page_score_layer``: a scorer's page variant where it has
+    one, since criticalkv's keep-marks would swamp page sums).
     """
-    from vllm_kvevict.policies import page_score_layer, score_layer
+    from vllm_kvevict.policies import head_score_layer, page_score_layer
 
     if config.resolved_granularity == "head":
-        return score_layer(inputs, config)
+        return head_score_layer(inputs, config)
     return page_score_layer(inputs, config)
 
 
@@ -358,14 +359,14 @@ class WorkerEvictionState:
         Without an order (compaction would not release more blocks than it takes, or the pool
         had no room) the request stays whole; a failure with an order gives its blocks back."""
         from vllm_kvevict.cache import plan_compaction
-        from vllm_kvevict.policies import plan_kept
+        from vllm_kvevict.policies import plan_head
         from vllm_kvevict.vllm.head_pages import CompactRegion
 
         block_ids = self.compact_orders.pop(req_id, None)
         if block_ids is None:
             return
         try:
-            kept = plan_kept(layers, state.config, state.prompt_len)
+            kept = plan_head(layers, state.config, state.prompt_len, self.block_size)
             plan = plan_compaction(kept, block_ids, self.block_size, kept.head_budgets.shape[1])
             self._compact(state, plan)
         except Exception:
