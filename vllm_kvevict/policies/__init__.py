@@ -18,6 +18,7 @@ from vllm_kvevict.policies.allocators.adakv_floor import safe_count
 from vllm_kvevict.policies.allocators.global_ import GLOBAL_LAYER_CAP_FACTOR, global_layer_cap
 from vllm_kvevict.policies.allocators.pyramid import PYRAMID_BETA, pyramid_layer_budget
 from vllm_kvevict.policies.base import AllocatorFn, LayerInputs, ScorerFn
+from vllm_kvevict.policies.head_page_select import plan_head_pages
 from vllm_kvevict.policies.pages import page_scores, required_blocks, select_pages
 from vllm_kvevict.policies.registry import (
     ALLOCATORS,
@@ -29,7 +30,6 @@ from vllm_kvevict.policies.registry import (
     register_page_scorer,
     register_scorer,
 )
-from vllm_kvevict.policies.head_page_select import plan_head_pages
 from vllm_kvevict.policies.select import KeptSet, plan_kept, protect, select_kept
 
 
