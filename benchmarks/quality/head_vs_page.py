@@ -4,7 +4,7 @@
 
 For every generated needle / variable-tracking prompt (prefilled once) and budget:
 
-- ``head``: criticalkv + adakv, per-head tokens. It holds ``K`` compact blocks
+- ``head``: criticalkv + adakv, per-head single tokens (``head_selection="token"``). It holds ``K`` compact blocks
   (:func:`~vllm_kvevict.cache.blocks.compact_blocks_needed`, from the budget alone) plus its
   positional tail at the end of the compressed part (``ceil(P / bs) - P // bs``).
 - ``page@blocks``: criticalkv at page granularity with a token budget of ``held_head * bs``, so it
@@ -16,6 +16,11 @@ For every generated needle / variable-tracking prompt (prefilled once) and budge
   "per-head choice against whole pages".
 - ``head-maxpool7``: ``head`` with the SnapKV/AdaKV repositories' max-pooling (kernel 7) of the
   base scores instead of avg-pool 5: same blocks as ``head``.
+- ``head-pages``: criticalkv + adakv, each head keeping whole block-aligned pages
+  (``head_selection="page"``, the default since it was measured here): ``K = ceil(B / bs)``.
+- ``page@head-pages``: page granularity at the blocks ``head-pages`` holds.
+
+``--modes`` runs a subset (``full`` always runs).
 
 Blocks the question and the generated tokens need are the same in both modes and not counted.
 Protocol ``prompt`` (default): the whole prompt is compressed, as the served plugin does;
@@ -41,6 +46,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 KINDS = "niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt"
+MODES = ("full", "head", "page@blocks", "page@budget", "head@tokens", "head-maxpool7", "head-pages", "page@head-pages")
+#: (head mode, page mode at the same held blocks) compared prompt by prompt
+PAIRS = (("head", "page@blocks"), ("head-pages", "page@head-pages"))
 
 
 def _csv(text: str) -> list[str]:
@@ -62,19 +70,27 @@ def settings(budget: float, prompt_len: int, block_size: int, num_layers: int, n
     """
     from vllm_kvevict.config import EvictionConfig
 
-    head = EvictionConfig.from_fields(scorer="criticalkv", budget=budget, allocation="adakv", granularity="head", **extra)
+    head = EvictionConfig.from_fields(scorer="criticalkv", budget=budget, allocation="adakv", granularity="head",
+                                      head_selection="token", **extra)
     held = head_held_blocks(head, prompt_len, block_size, num_layers, num_kv_heads)
     out = [("head", head, held)]
     tokens = held * block_size
     if tokens < prompt_len:
         out.append(("page@blocks", EvictionConfig.from_fields(scorer="criticalkv", budget=tokens, granularity="page", **extra), None))
-        more = EvictionConfig.from_fields(scorer="criticalkv", budget=tokens, allocation="adakv", granularity="head", **extra)
+        more = head.model_copy(update={"budget": tokens})
         out.append(("head@tokens", more, head_held_blocks(more, prompt_len, block_size, num_layers, num_kv_heads)))
     out.append(("page@budget", EvictionConfig.from_fields(scorer="criticalkv", budget=budget, granularity="page", **extra), None))
     # the SnapKV/AdaKV repositories' pooling (max, kernel 7): keeps a high-scoring token's
     # neighbours, i.e. multi-token answers, per head (same K: pooling does not change budgets)
     max7 = head.model_copy(update={"pooling": "max", "pooling_kernel": 7})
     out.append(("head-maxpool7", max7, held))
+    # whole block-aligned pages per head (head_selection="page"), and page granularity at its blocks
+    pages = head.model_copy(update={"head_selection": "page"})
+    held_pages = head_held_blocks(pages, prompt_len, block_size, num_layers, num_kv_heads)
+    out.append(("head-pages", pages, held_pages))
+    if held_pages * block_size < prompt_len:
+        out.append(("page@head-pages", EvictionConfig.from_fields(scorer="criticalkv", budget=held_pages * block_size,
+                                                                  granularity="page", **extra), None))
     return out
 
 
@@ -102,7 +118,8 @@ def run(args) -> Path:
         rows = [("full", EvictionConfig(), 1.0, None)]
         for budget in budgets:
             rows += [(mode, cfg, budget, held) for mode, cfg, held in
-                     settings(budget, compressed_len, bs, engine.parts.num_layers, engine.model.config.num_key_value_heads, **extra)]
+                     settings(budget, compressed_len, bs, engine.parts.num_layers, engine.model.config.num_key_value_heads, **extra)
+                     if args.modes is None or mode in args.modes]
         todo = []
         for mode, cfg, budget, held in rows:
             row = {"engine": "reference", "uid": task.uid, "policy": mode, "allocation": "adakv" if mode.startswith("head") else "-",
@@ -139,7 +156,7 @@ def summarize(rows: list[dict]) -> str:
             cells[(r["budget"], r["policy"], task)].append(r)
     lines = ["| budget | mode | task | n | accuracy | 95% CI | held blocks (mean) | held / prompt blocks | tokens kept |",
              "|---|---|---|---|---|---|---|---|---|"]
-    order = {"full": 0, "head": 1, "page@blocks": 2, "page@budget": 3, "head@tokens": 4, "head-maxpool7": 5}
+    order = {mode: i for i, mode in enumerate(MODES)}
     for (budget, mode, task), rs in sorted(cells.items(), key=lambda kv: (-kv[0][0], kv[0][2] != "all", kv[0][2], order[kv[0][1]])):
         acc = sum(r["score"] for r in rs) / len(rs)
         lo, hi = wilson_interval(sum(r["score"] for r in rs), len(rs))
@@ -147,19 +164,22 @@ def summarize(rows: list[dict]) -> str:
         frac = sum(r["held_blocks"] / r["prompt_blocks"] for r in rs) / len(rs)
         kept = sum(r["memory_fraction"] for r in rs) / len(rs)
         lines.append(f"| {budget:g} | {mode} | {task} | {len(rs)} | {acc:.3f} | [{lo:.2f}, {hi:.2f}] | {held:.1f} | {frac:.3f} | {kept:.3f} |")
-    pairs = defaultdict(lambda: [0, 0, 0, 0.0])  # head better, page better, tie, blocks head - page
     by = {(r["uid"], r["budget"], r["policy"]): r for r in rows}
-    for (uid, budget, mode), r in by.items():
-        if mode != "head" or (uid, budget, "page@blocks") not in by:
+    for head_mode, page_mode in PAIRS:
+        pairs = defaultdict(lambda: [0, 0, 0, 0.0])  # head better, page better, tie, blocks head - page
+        for (uid, budget, mode), r in by.items():
+            if mode != head_mode or (uid, budget, page_mode) not in by:
+                continue
+            p = by[(uid, budget, page_mode)]
+            cell = pairs[budget]
+            cell[0 if r["score"] > p["score"] else 1 if r["score"] < p["score"] else 2] += 1
+            cell[3] += r["held_blocks"] - p["held_blocks"]
+        if not pairs:
             continue
-        p = by[(uid, budget, "page@blocks")]
-        cell = pairs[budget]
-        cell[0 if r["score"] > p["score"] else 1 if r["score"] < p["score"] else 2] += 1
-        cell[3] += r["held_blocks"] - p["held_blocks"]
-    lines += ["", "Paired, head against page@blocks on the same prompt:", "",
-              "| budget | head better | page better | tie | held blocks head - page (sum) |", "|---|---|---|---|---|"]
-    for budget, (h, p, t, d) in sorted(pairs.items(), reverse=True):
-        lines.append(f"| {budget:g} | {h} | {p} | {t} | {d:g} |")
+        lines += ["", f"Paired, {head_mode} against {page_mode} on the same prompt:", "",
+                  "| budget | head better | page better | tie | held blocks head - page (sum) |", "|---|---|---|---|---|"]
+        for budget, (h, pb, t, d) in sorted(pairs.items(), reverse=True):
+            lines.append(f"| {budget:g} | {h} | {pb} | {t} | {d:g} |")
     return "\n".join(lines)
 
 
@@ -177,6 +197,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epsilon", type=float, default=None,
                     help="criticalkv's stage-2 epsilon (default: the config's, 0); use a separate --out per value")
+    ap.add_argument("--modes", type=lambda t: set(_csv(t)), default=None,
+                    help=f"only these modes (comma-separated; default all): {', '.join(MODES[1:])}")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     start = time.perf_counter()

@@ -28,7 +28,8 @@ targets=("$@")
 for target in "${targets[@]}"; do
   case "$target" in
     kvpress) out=benchmarks/quality/results/kvpress; extra=() ;;
-    reference) out=benchmarks/quality/results/reference-kvsettings; extra=(--kvpress-settings --engine-name reference-kvsettings) ;;
+    reference) out=benchmarks/quality/results/reference-kvsettings
+               extra=(--kvpress-settings --engine-name reference-kvsettings --granularities head-token) ;;
     *) echo "unknown target $target" >&2; exit 2 ;;
   esac
   for subset in "${SUBSETS[@]}"; do

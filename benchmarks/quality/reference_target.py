@@ -33,9 +33,12 @@ def point_config(point: Point, overrides: Optional[dict] = None):
 
     if point.is_full_cache:
         return EvictionConfig()
-    extra = (overrides or {}).get(point.policy, {})
+    extra = dict((overrides or {}).get(point.policy, {}))
+    granularity = point.granularity
+    if granularity == "head-token":  # head granularity, single tokens per head (kvpress's way)
+        granularity, extra["head_selection"] = "head", "token"
     return EvictionConfig.from_fields(
-        scorer=point.policy, budget=point.budget, allocation=point.allocation, granularity=point.granularity, **extra
+        scorer=point.policy, budget=point.budget, allocation=point.allocation, granularity=granularity, **extra
     )
 
 

@@ -20,6 +20,8 @@ def vllm_xargs(point: Point) -> Optional[dict]:
     if point.is_full_cache:
         return None
     xargs = {"kv_eviction": point.policy, "kv_budget": point.budget, "kv_granularity": point.granularity}
+    if point.granularity == "head-token":  # single tokens per head
+        xargs.update(kv_granularity="head", kv_head_selection="token")
     if point.allocation:
         xargs["kv_allocation"] = point.allocation
     return xargs
