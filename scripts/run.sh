@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set-up (seconds when warm), then serve SmolLM2-135M-Instruct on CPU with
 # eviction on, send long-context questions through the OpenAI API and print the savings, then
-# keep serving until Ctrl-C. Extra arguments go to `vllm serve` (e.g. --kv-budget 0.1).
+# keep serving until Ctrl-C. Extra arguments go to `vllm serve` (e.g. --kv-budget 0.2).
 #   KVEVICT_DEMO_ONLY=1  stop the server after the demo requests
 #   KVEVICT_PORT=8000    port to serve on
 set -euo pipefail
@@ -13,7 +13,7 @@ LOG=${KVEVICT_LOG:-/tmp/vllm-kvevict-serve.log}
 
 vllm serve "$KVEVICT_MODEL_DIR" --port "$PORT" --dtype float32 --max-model-len 8192 \
   --block-size 32 --kv-cache-memory-bytes 1073741824 \
-  --kv-eviction criticalkv --kv-budget 0.2 "$@" >"$LOG" 2>&1 &
+  --kv-eviction criticalkv --kv-budget 0.1 "$@" >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 echo "[run] vllm serve started (pid $SERVER, log $LOG); waiting for it to be ready"
