@@ -100,6 +100,10 @@ class EvictionConfigError(ValueError):
 #: Allocations that split one layer's pages across its heads from that layer's scores alone
 #: (``head_selection="page"`` runs them on page scores).
 HEAD_PAGE_ALLOCATIONS = ("uniform", "adakv", "adakv_floor")
+#: Largest block size at which head granularity keeps whole pages per head by default: at 16 and
+#: 32 tokens whole pages kept needles at least as well as single tokens, at vLLM CPU's default
+#: 128 they lost them (benchmarks/quality/HEAD_VS_PAGE.md).
+HEAD_PAGE_MAX_BLOCK_SIZE = 32
 
 
 class EvictionConfig(BaseModel):
@@ -129,7 +133,7 @@ class EvictionConfig(BaseModel):
         None,
         description="head granularity: keep each KV head's best whole block-aligned pages "
         "(no head-page left partly empty), or its best single tokens (default: page where the "
-        "allocation is uniform, adakv or adakv_floor, else token)",
+        "allocation is uniform, adakv or adakv_floor and the block size at most 32, else token)",
     )
     decode_interval: int = Field(0, ge=0, description="re-compress every N decoded tokens (0: never)")
     alpha: float = Field(0.2, ge=0.0, le=1.0, description="Ada-KV: share of the budget spread uniformly")
@@ -202,12 +206,13 @@ class EvictionConfig(BaseModel):
             return self.granularity
         return "page" if self.resolved_allocation == "uniform" else "head"
 
-    @property
-    def resolved_head_selection(self) -> str:
-        """``page`` (whole pages per head) for per-layer allocations, ``token`` otherwise, unless set."""
+    def head_selection_for(self, block_size: int) -> str:
+        """``page`` (whole pages per head) for per-layer allocations on pages of at most
+        :data:`HEAD_PAGE_MAX_BLOCK_SIZE` tokens, ``token`` otherwise, unless set."""
         if self.head_selection is not None:
             return self.head_selection
-        return "page" if self.resolved_allocation in HEAD_PAGE_ALLOCATIONS else "token"
+        page = self.resolved_allocation in HEAD_PAGE_ALLOCATIONS and block_size <= HEAD_PAGE_MAX_BLOCK_SIZE
+        return "page" if page else "token"
 
     @property
     def resolved_sinks(self) -> int:

@@ -184,7 +184,7 @@ def main() -> None:
             "policy": policy,
             "allocation": EvictionConfig(**ev).resolved_allocation,
             "granularity": granularity,
-            "head_selection": EvictionConfig(**ev).resolved_head_selection if granularity == "head" else None,
+            "head_selection": EvictionConfig(**ev).head_selection_for(args.block_size) if granularity == "head" else None,
             "budget": budget,
             "prompt_tokens": args.prompt_tokens,
             "blocks_held": got["blocks_held"],

@@ -12,7 +12,6 @@ from typing import Callable, Optional
 
 from benchmarks.quality.grid import Point, base_row
 
-
 #: ``--kvpress-settings``: kvpress 0.5.5's settings where ours differ, as in tests/parity/: windows
 #: (ours protect the last 32 tokens for every scorer; kvpress's KnormPress, KeyDiffPress and
 #: ExpectedAttentionPress protect none, TOVAPress only the last position) and CriticalKV's
@@ -26,6 +25,11 @@ KVPRESS_SETTINGS: dict[str, dict] = {
 }
 
 
+#: Granularity labels of a sweep point that fix head granularity's selection: single tokens per
+#: head (kvpress's way) or whole pages per head, whatever the block size.
+HEAD_SELECTION_LABELS = {"head-token": "token", "head-page": "page"}
+
+
 def point_config(point: Point, overrides: Optional[dict] = None):
     """``EvictionConfig`` of a sweep point (``none`` for the full cache); ``overrides`` maps a
     scorer to extra fields (e.g. :data:`KVPRESS_SETTINGS`)."""
@@ -35,8 +39,8 @@ def point_config(point: Point, overrides: Optional[dict] = None):
         return EvictionConfig()
     extra = dict((overrides or {}).get(point.policy, {}))
     granularity = point.granularity
-    if granularity == "head-token":  # head granularity, single tokens per head (kvpress's way)
-        granularity, extra["head_selection"] = "head", "token"
+    if granularity in HEAD_SELECTION_LABELS:  # head granularity, one way of choosing per head
+        granularity, extra["head_selection"] = "head", HEAD_SELECTION_LABELS[point.granularity]
     return EvictionConfig.from_fields(
         scorer=point.policy, budget=point.budget, allocation=point.allocation, granularity=granularity, **extra
     )

@@ -57,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS))
     ap.add_argument("--allocations", default="default", help="'default' (per scorer) or allocator names")
     ap.add_argument("--granularities", default="head",
-                    help="head (the plugin's default per head: whole pages for per-layer allocations), "
-                         "head-token (single tokens per head, as kvpress) and/or page (whole blocks for all heads)")
+                    help="head (the plugin's default per head), head-token (single tokens per head, as "
+                         "kvpress), head-page (whole pages per head) and/or page (whole blocks for all heads)")
     ap.add_argument("--block-size", type=int, default=128, help="reference: page size for granularity page (vLLM CPU's block)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (reference, kvpress); on a shared, busy CPU 1 is fastest")

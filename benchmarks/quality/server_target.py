@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from benchmarks.quality.grid import Point, base_row
+from benchmarks.quality.reference_target import HEAD_SELECTION_LABELS
 
 
 def vllm_xargs(point: Point) -> Optional[dict]:
@@ -20,8 +21,8 @@ def vllm_xargs(point: Point) -> Optional[dict]:
     if point.is_full_cache:
         return None
     xargs = {"kv_eviction": point.policy, "kv_budget": point.budget, "kv_granularity": point.granularity}
-    if point.granularity == "head-token":  # single tokens per head
-        xargs.update(kv_granularity="head", kv_head_selection="token")
+    if point.granularity in HEAD_SELECTION_LABELS:  # head granularity, one way of choosing per head
+        xargs.update(kv_granularity="head", kv_head_selection=HEAD_SELECTION_LABELS[point.granularity])
     if point.allocation:
         xargs["kv_allocation"] = point.allocation
     return xargs

@@ -27,8 +27,8 @@ def test_full_cache_is_token_identical_to_hf_generate(engine):
 
 
 def test_needle_found_with_full_cache_and_kept_at_quarter_budget(engine):
-    """Two 1.5k-token needle prompts: full cache answers both; criticalkv at 0.25 keeps a quarter
-    of every head in head mode and about a quarter of the blocks in page mode."""
+    """Two 1.5k-token needle prompts: full cache answers both; criticalkv at 0.25 keeps about a
+    quarter of every head in head mode (whole pages per head) and of the blocks in page mode."""
     tasks = make_suite(["niah_single"], engine.tokenizer, [1500], 2, seed=7)
     configs = [
         EvictionConfig(),
@@ -39,6 +39,6 @@ def test_needle_found_with_full_cache_and_kept_at_quarter_budget(engine):
     rows = {row["policy"]: row for row in summarize(results)}
     assert rows["full"]["accuracy"] == 1.0
     head = rows["criticalkv/adakv/head"]
-    assert head["memory_kept"] == pytest.approx(0.25, abs=0.002)
+    assert 0.25 <= head["memory_kept"] <= 0.25 + 16 / 1400  # whole 16-token pages per head
     page = rows["criticalkv/adakv/page"]
     assert 0.25 <= page["memory_kept"] <= 0.25 + 3 * 16 / 1400

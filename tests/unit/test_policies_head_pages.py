@@ -30,7 +30,7 @@ def test_each_head_keeps_whole_runs_and_k_is_the_ideal(allocation, block_size, n
     generator = torch.Generator().manual_seed(seed)
     length, layers = 1000 + int(torch.randint(0, 40, (1,), generator=generator)), 3
     config = EvictionConfig(scorer="snapkv", budget=0.2, allocation=allocation, granularity="head", sinks=4)
-    assert config.resolved_head_selection == "page"
+    assert config.head_selection_for(block_size) == "page"
     # a few loud tokens per head so the heads' budgets differ
     scores = [torch.rand(num_kv_heads, length, generator=generator) ** 8 for _ in range(layers)]
     kept = plan_head(scores, config, length, block_size)
@@ -62,9 +62,9 @@ def test_scores_and_plan_follow_the_selection(seed):
     pages = EvictionConfig(scorer="criticalkv", budget=0.2, granularity="head")
     tokens = pages.model_copy(update={"head_selection": "token"})
     # criticalkv's page variant: no +inf marks beyond window and sinks
-    page_scores = head_score_layer(inputs, pages)
+    page_scores = head_score_layer(inputs, pages, 32)
     assert torch.isinf(page_scores).sum() == torch.isinf(protect(torch.zeros(2, 300), pages)).sum()
-    token_kept = plan_head([head_score_layer(inputs, tokens)], tokens, 300, 32)
+    token_kept = plan_head([head_score_layer(inputs, tokens, 32)], tokens, 300, 32)
     assert int(token_kept.head_budgets.sum()) == 2 * tokens.budget_tokens(300)
     page_kept = plan_head_pages([page_scores], pages, 300, 32)
     assert int(page_kept.head_budgets.sum()) == sum(len(i) for i in page_kept.indices[0])
@@ -73,7 +73,9 @@ def test_scores_and_plan_follow_the_selection(seed):
 def test_whole_pages_need_a_per_layer_allocation():
     with pytest.raises(ValueError, match="head_selection"):
         EvictionConfig(scorer="pyramidkv", budget=0.2, head_selection="page")
-    assert EvictionConfig(scorer="pyramidkv", budget=0.2).resolved_head_selection == "token"
-    assert EvictionConfig(scorer="laprox", budget=0.2).resolved_head_selection == "token"
-    assert EvictionConfig(scorer="criticalkv", budget=0.2).resolved_head_selection == "page"
-    assert EvictionConfig(scorer="criticalkv", budget=0.2, head_selection="token").resolved_head_selection == "token"
+    assert EvictionConfig(scorer="pyramidkv", budget=0.2).head_selection_for(16) == "token"
+    assert EvictionConfig(scorer="laprox", budget=0.2).head_selection_for(16) == "token"
+    critical = EvictionConfig(scorer="criticalkv", budget=0.2)
+    assert [critical.head_selection_for(bs) for bs in (16, 32, 64, 128)] == ["page", "page", "token", "token"]
+    assert EvictionConfig(scorer="criticalkv", budget=0.2, head_selection="token").head_selection_for(16) == "token"
+    assert EvictionConfig(scorer="criticalkv", budget=0.2, head_selection="page").head_selection_for(128) == "page"

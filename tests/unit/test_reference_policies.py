@@ -72,7 +72,7 @@ def test_page_mode_keeps_whole_blocks_for_every_head(tiny_engine, prefilled, sco
 @pytest.mark.parametrize("scorer", ["snapkv", "criticalkv", "defensivekv"])
 def test_head_mode_with_whole_pages_keeps_block_aligned_runs_per_head(tiny_engine, prefilled, scorer, block_size):
     config = EvictionConfig(scorer=scorer, budget=0.3, granularity="head", window=16)
-    assert config.resolved_head_selection == "page"  # the default for adakv
+    assert config.head_selection_for(block_size) == "page"  # the default for adakv at 16 and 32
     out = tiny_engine.generate(prefilled, config, 2, stop_on_eos=False, block_size=block_size, return_cache=True)
     pages = pages_per_head(config, PROMPT_LEN, block_size)
     assert pages == math.ceil(config.budget_tokens(PROMPT_LEN) / block_size)

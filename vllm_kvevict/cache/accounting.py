@@ -51,10 +51,11 @@ def held_blocks(
 
 
 def ideal_blocks(config: EvictionConfig, prompt_len: int, seq_len: int, block_size: int) -> int:
-    """``ceil(kept_fraction * ceil(P / bs)) + ceil((seq_len - P) / bs)``."""
-    prompt_blocks = math.ceil(prompt_len / block_size)
+    """``ceil(B / bs) + ceil((seq_len - P) / bs)``, ``B = config.budget_tokens(P)`` the tokens a
+    KV head keeps: EVALUATION.md's ``budget x prompt_blocks`` counted in the tokens actually kept,
+    so a prompt's partly filled last block is not counted as a whole kept block."""
     generated = max(0, seq_len - prompt_len)
-    return math.ceil(kept_fraction(config, prompt_len) * prompt_blocks) + math.ceil(generated / block_size)
+    return math.ceil(config.budget_tokens(prompt_len) / block_size) + math.ceil(generated / block_size)
 
 
 def memory_efficiency(

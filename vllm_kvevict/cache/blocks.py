@@ -103,7 +103,7 @@ def compact_blocks_needed(
     """
     _check_sizes(prompt_len, block_size, num_layers, num_kv_heads)
     bounds = layer_budget_bounds(config, prompt_len, num_layers)
-    if config.resolved_head_selection == "page" and bounds[0].mean < prompt_len:
+    if config.head_selection_for(block_size) == "page" and bounds[0].mean < prompt_len:
         return pages_per_head(config, prompt_len, block_size)  # every head-page holds one whole run
     return max(_ceil_div(head_pages_bound(b, block_size, num_kv_heads), num_kv_heads) for b in bounds)
 

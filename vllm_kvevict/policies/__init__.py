@@ -49,10 +49,10 @@ def page_score_layer(inputs: LayerInputs, config: EvictionConfig) -> torch.Tenso
     return page(inputs, config).float() if page is not None else score_layer(inputs, config)
 
 
-def head_score_layer(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor:
+def head_score_layer(inputs: LayerInputs, config: EvictionConfig, block_size: int) -> torch.Tensor:
     """``[Hkv, L]`` token scores for head granularity: pooled into page scores when each head
     keeps whole pages (:func:`page_score_layer`), the scorer's own otherwise (:func:`score_layer`)."""
-    if config.resolved_head_selection == "page":
+    if config.head_selection_for(block_size) == "page":
         return page_score_layer(inputs, config)
     return score_layer(inputs, config)
 
@@ -60,7 +60,7 @@ def head_score_layer(inputs: LayerInputs, config: EvictionConfig) -> torch.Tenso
 def plan_head(scores: list[torch.Tensor], config: EvictionConfig, seq_len: int, block_size: int) -> KeptSet:
     """Head granularity's kept set from :func:`head_score_layer` scores: whole block-aligned pages
     per head (:func:`plan_head_pages`) or single tokens (:func:`plan_kept`)."""
-    if config.resolved_head_selection == "page":
+    if config.head_selection_for(block_size) == "page":
         return plan_head_pages(scores, config, seq_len, block_size)
     return plan_kept(scores, config, seq_len)
 

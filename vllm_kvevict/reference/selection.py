@@ -52,6 +52,6 @@ def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -
         return [[tokens for _ in range(prefilled.num_kv_heads)] for _ in range(prefilled.num_layers)]
     from vllm_kvevict import policies
 
-    scores = [policies.head_score_layer(layer, config) for layer in prefilled.layer_inputs(config)]
+    scores = [policies.head_score_layer(layer, config, block_size) for layer in prefilled.layer_inputs(config)]
     kept = policies.plan_head(scores, config, prefilled.prompt_len, block_size)
     return [[idx.to(torch.long) for idx in row] for row in kept.indices]

@@ -246,7 +246,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             scale=self.scale,
             **state.query_inputs(layer_name, row),
         )
-        scores = _score_layer(inputs, req.config)
+        scores = _score_layer(inputs, req.config, block_size)
         if scores.shape != (num_kv_heads, length):
             raise RuntimeError(f"scorer returned {tuple(scores.shape)}, expected {(num_kv_heads, length)}")
         state.record_scores(row, idx, scores.float())

@@ -60,7 +60,7 @@ def needs_attention_sum(config: EvictionConfig) -> bool:
     return config.scorer == "h2o"
 
 
-def _score_layer(inputs, config: EvictionConfig) -> torch.Tensor:
+def _score_layer(inputs, config: EvictionConfig, block_size: int) -> torch.Tensor:
     """``[Hkv, L]`` token scores of one layer.
 
     Head granularity selecting tokens: the scorer's own scores (``score_layer``), as the
@@ -71,7 +71,7 @@ def _score_layer(inputs, config: EvictionConfig) -> torch.Tensor:
     from vllm_kvevict.policies import head_score_layer, page_score_layer
 
     if config.resolved_granularity == "head":
-        return head_score_layer(inputs, config)
+        return head_score_layer(inputs, config, block_size)
     return page_score_layer(inputs, config)
 
 
