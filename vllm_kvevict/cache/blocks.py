@@ -96,10 +96,11 @@ def compact_blocks_needed(
     """``K``: compact blocks a request needs so every layer's head-pages fit, from the budget alone.
 
     ``K = max_l ceil(pages_l / Hkv)`` with ``pages_l`` from :func:`head_pages_bound`; always
-    ``<= ceil(max_l Bbar_l / bs) + 1``. With ``head_selection="page"`` every head-page holds
-    one whole page of the prompt and ``K`` is
-    :func:`~vllm_kvevict.policies.head_page_select.pages_per_head`. ``num_kv_heads`` is the heads this worker holds (per
-    tensor-parallel rank); ranks with equal head counts get the same ``K``.
+    ``<= ceil(max_l Bbar_l / bs) + 1``. When each head keeps whole pages
+    (``config.head_selection_for(bs) == "page"``) every head-page is one page of the prompt and
+    ``K`` is :func:`~vllm_kvevict.policies.head_page_select.pages_per_head`, the ideal.
+    ``num_kv_heads`` is the heads this worker holds (per tensor-parallel rank); ranks with equal
+    head counts get the same ``K``.
     """
     _check_sizes(prompt_len, block_size, num_layers, num_kv_heads)
     bounds = layer_budget_bounds(config, prompt_len, num_layers)
