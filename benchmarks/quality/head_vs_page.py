@@ -63,23 +63,24 @@ def head_held_blocks(config, prompt_len: int, block_size: int, num_layers: int, 
     return k + prompt_tail_layout(prompt_len, block_size).tail_blocks(prompt_len)
 
 
-def settings(budget: float, prompt_len: int, block_size: int, num_layers: int, num_kv_heads: int, **extra):
+def settings(budget: float, prompt_len: int, block_size: int, num_layers: int, num_kv_heads: int,
+             scorer: str = "criticalkv", **extra):
     """``[(mode, config, held_blocks_or_None)]`` for one budget; page@blocks matches head's blocks.
 
-    ``extra``: more criticalkv fields for every mode (e.g. ``epsilon=1e-4``).
+    ``extra``: more policy fields for every mode (e.g. ``epsilon=1e-4``).
     """
     from vllm_kvevict.config import EvictionConfig
 
-    head = EvictionConfig.from_fields(scorer="criticalkv", budget=budget, allocation="adakv", granularity="head",
+    head = EvictionConfig.from_fields(scorer=scorer, budget=budget, allocation="adakv", granularity="head",
                                       head_selection="token", **extra)
     held = head_held_blocks(head, prompt_len, block_size, num_layers, num_kv_heads)
     out = [("head", head, held)]
     tokens = held * block_size
     if tokens < prompt_len:
-        out.append(("page@blocks", EvictionConfig.from_fields(scorer="criticalkv", budget=tokens, granularity="page", **extra), None))
+        out.append(("page@blocks", EvictionConfig.from_fields(scorer=scorer, budget=tokens, granularity="page", **extra), None))
         more = head.model_copy(update={"budget": tokens})
         out.append(("head@tokens", more, head_held_blocks(more, prompt_len, block_size, num_layers, num_kv_heads)))
-    out.append(("page@budget", EvictionConfig.from_fields(scorer="criticalkv", budget=budget, granularity="page", **extra), None))
+    out.append(("page@budget", EvictionConfig.from_fields(scorer=scorer, budget=budget, granularity="page", **extra), None))
     # the SnapKV/AdaKV repositories' pooling (max, kernel 7): keeps a high-scoring token's
     # neighbours, i.e. multi-token answers, per head (same K: pooling does not change budgets)
     max7 = head.model_copy(update={"pooling": "max", "pooling_kernel": 7})
@@ -89,7 +90,7 @@ def settings(budget: float, prompt_len: int, block_size: int, num_layers: int, n
     held_pages = head_held_blocks(pages, prompt_len, block_size, num_layers, num_kv_heads)
     out.append(("head-pages", pages, held_pages))
     if held_pages * block_size < prompt_len:
-        out.append(("page@head-pages", EvictionConfig.from_fields(scorer="criticalkv", budget=held_pages * block_size,
+        out.append(("page@head-pages", EvictionConfig.from_fields(scorer=scorer, budget=held_pages * block_size,
                                                                   granularity="page", **extra), None))
     return out
 
@@ -118,7 +119,8 @@ def run(args) -> Path:
         rows = [("full", EvictionConfig(), 1.0, None)]
         for budget in budgets:
             rows += [(mode, cfg, budget, held) for mode, cfg, held in
-                     settings(budget, compressed_len, bs, engine.parts.num_layers, engine.model.config.num_key_value_heads, **extra)
+                     settings(budget, compressed_len, bs, engine.parts.num_layers, engine.model.config.num_key_value_heads,
+                              scorer=args.scorer, **extra)
                      if args.modes is None or mode in args.modes]
         todo = []
         for mode, cfg, budget, held in rows:
@@ -137,7 +139,7 @@ def run(args) -> Path:
             elif row["policy"] == "full":
                 held = math.ceil(compressed_len / bs)
             gen = engine.generate(compressed, cfg, task.max_new_tokens, suffix_ids=suffix, block_size=bs)
-            row.update(epsilon=cfg.epsilon if cfg.enabled else None, task=task.kind, context_tokens=task.context_tokens, compressed_tokens=compressed_len,
+            row.update(scorer=cfg.scorer, epsilon=cfg.epsilon if cfg.enabled else None, task=task.kind, context_tokens=task.context_tokens, compressed_tokens=compressed_len,
                        held_blocks=held, prompt_blocks=math.ceil(compressed_len / bs),
                        memory_fraction=round(gen.memory_fraction, 4), score=score(task, gen.text), output=gen.text,
                        answers=task.answers, seconds=round(time.perf_counter() - start, 3))
@@ -197,6 +199,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epsilon", type=float, default=None,
                     help="criticalkv's stage-2 epsilon (default: the config's, 0); use a separate --out per value")
+    ap.add_argument("--scorer", default="criticalkv", help="the policy of every mode (its default allocation for "
+                    "head modes is replaced by adakv); use a separate --out per scorer")
     ap.add_argument("--modes", type=lambda t: set(_csv(t)), default=None,
                     help=f"only these modes (comma-separated; default all): {', '.join(MODES[1:])}")
     ap.add_argument("--report-only", action="store_true")
