@@ -33,7 +33,6 @@ give each value its own OUT); ``OUT/summary.md`` is the table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
