@@ -21,6 +21,9 @@ DEVICE = os.environ.get("KVEVICT_KERNEL_DEVICE", "cpu")
 #: Multiplies the tests' lengths (tokens, window rows, value rows, output width).
 SCALE = int(os.environ.get("KVEVICT_KERNEL_SCALE", "1"))
 
+#: KV heads of the tests' caches: 2 at the small default size, 8 (a real model's) at full size.
+KV_HEADS = 2 if SCALE == 1 else 8
+
 if DEVICE != "cpu":
     # Long float32 reductions on the GPU sum in another order than the reference: hold them to
     # 1e-4 (still far under tf32's ~3e-4); bf16 keeps 1e-2.

@@ -178,13 +178,14 @@ def main() -> None:
         (g, p, float(b)) for g in args.granularities.split(",") for p in args.policies.split(",") for b in args.budgets.split(",")
     ):
         ev = {"scorer": policy, "budget": budget, "granularity": granularity}
+        config = EvictionConfig(**ev)
         got = _spawn(args, ev)
-        ideal = ideal_blocks(EvictionConfig(**ev), args.prompt_tokens, got["tokens_at_measure"], args.block_size)
+        ideal = ideal_blocks(config, args.prompt_tokens, got["tokens_at_measure"], args.block_size)
         rows.append({
             "policy": policy,
-            "allocation": EvictionConfig(**ev).resolved_allocation,
+            "allocation": config.resolved_allocation,
             "granularity": granularity,
-            "head_selection": EvictionConfig(**ev).head_selection_for(args.block_size) if granularity == "head" else None,
+            "head_selection": config.head_selection_for(args.block_size) if granularity == "head" else None,
             "budget": budget,
             "prompt_tokens": args.prompt_tokens,
             "blocks_held": got["blocks_held"],

@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -256,24 +257,29 @@ def bench_vllm_decode(setup: Setup, bench, q, tokens: int, shape: str) -> None:
             add_row(setup, kernel, shape, ms, None, nbytes)
 
 
+def best_config(setup: Setup, bench, what: str, configs: list[tuple[str, Callable[[], object]]]) -> tuple[float, str]:
+    """``(median ms, label)`` of the fastest of ``configs`` (``(label, fn)``; two under --smoke);
+    each timing is printed, a configuration that fails is a note."""
+    results = []
+    for label, fn in configs[:2] if setup.smoke else configs:
+        ms = guarded(setup, f"{what} {label}", lambda: bench(fn))
+        if ms is not None:
+            results.append((ms, label))
+            print(f"sweep {what} {label}: {ms:.4f} ms", flush=True)
+    return min(results)
+
+
 def sweep_decode(setup: Setup, bench, q, case) -> tuple[float, str]:
     """Best launch configuration of our decode kernel on this shape (tile, warps, stages, splits)."""
     from vllm_kvevict.kernels.decode_attention import default_num_splits
 
     base = default_num_splits(q, case.k_cache, case.compact_pages, case.block_table)
-    grid = [(bn, w, st, sp) for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3, 4)
-            for sp in sorted({max(1, base // 2), base, 2 * base})]
-    if setup.smoke:
-        grid = grid[:2]
-    results = []
-    for bn, w, st, sp in grid:
-        fn = lambda: triton_paged_decode_attention(q, case.k_cache, case.v_cache, *case.tables, num_splits=sp,  # noqa: E731
-                                                   block_n=bn, num_warps=w, num_stages=st)
-        ms = guarded(setup, f"decode config bn={bn} w={w} st={st} splits={sp}", lambda: bench(fn))
-        if ms is not None:
-            results.append((ms, f"block_n={bn} warps={w} stages={st} splits={sp}"))
-            print(f"sweep decode B={q.shape[0]} {results[-1][1]}: {ms:.4f} ms", flush=True)
-    return min(results)
+    configs = [(f"block_n={bn} warps={w} stages={st} splits={sp}",
+                partial(triton_paged_decode_attention, q, case.k_cache, case.v_cache, *case.tables, num_splits=sp,
+                        block_n=bn, num_warps=w, num_stages=st))
+               for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3, 4)
+               for sp in sorted({max(1, base // 2), base, 2 * base})]
+    return best_config(setup, bench, f"decode B={q.shape[0]}", configs)
 
 
 def vllm_layout_from(setup: Setup, batch: int, tokens: int):
@@ -345,15 +351,10 @@ def bench_value_norms(setup: Setup, bench, gen):
         for p, nbytes, flops, configs in (
                 (1, l1_bytes, l1_flops, [(bn, be, w) for bn in (32, 64, 128) for be in (64, 128) for w in (4, 8)]),
                 (2, l2_bytes, l2_flops, [(bn, 64, w) for bn in (32, 64, 128) for w in (4, 8)])):
-            results = []
-            for bn, be, w in (configs[:2] if setup.smoke else configs):
-                fn = lambda: triton_value_norms(values, o_proj, H, p=p, factor=factor, block_n=bn,  # noqa: E731
-                                                block_e=be, num_warps=w)
-                ms = guarded(setup, f"value norm p={p} block_n={bn} block_e={be} warps={w}", lambda: bench(fn))
-                if ms is not None:
-                    results.append((ms, f"block_n={bn} block_e={be} warps={w}"))
-                    print(f"sweep value_norm p={p} {results[-1][1]}: {ms:.4f} ms", flush=True)
-            best, config = min(results)
+            best, config = best_config(setup, bench, f"value_norm p={p}", [
+                (f"block_n={bn} block_e={be} warps={w}",
+                 partial(triton_value_norms, values, o_proj, H, p=p, factor=factor, block_n=bn, block_e=be, num_warps=w))
+                for bn, be, w in configs])
             add_row(setup, f"value_norm_{'l1_streaming_wo' if p == 1 else 'l2_gram'}[{config}]", shape, best,
                     None, nbytes, flops)
 

@@ -3,7 +3,7 @@ and the torch reference against dense softmax attention over explicitly gathered
 
 import pytest
 import torch
-from kernel_checks import DEVICE, SCALE, TOL, rel_err
+from kernel_checks import DEVICE, KV_HEADS, SCALE, TOL, rel_err
 
 from vllm_kvevict.kernels import paged_decode_attention, torch_paged_decode_attention, triton_paged_decode_attention
 from vllm_kvevict.kernels.synthetic import make_two_segment_case
@@ -57,7 +57,7 @@ def dense_reference(q, case, scale):
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_triton_matches_torch_reference(group, head_dim, block_size, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    Hkv = 2 if SCALE == 1 else 8
+    Hkv = KV_HEADS
     case = random_case(gen, Hkv, head_dim, block_size, dtype, B=3 if SCALE == 1 else 8, scale=SCALE, device=DEVICE)
     q = torch.randn(case.compact_lens.shape[0], Hkv * group, head_dim, generator=gen).to(dtype).to(DEVICE)
     ref = torch_paged_decode_attention(q, case.k_cache, case.v_cache, *case.tables)

@@ -3,7 +3,7 @@ reference, and the reference against an explicit per-head ``v @ Wo[h]^T``."""
 
 import pytest
 import torch
-from kernel_checks import DEVICE, SCALE, TOL, rel_err
+from kernel_checks import DEVICE, KV_HEADS, SCALE, TOL, rel_err
 
 from vllm_kvevict.kernels import gram_factor, head_gram, torch_value_norms, triton_value_norms, value_norms
 
@@ -13,7 +13,7 @@ from vllm_kvevict.kernels import gram_factor, head_gram, torch_value_norms, trit
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_triton_matches_torch_reference(group, head_dim, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    Hkv = 2 if SCALE == 1 else 8
+    Hkv = KV_HEADS
     H = Hkv * group
     N = int(torch.randint(1, 50 * SCALE, (1,), generator=gen))
     D = 80 * SCALE + 16 * (SCALE > 1)  # not a multiple of the Wo tile: the last tile is masked

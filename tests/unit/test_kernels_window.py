@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import DEVICE, SCALE, TOL, rel_err
+from kernel_checks import DEVICE, KV_HEADS, SCALE, TOL, rel_err
 
 from vllm_kvevict.kernels import (
     STATISTICS,
@@ -37,7 +37,7 @@ def positional_request(gen, Hkv, d, bs, dtype, seq_len, null_blocks=1, device="c
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_triton_matches_torch_reference(group, head_dim, block_size, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    Hkv = 2 if SCALE == 1 else 8
+    Hkv = KV_HEADS
     seq_len = int(torch.randint(block_size + 1, 3 * block_size * SCALE, (1,), generator=gen))
     W = int(torch.randint(1, 20, (1,), generator=gen)) if SCALE == 1 else 32
     k_cache, table = positional_request(gen, Hkv, head_dim, block_size, dtype, seq_len, device=DEVICE)

@@ -8,7 +8,7 @@
 Layout and bounds: docs/HEAD_PAGES.md.
 """
 
-from vllm_kvevict.cache.accounting import HeldBlocks, held_blocks, ideal_blocks, kept_fraction, memory_efficiency
+from vllm_kvevict.cache.accounting import HeldBlocks, held_blocks, ideal_blocks, memory_efficiency
 from vllm_kvevict.cache.blocks import (
     LayerBudgetBound,
     TailLayout,
@@ -44,7 +44,6 @@ __all__ = [
     "head_pages_bound",
     "held_blocks",
     "ideal_blocks",
-    "kept_fraction",
     "kept_positions_tensor",
     "layer_budget_bounds",
     "memory_efficiency",

@@ -28,15 +28,6 @@ class HeldBlocks:
         return self.compact + self.tail
 
 
-def kept_fraction(config: EvictionConfig, prompt_len: int) -> float:
-    """Share of the prompt each head keeps on average: ``budget`` for a fraction, ``B / P`` otherwise."""
-    if prompt_len == 0 or config.keeps_everything:
-        return 1.0
-    if config.is_token_budget:
-        return min(1.0, config.budget_tokens(prompt_len) / prompt_len)
-    return float(config.budget)
-
-
 def held_blocks(
     config: EvictionConfig,
     prompt_len: int,
