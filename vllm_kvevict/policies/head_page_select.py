@@ -42,9 +42,8 @@ def pages_per_head(config: EvictionConfig, seq_len: int, block_size: int) -> int
 
 def plan_head_pages(scores: list[torch.Tensor], config: EvictionConfig, seq_len: int, block_size: int) -> KeptSet:
     """Kept runs per (layer, KV head), as token indices; ``scores`` per layer ``[Hkv, L]``."""
-    budget = config.budget_tokens(seq_len)
     pages = pages_per_head(config, seq_len, block_size)
-    if config.keeps_everything or budget >= seq_len or pages * block_size >= seq_len:
+    if pages * block_size >= seq_len:  # also when the budget keeps everything: then pages = all runs
         return keep_all(scores, seq_len)
     protected = [protect(s, config) for s in scores]
     runs = [run_scores(p, block_size) for p in protected]
