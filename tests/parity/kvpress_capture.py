@@ -23,7 +23,7 @@ attention, so the prefill itself never depends on it).
 Kept indices come from what kvpress did, never from re-deriving its rule:
 
 * pruning presses (``ScorerPress.compress``, ``PyramidKVPress``) return gathered keys; each
-  returned key row is matched, bit for bit, to its row in the input keys;
+  returned key row is matched, by its bytes, to its row in the input keys (:class:`RowIndex`);
 * masking presses (``AdaKVPress``, ``CriticalAdaKVPress``) leave the cache whole and record the
   pruned ``(batch, head, position)`` triples in ``module.masked_key_indices``; kept = the rest.
 
@@ -73,31 +73,42 @@ def inner_scorer(press):
 
 
 class RowIndex:
-    """Finds rows of one layer's keys ``[Hkv, L, d]`` by value (exact match, no tolerance).
+    """Finds rows of one layer's keys ``[Hkv, L, d]`` by their bytes (exact, no arithmetic).
 
-    Rows are located through a fixed random projection, then compared whole.
+    kvpress returns gathered rows (``keys.gather``), i.e. the very bytes of input rows. Matching
+    bytes involves no floating-point operation, so the result cannot depend on the CPU or on
+    how many rows are looked up at once (a float projection ``keys @ r`` computed over ``L``
+    rows and over ``n`` rows may round one row differently: seen on an AMD EPYC).
     """
 
     def __init__(self, keys: torch.Tensor):
-        gen = torch.Generator().manual_seed(0)
         self.keys = keys
-        self.r = torch.randn(keys.shape[-1], generator=gen, dtype=torch.float64)
-        proj = keys.double() @ self.r  # [Hkv, L]
-        self.sorted_proj, self.order = torch.sort(proj, dim=-1)
-        if (self.sorted_proj[:, 1:] == self.sorted_proj[:, :-1]).any():
-            raise RuntimeError("duplicate key rows: kept positions would be ambiguous")
+        self.index: list[dict[bytes, int]] = []
+        for h in range(keys.shape[0]):
+            rows = row_bytes(keys[h])
+            where = {row: pos for pos, row in enumerate(rows)}
+            if len(where) != len(rows):
+                raise RuntimeError(f"head {h}: duplicate key rows: kept positions would be ambiguous")
+            self.index.append(where)
 
     def positions(self, keys_out: torch.Tensor) -> list[torch.Tensor]:
         """Sorted positions of the rows of ``keys_out`` ``[Hkv, n, d]``, per head."""
-        proj = keys_out.double() @ self.r
         kept = []
-        for h in range(self.keys.shape[0]):
-            slot = torch.searchsorted(self.sorted_proj[h], proj[h]).clamp(max=self.keys.shape[1] - 1)
-            idx = self.order[h, slot]
+        for h, where in enumerate(self.index):
+            try:
+                idx = torch.tensor([where[row] for row in row_bytes(keys_out[h])], dtype=torch.long)
+            except KeyError:
+                raise RuntimeError(f"head {h}: a returned key row is not a row of the input keys") from None
             if not torch.equal(self.keys[h, idx], keys_out[h]):
-                raise RuntimeError(f"head {h}: a returned key row is not a row of the input keys")
+                raise RuntimeError(f"head {h}: matched rows differ from the returned ones")
             kept.append(torch.sort(idx).values)
         return kept
+
+
+def row_bytes(rows: torch.Tensor) -> list[bytes]:
+    """The raw bytes of each row of a 2-D tensor (``[n, d]`` -> ``n`` byte strings)."""
+    raw = rows.detach().cpu().contiguous().view(torch.uint8).reshape(rows.shape[0], -1)
+    return [bytes(r) for r in raw.tolist()]
 
 
 def kept_from_mask(masked, num_kv_heads: int, seq_len: int) -> list[torch.Tensor]:
