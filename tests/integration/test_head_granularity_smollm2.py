@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import pytest
 from test_head_granularity import (
-    BLOCK,
-    NEW_TOKENS,
     POLICIES,
-    _config,
-    _differing_heads,
     _reference,
     _serve,
+    check_against_reference,
+    reference_generation,
 )
 
 from vllm_kvevict.vllm.inprocess import random_prompt
@@ -26,9 +24,8 @@ def test_smollm2_kept_sets_and_outputs_equal_reference(smollm2_dir):
     names = ["criticalkv-adakv", "snapkv-adakv"]
     served = _serve(smollm2_dir, prompt, {n: POLICIES[n] for n in names}, max_model_len=2048,
                     kv_cache_memory_bytes=512 << 20)
-    engine, prefilled = _reference(smollm2_dir, prompt)
+    reference = _reference(smollm2_dir, prompt)
     for name in names:
         tokens, kept = served[name]
-        assert _differing_heads(kept, engine.kept_indices(prefilled, _config(name), BLOCK)) == 0, name
-        want = engine.generate(prefilled, _config(name), NEW_TOKENS, stop_on_eos=False, block_size=BLOCK).token_ids
-        assert tokens == list(want), name
+        check_against_reference(name, kept, *reference)
+        assert tokens == reference_generation(name, kept, *reference), name

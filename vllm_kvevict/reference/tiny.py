@@ -1,7 +1,9 @@
 """A tiny random Llama with GQA, saved as a Hugging Face folder, for fast and exact checks.
 
 It borrows the real model's tokenizer (so vLLM and transformers can both load it) and draws
-random weights from a fixed seed: the same arguments always give the same model.
+random weights from a fixed seed: the same arguments give the same model on any CPU. (Weights are
+uniform draws scaled by exact elementwise ops: torch's float32 ``normal_`` takes a vectorised
+path only on some instruction sets, so its bytes depended on the CPU.)
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+#: Half-width of the uniform weight init (standard deviation 0.08).
+TINY_INIT_HALF_WIDTH = 0.08 * 3 ** 0.5
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -30,7 +34,7 @@ def make_tiny_llama(
 
     out = Path(out_dir)
     marker = out / ".tiny-llama"
-    spec = f"{num_layers}-{num_heads}-{num_kv_heads}-{head_dim}-{intermediate_size}-{seed}"
+    spec = f"{num_layers}-{num_heads}-{num_kv_heads}-{head_dim}-{intermediate_size}-{seed}-uniform"
     if marker.exists() and marker.read_text() == spec:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -52,11 +56,14 @@ def make_tiny_llama(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    # Larger-than-default init so attention is peaked and greedy outputs are not degenerate.
+    # Larger-than-default init so attention is peaked and greedy outputs are not degenerate:
+    # uniform on [-a, a] with a = 0.08 * sqrt(3), i.e. standard deviation 0.08.
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 2:
-                param.normal_(0.0, 0.08)
+                draw = torch.rand(param.shape, generator=gen, dtype=torch.float32)
+                param.copy_((draw * 2 - 1) * TINY_INIT_HALF_WIDTH)
     model.save_pretrained(str(out), safe_serialization=True)
     for name in TOKENIZER_FILES:
         src = Path(tokenizer_dir) / name
