@@ -135,7 +135,9 @@ class EvictionConfig(BaseModel):
         "(no head-page left partly empty), or its best single tokens (default: page where the "
         "allocation is uniform, adakv or adakv_floor and the block size at most 32, else token)",
     )
-    decode_interval: int = Field(0, ge=0, description="re-compress every N decoded tokens (0: never)")
+    decode_interval: int = Field(
+        0, ge=0, description="re-compress every N decoded tokens; only 0 (never) until decode-time eviction lands"
+    )
     alpha: float = Field(0.2, ge=0.0, le=1.0, description="Ada-KV: share of the budget spread uniformly")
     rho: float = Field(0.5, ge=0.0, le=1.0, description="CriticalKV: share of the budget chosen by stage 1")
     epsilon: float = Field(
@@ -170,6 +172,10 @@ class EvictionConfig(BaseModel):
                 "page",
                 f"'token' with allocation {self.resolved_allocation!r}; whole pages per head need one of "
                 + ", ".join(HEAD_PAGE_ALLOCATIONS),
+            )
+        if self.decode_interval != 0:
+            raise EvictionConfigError(
+                "decode_interval", self.decode_interval, "0 (decode-time eviction is not implemented yet)"
             )
         if self.pooling_kernel % 2 == 0:
             raise EvictionConfigError("pooling_kernel", self.pooling_kernel, "an odd integer >= 1")

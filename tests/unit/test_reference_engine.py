@@ -187,6 +187,10 @@ def test_blocks_to_tokens_covers_whole_blocks():
     assert tokens.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13]
 
 
-def test_decode_interval_is_refused_not_ignored(tiny_engine, prefilled):
-    with pytest.raises(NotImplementedError):
-        tiny_engine.generate(prefilled, EvictionConfig(scorer="snapkv", budget=0.5, decode_interval=8), 4)
+def test_decode_interval_is_refused_not_ignored():
+    from vllm_kvevict.config import EvictionConfigError
+
+    with pytest.raises(EvictionConfigError, match="decode_interval=8: 0 \\(decode-time eviction is not implemented"):
+        EvictionConfig.from_fields(scorer="snapkv", budget=0.5, decode_interval=8)
+    with pytest.raises(EvictionConfigError, match="kv_decode_interval"):
+        EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_decode_interval": 10})

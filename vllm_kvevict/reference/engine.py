@@ -138,8 +138,6 @@ class ReferenceEngine:
             policy's, e.g. another implementation's choice.
         block_size : page size for ``granularity="page"``.
         """
-        if config.decode_interval:
-            raise NotImplementedError("decode-time re-compression (decode_interval > 0) is not in the reference yet")
         if kept is None:
             kept = self.kept_indices(prefilled, config, block_size)
         elif hasattr(kept, "indices"):
