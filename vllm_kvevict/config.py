@@ -39,6 +39,18 @@ SCORERS: tuple[str, ...] = (
 #: Allocators: ``adakv`` uses largest-remainder rounding, ``adakv_floor`` is kvpress's rule
 #: (each head first gets its top ``alpha * B``, then a layer-wide top-k of the rest).
 ALLOCATIONS: tuple[str, ...] = ("uniform", "adakv", "adakv_floor", "pyramid", "global")
+#: Scorers CriticalKV can wrap: one-stage scorers whose score is a token's worth, not a choice
+#: (not the two-stage criticalkv/defensivekv, nor laprox/value_aware, already value-weighted).
+CRITICALKV_BASES: tuple[str, ...] = (
+    "snapkv",
+    "pyramidkv",
+    "tova",
+    "h2o",
+    "knorm",
+    "keydiff",
+    "expected_attention",
+    "streamingllm",
+)
 GRANULARITIES: tuple[str, ...] = ("page", "head")
 POOLINGS: tuple[str, ...] = ("avg", "max")
 
@@ -80,6 +92,7 @@ FLAT_KEYS: dict[str, str] = {
     "kv_alpha": "alpha",
     "kv_rho": "rho",
     "kv_epsilon": "epsilon",
+    "kv_criticalkv_base": "criticalkv_base",
 }
 FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
 #: Key of the nested form inside vLLM's ``additional_config``.
@@ -145,6 +158,9 @@ class EvictionConfig(BaseModel):
         ge=0.0,
         description="CriticalKV: eps in stage 2's (attention + eps) * value norm; 0 is the paper's "
         "criterion, 1e-4 the authors' code and kvpress (docs/NEEDLE_STUDY.md)",
+    )
+    criticalkv_base: Literal[CRITICALKV_BASES] = Field(  # type: ignore[valid-type]
+        "snapkv", description="CriticalKV: the scorer whose score its two stages rank by"
     )
 
     @field_validator(
@@ -343,6 +359,7 @@ def _allowed_text(field: str, err: dict) -> str:
         "allocation": ALLOCATIONS,
         "granularity": GRANULARITIES,
         "pooling": POOLINGS,
+        "criticalkv_base": CRITICALKV_BASES,
     }
     if field in choices:
         return "allowed: " + ", ".join(choices[field])

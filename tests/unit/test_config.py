@@ -4,6 +4,7 @@ import pytest
 
 from vllm_kvevict.config import (
     ALLOCATIONS,
+    CRITICALKV_BASES,
     FLAT_KEYS,
     SCORERS,
     EvictionConfig,
@@ -26,6 +27,8 @@ from vllm_kvevict.config import (
         ({"kv_eviction": "snapkv", "kv_budget": 16}, "kv_window"),  # window 32 > 16 tokens
         ({"kv_eviction": "snapkv", "kv_window": 0}, "kv_window"),
         ({"kv_pooling_kernel": 4}, "kv_pooling_kernel"),
+        ({"kv_criticalkv_base": "criticalkv"}, "kv_criticalkv_base"),
+        ({"kv_criticalkv_base": "none"}, "kv_criticalkv_base"),
         ({"kv_typo": 1}, "kv_typo"),
     ],
 )
@@ -132,3 +135,13 @@ def test_granularity_defaults_to_head_for_per_head_allocations():
     assert EvictionConfig.from_flat({"kv_eviction": "criticalkv"}, base=base).resolved_granularity == "head"
     with pytest.raises(EvictionConfigError, match="granularity"):
         EvictionConfig.from_flat({"kv_granularity": "token"})
+
+
+def test_criticalkv_base_is_a_one_stage_scorer_snapkv_by_default():
+    assert EvictionConfig(scorer="criticalkv").criticalkv_base == "snapkv"
+    assert EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_criticalkv_base": "tova"}).criticalkv_base == "tova"
+    assert set(CRITICALKV_BASES) <= set(SCORERS) - {"none", "criticalkv", "defensivekv"}
+    with pytest.raises(EvictionConfigError) as info:
+        EvictionConfig.from_additional_config({"kv_eviction": {"scorer": "criticalkv", "criticalkv_base": "defensivekv"}})
+    assert info.value.field == "kv_eviction.criticalkv_base"
+    assert "snapkv" in info.value.allowed
