@@ -16,7 +16,7 @@ scores are the same floats on any CPU, and so are the kept sets.
 Ties: the prompt is a seeded random token sequence run through real float32 models, so scores at
 the cut are distinct floats; this is checked on kvpress's own scores (``test_no_tie_at_the_cut``)
 rather than assumed. The only tied scores are the ones both sides protect (kvpress pads the
-window with ``max + 1``, we use ``+inf``), and all of those are kept on both sides.
+window with ``max + 1``, we mark it protected), and all of those are kept on both sides.
 
 Settings: ours are set to kvpress's where defaults differ (window 64 instead of our 32 for the
 SnapKV family; window 1 for TOVA, which protects only the last position); KnormPress, KeyDiffPress and ExpectedAttentionPress protect no window, and
@@ -217,7 +217,7 @@ def describe_mismatches(expected, ours: KeptSet, kvpress_scores, limit: int = 8)
             only_kvpress = sorted(set(exp.tolist()) - set(got.tolist()))
             only_ours = sorted(set(got.tolist()) - set(exp.tolist()))
             kv = kvpress_scores[layer]
-            ours_scores = ours.scores[layer][g]
+            ours_scores = ours.scores[layer].values[g]
 
             def show(positions):
                 kv_score = (lambda p: float(kv[g, p])) if kv is not None else (lambda p: float("nan"))

@@ -1,4 +1,4 @@
-"""Allocators on hand-computed scores (called directly, without window protection)."""
+"""Allocators on hand-computed scores (called directly, nothing protected unless said)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies import ALLOCATORS, global_layer_cap, pyramid_layer_budget
+from vllm_kvevict.policies import ALLOCATORS, LayerScores, global_layer_cap, pyramid_layer_budget
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
 
 
 def allocate(name: str, scores: list[torch.Tensor], budget: int, **fields) -> list[list[int]]:
     config = EvictionConfig(scorer="snapkv", **fields)
-    return ALLOCATORS[name](scores, budget, config).tolist()
+    layers = [s if isinstance(s, LayerScores) else LayerScores.unprotected(s) for s in scores]
+    return ALLOCATORS[name](layers, budget, config).tolist()
 
 
 HEADS = torch.tensor(
@@ -53,7 +54,7 @@ def test_pyramid_linear_schedule():
     config = EvictionConfig(scorer="pyramidkv", budget=0.4, window=8)
     budgets = [pyramid_layer_budget(layer, 5, 1000, config) for layer in range(5)]
     assert budgets == [780, 590, 400, 210, 20]
-    scores = [torch.zeros(2, 1000)] * 5
+    scores = [LayerScores.unprotected(torch.zeros(2, 1000))] * 5
     assert ALLOCATORS["pyramid"](scores, 400, config).tolist() == [[b, b] for b in budgets]
 
 
@@ -93,8 +94,18 @@ def test_global_layer_cap_binds():
     assert budgets == [[4], [2], [1], [1]]
 
 
-def test_global_keeps_forced_entries():
-    inf = float("inf")
-    layer0 = torch.tensor([[inf, 1.0, 1.0, 1.0]])  # finite part normalised: 1/3 each
-    layer1 = torch.tensor([[inf, 4.0, 4.0, 2.0]])  # .4 .4 .2
+def test_global_keeps_protected_entries():
+    first = torch.tensor([True, False, False, False])
+    layer0 = LayerScores.unprotected(torch.tensor([[0.0, 1.0, 1.0, 1.0]])).protect(first)  # others 1/3 each
+    layer1 = LayerScores.unprotected(torch.tensor([[0.0, 4.0, 4.0, 2.0]])).protect(first)  # .4 .4 .2
     assert allocate("global", [layer0, layer1], 2) == [[1], [3]]
+
+
+def test_adakv_counts_protected_then_preferred_winners():
+    # One layer, B = 2, 2 heads: head 0 protects 1 token, head 1 prefers 2 (below head 0's values).
+    values = torch.tensor([[0.0, 9.0, 8.0, 7.0], [0.1, 0.2, 0.0, 0.0]])
+    preferred = torch.tensor([[False] * 4, [True, True, False, False]])
+    scores = LayerScores(values, torch.tensor([[True, False, False, False], [False] * 4]), preferred=preferred)
+    # top 4 of the layer: head 0's protected token, head 1's two preferred, then 9 -> f = (2, 2)
+    assert allocate("adakv", [scores], 2, alpha=0.0) == [[2, 2]]
+    assert allocate("adakv", [LayerScores.unprotected(values)], 2, alpha=0.0) == [[3, 1]]  # 9 8 7 .2

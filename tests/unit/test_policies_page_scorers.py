@@ -1,18 +1,11 @@
-"""Token scores for page granularity (``policies.page_score_layer``)."""
+"""Token scores for page granularity (``Scorer.page_score``, through ``Policy.score_layer``)."""
 
 from __future__ import annotations
 
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies import (
-    LayerInputs,
-    page_score_layer,
-    page_scores,
-    protect,
-    score_layer,
-    select_pages,
-)
+from vllm_kvevict.policies import LayerInputs, build_policy, build_scorer, page_scores, select_pages
 from vllm_kvevict.policies.ops import value_l1_norm
 
 L, HKV, GROUP, D, BLOCK, WINDOW = 256, 2, 2, 8, 16, 8
@@ -40,28 +33,30 @@ def _config(scorer: str) -> EvictionConfig:
     return EvictionConfig(scorer=scorer, budget=0.25, window=WINDOW, granularity="page")
 
 
-def test_criticalkv_page_scores_are_its_stage2_criterion_without_marks():
+def test_criticalkv_page_scores_are_its_stage2_criterion_without_a_first_stage():
     layer, config = _needle_layer(), _config("criticalkv")
-    scores = page_score_layer(layer, config)
-    base = protect(score_layer(layer, _config("snapkv")), config)
-    assert torch.equal(scores, (base + config.epsilon) * value_l1_norm(layer))
-    assert torch.isinf(scores[:, L - WINDOW :]).all()
-    assert torch.isfinite(scores[:, : L - WINDOW]).all()
+    scores = build_policy(config, BLOCK).score_layer(layer)
+    base = build_scorer(_config("snapkv")).score(layer)
+    assert torch.equal(scores.values, (base.values + config.epsilon) * value_l1_norm(layer))
+    assert torch.equal(scores.protected, base.protected)
+    assert scores.protected[:, L - WINDOW :].all() and not scores.protected[:, : L - WINDOW].any()
+    assert scores.preferred is None and scores.head_budgets is None
 
 
 def test_scorers_without_a_page_variant_use_their_own_scores():
     layer, config = _needle_layer(), _config("snapkv")
-    assert torch.equal(page_score_layer(layer, config), score_layer(layer, config))
+    paged, own = build_policy(config, BLOCK).score_layer(layer), build_scorer(config).score(layer)
+    assert torch.equal(paged.values, own.values) and torch.equal(paged.protected, own.protected)
 
 
 def test_criticalkv_pages_keep_the_block_the_window_attends_to():
-    # The head-mode output marks a quarter of every row +inf, mostly recent tokens here, so
-    # pooling it would rank blocks by mark density and drop block 1.
+    # The head-mode output prefers a quarter of every row (stage 1), mostly recent tokens here,
+    # so pooling it would rank blocks by stage-1 density and drop block 1.
     layer = _needle_layer()
     for scorer in ("snapkv", "criticalkv"):
         config = _config(scorer)
-        blocks = page_scores([protect(page_score_layer(layer, config), config)], BLOCK)
+        blocks = page_scores([build_policy(config, BLOCK).score_layer(layer)], BLOCK)
         assert 1 in select_pages(blocks, L, BLOCK, config).tolist(), scorer
     config = _config("criticalkv")
-    marked = page_scores([protect(score_layer(layer, config), config)], BLOCK)
-    assert 1 not in select_pages(marked, L, BLOCK, config).tolist()  # why page_score_layer exists
+    two_stage = page_scores([build_scorer(config).score(layer)], BLOCK)
+    assert 1 not in select_pages(two_stage, L, BLOCK, config).tolist()  # why page_score exists

@@ -8,27 +8,34 @@ import random
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies import page_scores, select_pages
+from vllm_kvevict.policies import LayerScores, build_policy, evicted_blocks, page_scores, select_pages
 
-INF = float("inf")
+
+def unprotected(rows: list[list[float]]) -> LayerScores:
+    return LayerScores.unprotected(torch.tensor(rows))
 
 
 def test_rows_are_normalised_so_layers_weigh_the_same():
-    layer_a = torch.tensor([[1.0, 1.0, 1.0, 1.0]])  # .25 each
-    layer_b = torch.tensor([[100.0, 0.0, 0.0, 300.0]])  # .25 0 0 .75
+    layer_a = unprotected([[1.0, 1.0, 1.0, 1.0]])  # .25 each
+    layer_b = unprotected([[100.0, 0.0, 0.0, 300.0]])  # .25 0 0 .75
     # per token: .5 .25 .25 1.0 -> blocks of 2: .375, .625
     assert torch.allclose(page_scores([layer_a, layer_b], 2), torch.tensor([0.375, 0.625]))
 
 
-def test_infinite_scores_count_as_the_row_maximum_and_negatives_are_shifted():
-    protected = torch.tensor([[INF, 1.0, 1.0, 2.0]])  # finite .25 .25 .5; inf -> .5
+def test_protected_and_preferred_count_as_the_row_maximum_and_negatives_are_shifted():
+    protected = unprotected([[7.0, 1.0, 1.0, 2.0]]).protect(torch.tensor([True, False, False, False]))
+    # the others .25 .25 .5; the protected one -> .5
     assert torch.allclose(page_scores([protected], 1), torch.tensor([0.5, 0.25, 0.25, 0.5]))
-    negative = torch.tensor([[-1.0, -3.0, -2.0]])  # shifted 2 0 1 -> 2/3 0 1/3
+    second = torch.tensor([[False, True, False, False]])
+    preferred = LayerScores(protected.values, protected.protected, preferred=second)
+    # the others 1/3 2/3; protected and preferred -> 2/3
+    assert torch.allclose(page_scores([preferred], 1), torch.tensor([2 / 3, 2 / 3, 1 / 3, 2 / 3]))
+    negative = unprotected([[-1.0, -3.0, -2.0]])  # shifted 2 0 1 -> 2/3 0 1/3
     assert torch.allclose(page_scores([negative], 1), torch.tensor([2 / 3, 0.0, 1 / 3]))
 
 
 def test_partial_last_block_is_a_mean_over_its_tokens():
-    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]])  # .2 each
+    scores = unprotected([[1.0, 1.0, 1.0, 1.0, 1.0]])  # .2 each
     assert torch.allclose(page_scores([scores], 2), torch.tensor([0.2, 0.2, 0.2]))
 
 
@@ -73,3 +80,14 @@ def test_select_pages_count_rule_and_plugin_bound():
         assert len(kept) <= math.ceil(tokens / block_size) + 2
         if isinstance(budget, float):
             assert len(kept) <= math.ceil(budget * num_blocks) + 2
+
+
+def test_evicted_blocks_are_the_full_blocks_not_kept_before_the_last_one():
+    # 100 tokens, blocks of 16: block 6 holds 96..99; window 8 (blocks 5, 6), B = 50 -> 4 blocks.
+    config = EvictionConfig(scorer="snapkv", budget=0.5, window=8)
+    values = torch.zeros(1, 100)
+    values[0, 16:32], values[0, 48:64] = 2.0, 1.0  # blocks 1 and 3 score highest
+    scores = [LayerScores.unprotected(values).protect(torch.arange(100) >= 92)]
+    assert evicted_blocks(scores, 100, 16, config) == [0, 2, 4]
+    assert build_policy(config, 16).evicted_blocks(scores, 100) == [0, 2, 4]
+    assert evicted_blocks(scores, 100, 16, EvictionConfig(scorer="snapkv", budget=1.0)) == []

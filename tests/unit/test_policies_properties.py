@@ -11,13 +11,15 @@ from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies import (
     ALLOCATORS,
     SCORERS,
+    LayerInputs,
+    LayerScores,
+    build_scorer,
     compute_kept,
     global_layer_cap,
     plan_kept,
     pyramid_layer_budget,
-    score_layer,
+    window_and_sinks,
 )
-from vllm_kvevict.policies.base import LayerInputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
 
@@ -59,6 +61,23 @@ def config_for(scorer: str, allocation: str, budget) -> EvictionConfig:
     return EvictionConfig(scorer=scorer, allocation=allocation, budget=budget, window=WINDOW, sinks=SINKS)
 
 
+def assert_kept_first(scores: LayerScores, head: int, kept: torch.Tensor) -> None:
+    """The head's kept tokens precede its evicted ones: protected, then preferred, then by value."""
+    evicted = torch.ones(scores.seq_len, dtype=torch.bool)
+    evicted[kept] = False
+    if not evicted.any():
+        return
+    tier = scores.protected[head].to(torch.int64) * 2
+    if scores.preferred is not None:
+        tier = tier + (scores.preferred[head] & ~scores.protected[head]).to(torch.int64)
+    lowest_kept, highest_evicted = int(tier[kept].min()), int(tier[evicted].max())
+    assert lowest_kept >= highest_evicted, "a lower tier kept over a higher one"
+    if lowest_kept == highest_evicted and lowest_kept < 2:
+        values = scores.values[head]
+        on_tier = tier == lowest_kept
+        assert values[kept][on_tier[kept]].min() >= values[evicted][on_tier[evicted]].max(), "kept = the head's top"
+
+
 @pytest.mark.parametrize("budget", [0.4, 30])
 @pytest.mark.parametrize("allocation", sorted(ALLOCATORS))
 @pytest.mark.parametrize("scorer", sorted(SCORERS))
@@ -74,10 +93,7 @@ def test_kept_set_invariants(layers, scorer, allocation, budget):
             assert torch.all(idx[1:] > idx[:-1]), "sorted and unique"
             assert 0 <= int(idx[0]) and int(idx[-1]) < LENGTH
             assert protected <= set(idx.tolist())
-            evicted = torch.ones(LENGTH, dtype=torch.bool)
-            evicted[idx] = False
-            if evicted.any():
-                assert scores[head, idx].min() >= scores[head, evicted].max(), "kept = the head's top scores"
+            assert_kept_first(scores, head, idx)
         if allocation in ("uniform", "adakv", "adakv_floor"):
             assert int(budgets.sum()) == HKV * mean_budget
         if allocation == "pyramid":
@@ -129,7 +145,9 @@ def test_global_respects_the_layer_cap_when_one_layer_dominates():
     peaked[:, :40] = torch.linspace(10, 5, 40)
     flat = torch.full((hkv, length), 0.01)
     config = EvictionConfig(scorer="laprox", allocation="global", budget=16, window=4)
-    kept = plan_kept([peaked, flat, flat], config, length)
+    ends = window_and_sinks(length, config.window, config.resolved_sinks)
+    scores = [LayerScores.unprotected(s).protect(ends) for s in (peaked, flat, flat)]
+    kept = plan_kept(scores, config, length)
     cap = global_layer_cap(16, length)
     assert cap == 32
     assert int(kept.head_budgets[0].sum()) == hkv * cap
@@ -137,7 +155,7 @@ def test_global_respects_the_layer_cap_when_one_layer_dominates():
 
 
 def test_plan_rejects_scores_of_another_length(layers):
-    scores = [score_layer(layer, config_for("knorm", "uniform", 0.4)) for layer in layers]
+    scores = [build_scorer(config_for("knorm", "uniform", 0.4)).score(layer) for layer in layers]
     with pytest.raises(ValueError, match="seq_len"):
         plan_kept(scores, config_for("knorm", "uniform", 0.4), LENGTH + 1)
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies import SCORERS, compute_kept, score_layer
-from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.policies import SCORERS, LayerInputs, LayerScores, build_policy, build_scorer, compute_kept
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: see conftest
 
@@ -18,7 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: se
 def _one_thread(one_torch_thread):
     """Every test here runs with one torch thread (see conftest)."""
 
-INF = float("inf")
+def scored(layer: LayerInputs, **fields) -> LayerScores:
+    """The config's scorer's token scores (window and sinks protected)."""
+    return build_scorer(EvictionConfig(**fields)).score(layer)
 
 
 def kept(layer: LayerInputs, **fields) -> list[list[int]]:
@@ -36,8 +37,9 @@ def one_head_layer(log_weights: list[float], values: list[float] | None = None, 
 def test_knorm_on_three_keys():
     keys = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]]])  # norms 5, 1, 2
     layer = LayerInputs(keys=keys, values=keys.clone(), queries=torch.zeros(1, 1, 2))
-    scores = score_layer(layer, EvictionConfig(scorer="knorm"))
-    assert torch.allclose(scores, torch.tensor([[-5.0, -1.0, -2.0]]))
+    scores = scored(layer, scorer="knorm", window=0)
+    assert torch.allclose(scores.values, torch.tensor([[-5.0, -1.0, -2.0]]))
+    assert not scores.protected.any()
     # budget 2, window 1: the last position, then the smallest key (position 1).
     assert kept(layer, scorer="knorm", budget=2, window=1, allocation="uniform") == [[1, 2]]
 
@@ -47,21 +49,21 @@ def test_keydiff_anchor_is_mean_unit_key():
     layer = LayerInputs(keys=keys, values=keys.clone(), queries=torch.zeros(1, 1, 2))
     # anchor = (2/3, 1/3): cos with e1 = 2/sqrt(5), with e2 = 1/sqrt(5)
     expected = -torch.tensor([[2.0, 2.0, 1.0]]) / math.sqrt(5.0)
-    assert torch.allclose(score_layer(layer, EvictionConfig(scorer="keydiff")), expected, atol=1e-6)
+    assert torch.allclose(scored(layer, scorer="keydiff").values, expected, atol=1e-6)
 
 
 def test_snapkv_one_head_toy_without_and_with_pooling():
     # exp(k) = 1, 3, 2, 1: the last query's attention is 1/7, 3/7, 2/7 on the candidates.
     layer = one_head_layer([0.0, math.log(3.0), math.log(2.0), 0.0])
-    raw = score_layer(layer, EvictionConfig(scorer="snapkv", window=1, pooling_kernel=1))
-    assert torch.allclose(raw[0, :3], torch.tensor([1.0, 3.0, 2.0]) / 7, atol=1e-6)
-    assert raw[0, 3] == INF
+    raw = scored(layer, scorer="snapkv", window=1, pooling_kernel=1)
+    assert torch.allclose(raw.values[0, :3], torch.tensor([1.0, 3.0, 2.0]) / 7, atol=1e-6)
+    assert raw.protected.tolist() == [[False, False, False, True]]
     # avg-pool 3, zero padding counted: (0 + 1 + 3)/21, (1 + 3 + 2)/21, (3 + 2 + 0)/21
-    pooled = score_layer(layer, EvictionConfig(scorer="snapkv", window=1, pooling_kernel=3))
-    assert torch.allclose(pooled[0, :3], torch.tensor([4.0, 6.0, 5.0]) / 21, atol=1e-6)
+    pooled = scored(layer, scorer="snapkv", window=1, pooling_kernel=3)
+    assert torch.allclose(pooled.values[0, :3], torch.tensor([4.0, 6.0, 5.0]) / 21, atol=1e-6)
     # max-pool 3: max(1,3), max(1,3,2), max(3,2) over 7
-    maxed = score_layer(layer, EvictionConfig(scorer="snapkv", window=1, pooling_kernel=3, pooling="max"))
-    assert torch.allclose(maxed[0, :3], torch.tensor([3.0, 3.0, 3.0]) / 7, atol=1e-6)
+    maxed = scored(layer, scorer="snapkv", window=1, pooling_kernel=3, pooling="max")
+    assert torch.allclose(maxed.values[0, :3], torch.tensor([3.0, 3.0, 3.0]) / 7, atol=1e-6)
     assert kept(layer, scorer="snapkv", budget=2, window=1, pooling_kernel=1, allocation="uniform") == [[1, 3]]
 
 
@@ -70,27 +72,28 @@ def test_snapkv_averages_the_query_heads_of_a_group():
     keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
     queries = torch.tensor([[[math.log(3.0), 0.0]], [[0.0, math.log(3.0)]]])
     layer = LayerInputs(keys=keys, values=keys.clone(), queries=queries, scale=1.0)
-    scores = score_layer(layer, EvictionConfig(scorer="snapkv", window=1, pooling_kernel=1))
+    scores = scored(layer, scorer="snapkv", window=1, pooling_kernel=1)
     # head 0: (3, 1, 1)/5, head 1: (1, 3, 1)/5 -> mean (2/5, 2/5)
-    assert torch.allclose(scores[0, :2], torch.tensor([0.4, 0.4]), atol=1e-6)
+    assert torch.allclose(scores.values[0, :2], torch.tensor([0.4, 0.4]), atol=1e-6)
 
 
 def test_window_attention_is_causal_inside_the_window():
     # Window of 2 over 3 keys: the first window query (position 1) must not see key 2.
     keys = torch.tensor([[[0.0], [0.0], [100.0]]])
     layer = LayerInputs(keys=keys, values=keys.clone(), queries=torch.ones(1, 2, 1), scale=1.0)
-    scores = score_layer(layer, EvictionConfig(scorer="snapkv", window=2, pooling_kernel=1))
+    scores = scored(layer, scorer="snapkv", window=2, pooling_kernel=1)
     # query 1 sees keys 0, 1 equally (1/2 on key 0); query 2 puts ~0 on key 0: mean = 1/4
-    assert torch.allclose(scores[0, 0], torch.tensor(0.25), atol=1e-6)
+    assert torch.allclose(scores.values[0, 0], torch.tensor(0.25), atol=1e-6)
 
 
 def test_tova_last_query_mean_over_all_heads_same_for_every_kv_head():
     keys = torch.tensor([[[0.0], [math.log(3.0)], [0.0]], [[math.log(3.0)], [0.0], [0.0]]])  # 2 KV heads
     layer = LayerInputs(keys=keys, values=keys.clone(), queries=torch.ones(2, 1, 1), scale=1.0)
-    scores = score_layer(layer, EvictionConfig(scorer="tova", window=1))
+    scores = scored(layer, scorer="tova", window=1)
     # head 0: (1, 3, 1)/5, head 1: (3, 1, 1)/5 -> mean over heads (2, 2)/5 for both KV heads
-    assert torch.allclose(scores[:, :2], torch.full((2, 2), 0.4), atol=1e-6)
-    assert torch.all(scores[:, 2] == INF)
+    assert torch.allclose(scores.values[:, :2], torch.full((2, 2), 0.4), atol=1e-6)
+    assert scores.protected.tolist() == [[False, False, True]] * 2
+    assert build_scorer(EvictionConfig(scorer="tova", window=1)).needs.window == 1
 
 
 def test_streamingllm_keeps_sinks_and_recent():
@@ -123,12 +126,13 @@ def test_expected_attention_formula_on_a_toy():
     )
     logits = torch.tensor([1 / math.sqrt(2) + 1 / 4, 0.0, 2 / math.sqrt(2) + 4 / 4])
     expected = torch.softmax(logits, 0) * torch.tensor([1.0, 2.0, 5.0])
-    scores = score_layer(layer, EvictionConfig(scorer="expected_attention", sinks=0))
-    assert torch.allclose(scores[0], expected, atol=1e-6)
-    # with 1 sink the first position is +inf and the softmax runs over the other two
-    with_sink = score_layer(layer, EvictionConfig(scorer="expected_attention", sinks=1))
-    assert with_sink[0, 0] == INF
-    assert torch.allclose(with_sink[0, 1:], torch.softmax(logits[1:], 0) * torch.tensor([2.0, 5.0]), atol=1e-6)
+    scores = scored(layer, scorer="expected_attention", sinks=0, window=0)
+    assert torch.allclose(scores.values[0], expected, atol=1e-6)
+    assert not scores.protected.any()
+    # with 1 sink the first position is protected and the softmax runs over the other two
+    with_sink = scored(layer, scorer="expected_attention", sinks=1, window=0)
+    assert with_sink.protected.tolist() == [[True, False, False]]
+    assert torch.allclose(with_sink.values[0, 1:], torch.softmax(logits[1:], 0) * torch.tensor([2.0, 5.0]), atol=1e-6)
 
 
 def test_criticalkv_two_stages_on_a_toy():
@@ -171,18 +175,18 @@ def test_laprox_layer_scores_sum_to_one():
     layer = LayerInputs(
         keys=torch.randn(2, 30, 8), values=torch.randn(2, 30, 8), queries=torch.randn(4, 4, 8), o_proj=torch.randn(16, 32)
     )
-    scores = score_layer(layer, EvictionConfig(scorer="laprox", window=4))
-    assert torch.all(scores[:, -4:] == INF)
-    assert torch.allclose(scores[:, :-4].sum(), torch.tensor(1.0), atol=1e-5)
-    assert torch.all(scores[:, :-4] >= 0)
+    scores = scored(layer, scorer="laprox", window=4)
+    assert scores.protected[:, -4:].all() and not scores.protected[:, :-4].any()
+    assert torch.allclose(scores.values[:, :-4].sum(), torch.tensor(1.0), atol=1e-5)
+    assert torch.all(scores.values[:, :-4] >= 0)
 
 
 def test_value_aware_single_token_change():
     # One candidate holding attention P = 1/2 with value 0, window token value 2 (d = 1, wo = 1):
     # a = 1, removing the candidate moves the output by P/(1-P) * |a - v| = 1.
     layer = one_head_layer([0.0, 0.0], values=[0.0, 2.0])
-    scores = score_layer(layer, EvictionConfig(scorer="value_aware", window=1))
-    assert torch.allclose(scores[0, 0], torch.tensor(1.0), atol=1e-6)
+    scores = scored(layer, scorer="value_aware", window=1)
+    assert torch.allclose(scores.values[0, 0], torch.tensor(1.0), atol=1e-6)
 
 
 def test_defensivekv_stage1_lifts_the_attention_core():
@@ -200,32 +204,68 @@ def test_none_scores_zero_and_every_scorer_is_registered():
 
     assert set(CONFIG_SCORERS) - {"none"} == set(SCORERS)
     layer = LayerInputs(keys=torch.randn(2, 5, 4), values=torch.randn(2, 5, 4), queries=torch.randn(2, 1, 4))
-    assert torch.equal(score_layer(layer, EvictionConfig()), torch.zeros(2, 5))
+    scores = build_policy(EvictionConfig(), 16).score_layer(layer)
+    assert torch.equal(scores.values, torch.zeros(2, 5)) and not scores.protected.any()
 
 
 def test_expected_attention_needs_query_statistics():
     layer = LayerInputs(keys=torch.randn(1, 8, 4), values=torch.randn(1, 8, 4), queries=torch.randn(1, 1, 4))
     with pytest.raises(ValueError, match="queries_pre_rope"):
-        score_layer(layer, EvictionConfig(scorer="expected_attention"))
+        scored(layer, scorer="expected_attention")
 
 
 def test_keydiff_blockwise_one_block_equals_one_shot_and_keeps_b_per_head():
+    from vllm_kvevict.policies import Protected, plan_kept
+    from vllm_kvevict.policies.scorers import KeyDiff
+    from vllm_kvevict.policies.scorers.keydiff import blockwise_kept
+
     generator = torch.Generator().manual_seed(4)
     keys = torch.randn(2, 60, 8, generator=generator)
     config = EvictionConfig(scorer="keydiff", budget=20, window=2, allocation="uniform")
+    layer = LayerInputs(keys=keys, values=keys.clone(), queries=torch.zeros(2, 1, 8))
 
-    def layer(block_size):
-        extras = {} if block_size is None else {"keydiff_block_size": block_size}
-        return LayerInputs(keys=keys, values=keys.clone(), queries=torch.zeros(2, 1, 8), extras=extras)
+    def kept_with(block_size):
+        keydiff = KeyDiff(block_size=block_size, budget=config.budget_tokens)
+        scores = Protected(keydiff, window=config.window, sinks=0).score(layer)
+        return plan_kept([scores], config, 60).indices[0], scores
 
-    one_shot = compute_kept([layer(None)], config).indices[0]
-    single_block = compute_kept([layer(40)], config).indices[0]  # B = 20, then one block of 40
+    one_shot, _ = kept_with(None)
+    single_block, _ = kept_with(40)  # B = 20, then one block of 40
     assert all(torch.equal(a, b) for a, b in zip(one_shot, single_block))
-    from vllm_kvevict.policies.scorers.keydiff import blockwise_kept, keydiff_scores
-
+    assert [idx.tolist() for idx in one_shot] == [idx.tolist() for idx in compute_kept([layer], config).indices[0]]
     iterative = blockwise_kept(keys, 20, 8)
     assert iterative.shape == (2, 20)
-    scores = score_layer(layer(8), config)
-    lifted = scores > keydiff_scores(keys).max()
-    assert lifted.sum(-1).tolist() == [20, 20]
-    assert all(set(iterative[g].tolist()) == set(torch.nonzero(lifted[g]).flatten().tolist()) for g in range(2))
+    _, scores = kept_with(8)
+    assert scores.preferred.sum(-1).tolist() == [20, 20]
+    for g in range(2):
+        assert set(iterative[g].tolist()) == set(torch.nonzero(scores.preferred[g]).flatten().tolist())
+    with pytest.raises(ValueError, match="budget"):
+        KeyDiff(block_size=8)
+
+
+def test_criticalkv_wraps_the_base_the_config_names():
+    from vllm_kvevict.policies import Allocation, rank
+    from vllm_kvevict.policies.ops import value_l1_norm
+    from vllm_kvevict.policies.scorers import H2O, CriticalKV, KNorm
+
+    generator = torch.Generator().manual_seed(5)
+    layer = LayerInputs(
+        keys=torch.randn(2, 40, 4, generator=generator), values=torch.randn(2, 40, 4, generator=generator),
+        queries=torch.randn(4, 2, 4, generator=generator), o_proj=torch.randn(6, 16, generator=generator),
+    )
+    fields = dict(scorer="criticalkv", criticalkv_base="knorm", budget=0.5, window=2)
+    uniform = build_scorer(EvictionConfig(**fields, allocation="uniform"))
+    assert isinstance(uniform.inner, CriticalKV) and isinstance(uniform.inner.base.inner, KNorm)
+    base = build_scorer(EvictionConfig(**fields), "knorm").score(layer)
+    scores = uniform.score(layer)
+    assert torch.equal(scores.values, base.values * value_l1_norm(layer))  # epsilon 0
+    assert torch.equal(scores.protected, base.protected) and scores.head_budgets.tolist() == [20, 20]
+    # stage 1: each head's top int(0.5 * 40 * 0.5) = 10 by the base score (window included)
+    assert torch.equal(scores.preferred | scores.protected, rank(base) < 10)
+    adakv = build_scorer(EvictionConfig(**fields, allocation="adakv")).score(layer)
+    allocation = Allocation(EvictionConfig(**fields, allocation="adakv"))
+    assert torch.equal(adakv.head_budgets, allocation.split_layer(base, layer))
+    assert build_scorer(EvictionConfig(**fields, allocation="global")).score(layer).head_budgets is None
+    over_h2o = build_scorer(EvictionConfig(**{**fields, "criticalkv_base": "h2o"}))
+    assert isinstance(over_h2o.inner.base.inner, H2O)
+    assert over_h2o.needs.attention_sums and over_h2o.needs.o_proj

@@ -12,8 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.policies.base import LayerInputs, LayerScores
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -99,12 +98,9 @@ def value_l2_norm(inputs: LayerInputs) -> torch.Tensor:
     return sq.clamp_min(0).sqrt()
 
 
-def fill_protected(candidate_scores: torch.Tensor, length: int) -> torch.Tensor:
-    """Append ``+inf`` for the window: ``[Hkv, Lc]`` -> ``[Hkv, L]`` (``+inf`` = must keep)."""
-    pad = length - candidate_scores.shape[-1]
-    return F.pad(candidate_scores, (0, pad), value=float("inf"))
-
-
-def candidate_count(inputs: LayerInputs, config: EvictionConfig) -> int:
-    """``L - W``: positions before the observation window."""
-    return max(0, inputs.seq_len - min(config.window, inputs.seq_len))
+def candidates_then_protected(candidate_scores: torch.Tensor, length: int) -> LayerScores:
+    """``[Hkv, Lc]`` scores of the first ``Lc`` positions; the last ``L - Lc`` protected (values 0)."""
+    values = F.pad(candidate_scores.float(), (0, length - candidate_scores.shape[-1]))
+    protected = torch.zeros(values.shape, dtype=torch.bool)
+    protected[:, candidate_scores.shape[-1] :] = True
+    return LayerScores(values=values, protected=protected)

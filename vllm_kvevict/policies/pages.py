@@ -1,10 +1,11 @@
 """Page granularity: whole blocks kept or evicted for every layer and head at once (vLLM plugin).
 
-Block score (:func:`page_scores`): for each (layer, KV head) row of scores, the finite entries
-are shifted to be non-negative (only when some are negative) and divided by their sum, so every
-row weighs the same whatever the scorer's scale; ``+inf`` entries (window, sinks, a two-stage
-scorer's choice) count as the row's largest normalised value. Rows are summed over layers and
-heads, and a block's score is the mean over the tokens it holds (the last block may be partial).
+Block score (:func:`page_scores`): for each (layer, KV head) row of scores, the values of the
+tokens neither protected nor preferred are shifted to be non-negative (only when some are
+negative) and divided by their sum, so every row weighs the same whatever the scorer's scale;
+protected and preferred tokens count as the row's largest normalised value. Rows are summed over
+layers and heads, and a block's score is the mean over the tokens it holds (the last block may
+be partial).
 
 Block count (:func:`select_pages`): with ``B = config.budget_tokens(seq_len)`` and the *required*
 blocks (those holding a sink, a window position, and the last block),
@@ -12,6 +13,9 @@ blocks (those holding a sink, a window position, and the last block),
 ones plus the best-scored others. Because ``B >= W + S``, ``len(required) <=
 ceil((W + S - 1) / block_size) + 2``, so ``n <= ceil(B / block_size) + 2 <=
 ceil(budget * prompt_blocks) + 2`` for a fractional budget.
+
+Evicted blocks (:func:`evicted_blocks`, what the vLLM plugin frees): the blocks not kept, all
+full blocks before the one holding the prompt's last token (always kept: decode appends to it).
 """
 
 from __future__ import annotations
@@ -21,28 +25,31 @@ import math
 import torch
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies.base import LayerScores
 
 
-def _normalised_rows(rows: torch.Tensor) -> torch.Tensor:
+def _normalised_rows(rows: torch.Tensor, ranked_first: torch.Tensor) -> torch.Tensor:
+    """``[N, L]`` rows normalised as the module docstring says; ``ranked_first`` ``[N, L]`` bool."""
     rows = rows.double()
-    finite = torch.isfinite(rows)
-    safe = torch.where(finite, rows, torch.zeros_like(rows))
-    low = torch.where(finite, rows, torch.full_like(rows, float("inf"))).amin(-1, keepdim=True)
+    counted = ~ranked_first
+    safe = torch.where(counted, rows, torch.zeros_like(rows))
+    low = torch.where(counted, rows, torch.full_like(rows, float("inf"))).amin(-1, keepdim=True)
     shift = torch.where(torch.isfinite(low) & (low < 0), low, torch.zeros_like(low))
-    safe = torch.where(finite, safe - shift, torch.zeros_like(safe))
+    safe = torch.where(counted, safe - shift, torch.zeros_like(safe))
     total = safe.sum(-1, keepdim=True)
-    count = finite.sum(-1, keepdim=True).clamp_min(1)
-    norm = torch.where(total > 0, safe / total.clamp_min(1e-300), finite.double() / count)
-    top = torch.where(finite, norm, torch.zeros_like(norm)).amax(-1, keepdim=True)
-    top = torch.where(finite.any(-1, keepdim=True), top, torch.full_like(top, 1.0 / rows.shape[-1]))
-    return torch.where(finite, norm, top.expand_as(norm))
+    count = counted.sum(-1, keepdim=True).clamp_min(1)
+    norm = torch.where(total > 0, safe / total.clamp_min(1e-300), counted.double() / count)
+    top = torch.where(counted, norm, torch.zeros_like(norm)).amax(-1, keepdim=True)
+    top = torch.where(counted.any(-1, keepdim=True), top, torch.full_like(top, 1.0 / rows.shape[-1]))
+    return torch.where(counted, norm, top.expand_as(norm))
 
 
-def page_scores(scores: list[torch.Tensor], block_size: int) -> torch.Tensor:
+def page_scores(scores: list[LayerScores], block_size: int) -> torch.Tensor:
     """Block scores ``[ceil(L / block_size)]`` float32 from per-layer ``[Hkv, L]`` token scores."""
-    length = scores[0].shape[-1]
-    rows = torch.cat([s.reshape(-1, length) for s in scores])
-    per_token = _normalised_rows(rows).sum(0)
+    length = scores[0].seq_len
+    rows = torch.cat([s.values for s in scores])
+    ranked_first = torch.cat([s.ranked_first for s in scores])
+    per_token = _normalised_rows(rows, ranked_first).sum(0)
     num_blocks = math.ceil(length / block_size)
     padded = torch.zeros(num_blocks * block_size, dtype=per_token.dtype)
     padded[:length] = per_token
@@ -76,3 +83,10 @@ def select_pages(block_scores: torch.Tensor, seq_len: int, block_size: int, conf
     ranked = torch.where(required, torch.full_like(block_scores.double(), float("inf")), block_scores.double())
     order = torch.sort(ranked, descending=True, stable=True).indices
     return torch.sort(order[:keep]).values
+
+
+def evicted_blocks(scores: list[LayerScores], seq_len: int, block_size: int, config: EvictionConfig) -> list[int]:
+    """Sorted positional indices of the prompt blocks to evict, from per-layer page scores."""
+    keep = set(select_pages(page_scores(scores, block_size), seq_len, block_size, config).tolist())
+    last_block = (seq_len - 1) // block_size
+    return [b for b in range(last_block) if b not in keep]

@@ -1,50 +1,34 @@
-"""Name -> function registries for scorers and allocators.
+"""Name -> factory registries for scorers and allocators, and the scorer a config builds.
 
-Extension by registration: a new policy is one module that decorates its function with
-:func:`register_scorer` / :func:`register_allocator`, plus one import line in
-``scorers/__init__.py`` / ``allocators/__init__.py``. Room is left for ``lkv`` (learned scorer
-and head budgets) and VECTOR: they register under their own names when they land.
+Extension by registration: a new scorer is one module with its class and a factory from the
+config decorated with :func:`register_scorer`, plus one import line in ``scorers/__init__.py``
+(allocators likewise, :func:`register_allocator`). Room is left for ``lkv`` (learned scorer and
+head budgets) and VECTOR: they register under their own names when they land.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies.base import AllocatorFn, ScorerFn
+from vllm_kvevict.policies.base import AllocatorFn, LayerInputs, LayerScores, Scorer, ScorerFactory
+from vllm_kvevict.policies.protection import Protected
 
-#: scorer name -> ``score(inputs, config) -> [Hkv, L]`` float32.
-SCORERS: dict[str, ScorerFn] = {}
-#: allocator name -> ``allocate(protected_scores, budget, config) -> [num_layers, Hkv]`` int64.
+#: scorer name -> ``factory(config) -> Scorer`` (window and sinks not yet protected).
+SCORERS: dict[str, ScorerFactory] = {}
+#: allocator name -> ``allocate(scores, budget, config) -> [num_layers, Hkv]`` int64.
 ALLOCATORS: dict[str, AllocatorFn] = {}
-#: scorer name -> predicate on the config: True when that scorer already makes the final
-#: per-head choice of its layer (it marks every kept token with ``+inf``), so the plan takes
-#: head budgets from those marks instead of running the allocator again (two-stage scorers).
-PRESELECTING: dict[str, Callable[[EvictionConfig], bool]] = {}
-#: scorer name -> token scores for page granularity, for scorers whose own output cannot be
-#: pooled into blocks (a two-stage scorer's ``+inf`` marks cover a quarter of the tokens and
-#: erase the scores page mode ranks blocks by). Scorers not listed use their own function.
-PAGE_SCORERS: dict[str, ScorerFn] = {}
 
 
-def register_scorer(name: str, preselects: Optional[Callable[[EvictionConfig], bool]] = None):
-    """Decorator: ``@register_scorer("snapkv")`` adds the function to :data:`SCORERS`."""
+def register_scorer(name: str):
+    """Decorator: ``@register_scorer("snapkv")`` adds the factory to :data:`SCORERS`."""
 
-    def wrap(fn: ScorerFn) -> ScorerFn:
-        SCORERS[name] = fn
-        if preselects is not None:
-            PRESELECTING[name] = preselects
-        return fn
-
-    return wrap
-
-
-def register_page_scorer(name: str):
-    """Decorator: ``@register_page_scorer("criticalkv")`` adds the function to :data:`PAGE_SCORERS`."""
-
-    def wrap(fn: ScorerFn) -> ScorerFn:
-        PAGE_SCORERS[name] = fn
-        return fn
+    def wrap(factory: ScorerFactory) -> ScorerFactory:
+        SCORERS[name] = factory
+        return factory
 
     return wrap
 
@@ -59,7 +43,18 @@ def register_allocator(name: str):
     return wrap
 
 
-def preselects(config: EvictionConfig) -> bool:
-    """Whether ``config.scorer`` marks its final kept set itself (see :data:`PRESELECTING`)."""
-    rule = PRESELECTING.get(config.scorer)
-    return bool(rule and rule(config))
+@dataclass(frozen=True)
+class Unscored(Scorer):
+    """Scorer ``none``: zeros, nothing protected (the plan keeps everything)."""
+
+    def score(self, inputs: LayerInputs) -> LayerScores:
+        return LayerScores.unprotected(torch.zeros(inputs.num_kv_heads, inputs.seq_len))
+
+
+def build_scorer(config: EvictionConfig, name: Optional[str] = None) -> Scorer:
+    """The scorer ``name`` (default ``config.scorer``) built from ``config``, with the config's
+    window and sinks protected; :class:`Unscored` for ``none``."""
+    name = name or config.scorer
+    if name == "none":
+        return Unscored()
+    return Protected(SCORERS[name](config), window=config.window, sinks=config.resolved_sinks)

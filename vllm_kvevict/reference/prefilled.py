@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.policies import LayerInputs, build_scorer
 from vllm_kvevict.reference.model_parts import apply_rope
 
 #: Next positions whose RoPE tables are captured (expected_attention averages over 512).
@@ -123,7 +123,7 @@ class Prefilled:
         positions = torch.arange(L)
         future_cos = self.rope_cos[L : L + FUTURE_POSITIONS]
         future_sin = self.rope_sin[L : L + FUTURE_POSITIONS]
-        needs_attention_sum = config.scorer == "h2o"
+        needs_attention_sum = build_scorer(config).needs.attention_sums
         return [
             LayerInputs(
                 keys=self.keys[layer],

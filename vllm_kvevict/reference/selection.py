@@ -1,9 +1,9 @@
 """Which prompt tokens each (layer, KV head) keeps, from a policy and a prefilled prompt.
 
-``granularity="head"``: each head's own choice (:func:`vllm_kvevict.policies.plan_head`): whole
-block-aligned pages (``head_selection="page"``) or single tokens. ``granularity="page"``: whole blocks of
-``block_size`` tokens, the same blocks for every layer and head, chosen by
-:func:`vllm_kvevict.policies.select_pages` (what the served plugin does).
+Both through the calls the served plugin makes on the :class:`~vllm_kvevict.policies.Policy`:
+``granularity="head"``: each head's own choice (``Policy.plan_head``): whole block-aligned pages
+(``head_selection="page"``) or single tokens. ``granularity="page"``: whole blocks of
+``block_size`` tokens, the same blocks for every layer and head (``Policy.evicted_blocks``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies import build_policy
 from vllm_kvevict.reference.prefilled import Prefilled
 
 #: ``kept[layer][kv_head]``: sorted int64 prompt indices.
@@ -34,13 +35,12 @@ def blocks_to_tokens(blocks: torch.Tensor, block_size: int, prompt_len: int) -> 
 
 
 def kept_blocks(prefilled: Prefilled, config: EvictionConfig, block_size: int) -> torch.Tensor:
-    """Sorted int64 ids of the blocks page mode keeps (scores protected as in head mode)."""
-    from vllm_kvevict import policies
-
-    layers = prefilled.layer_inputs(config)
-    scores = [policies.protect(policies.page_score_layer(layer, config), config) for layer in layers]
-    block_scores = policies.page_scores(scores, block_size)
-    return policies.select_pages(block_scores, prefilled.prompt_len, block_size, config)
+    """Sorted int64 ids of the blocks page mode keeps (those the plugin does not evict)."""
+    policy = build_policy(config, block_size)
+    scores = [policy.score_layer(layer) for layer in prefilled.layer_inputs(config)]
+    evicted = set(policy.evicted_blocks(scores, prefilled.prompt_len))
+    num_blocks = -(-prefilled.prompt_len // block_size)
+    return torch.tensor([b for b in range(num_blocks) if b not in evicted], dtype=torch.long)
 
 
 def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -> KeptIndices:
@@ -50,8 +50,7 @@ def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -
     if config.resolved_granularity == "page":
         tokens = blocks_to_tokens(kept_blocks(prefilled, config, block_size), block_size, prefilled.prompt_len)
         return [[tokens for _ in range(prefilled.num_kv_heads)] for _ in range(prefilled.num_layers)]
-    from vllm_kvevict import policies
-
-    scores = [policies.head_score_layer(layer, config, block_size) for layer in prefilled.layer_inputs(config)]
-    kept = policies.plan_head(scores, config, prefilled.prompt_len, block_size)
+    policy = build_policy(config, block_size)
+    scores = [policy.score_layer(layer) for layer in prefilled.layer_inputs(config)]
+    kept = policy.plan_head(scores, prefilled.prompt_len)
     return [[idx.to(torch.long) for idx in row] for row in kept.indices]

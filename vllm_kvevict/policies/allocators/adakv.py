@@ -2,7 +2,7 @@
 
 For each layer: take the top ``Hkv * B`` scores of the whole layer; ``f[g]`` = winners of head
 ``g``; ``B[g] = (1 - alpha) * f[g] + alpha * B``, rounded by largest remainders (ties: lower
-head first) so that ``sum_g B[g] = Hkv * B`` exactly. Window and sinks (``+inf``) are always
+head first) so that ``sum_g B[g] = Hkv * B`` exactly. Protected and preferred tokens are always
 among the winners, so ``B[g]`` never drops below them. kvpress's rule is ``adakv_floor``.
 """
 
@@ -11,14 +11,16 @@ from __future__ import annotations
 import torch
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies.base import LayerScores
+from vllm_kvevict.policies.ranking import layer_order
 from vllm_kvevict.policies.registry import register_allocator
 
 
-def layer_winners(scores: torch.Tensor, total: int) -> torch.Tensor:
-    """``[Hkv]`` int64: how many of the layer's top ``total`` scores each head holds."""
-    num_kv_heads, length = scores.shape
-    top = torch.topk(scores.reshape(-1), total).indices
-    return torch.bincount(top // length, minlength=num_kv_heads)
+def layer_winners(scores: LayerScores, total: int) -> torch.Tensor:
+    """``[Hkv]`` int64: how many of the layer's first ``total`` entries (:func:`layer_order`)
+    each head holds."""
+    top = layer_order(scores)[:total]
+    return torch.bincount(top // scores.seq_len, minlength=scores.num_kv_heads)
 
 
 def largest_remainder(target: torch.Tensor, total: int) -> torch.Tensor:
@@ -32,14 +34,14 @@ def largest_remainder(target: torch.Tensor, total: int) -> torch.Tensor:
     return base
 
 
-def adakv_layer(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tensor:
-    num_kv_heads = scores.shape[0]
-    total = num_kv_heads * budget
+def adakv_layer(scores: LayerScores, budget: int, alpha: float) -> torch.Tensor:
+    """``[Hkv]`` int64 head budgets of one layer."""
+    total = scores.num_kv_heads * budget
     winners = layer_winners(scores, total).to(torch.float64)
     target = (1.0 - alpha) * winners + alpha * budget
     return largest_remainder(target, total)
 
 
 @register_allocator("adakv")
-def adakv(scores: list[torch.Tensor], budget: int, config: EvictionConfig) -> torch.Tensor:
+def adakv(scores: list[LayerScores], budget: int, config: EvictionConfig) -> torch.Tensor:
     return torch.stack([adakv_layer(s, int(budget), config.alpha) for s in scores])

@@ -1,8 +1,10 @@
 """``global`` (LaProx, layer-DefensiveKV): one top-k over every layer and head, with a layer cap.
 
 Each layer's scores are normalised (shifted by their minimum when negative, then divided by
-their sum, over the finite entries of all heads) so layers compare; the model keeps its top
-``num_layers * Hkv * B`` entries. Window and sinks (``+inf``) are always kept.
+their sum, over the entries of all heads neither protected nor preferred) so layers compare;
+the model keeps its top ``num_layers * Hkv * B`` entries. Protected and preferred entries are
+always kept: they sort above every normalised score (as ``+inf`` in this allocator's internal
+key; ties between them go to the lower layer, head and position).
 
 Layer cap: a layer keeps at most ``Hkv * global_layer_cap(B, L)`` tokens, i.e. its mean head
 budget is at most ``min(L, GLOBAL_LAYER_CAP_FACTOR * B)``. The scheduler knows this number from
@@ -19,6 +21,7 @@ import math
 import torch
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies.base import LayerScores
 from vllm_kvevict.policies.registry import register_allocator
 
 #: A layer's mean head budget under ``global`` is at most this many times the mean budget ``B``.
@@ -30,24 +33,26 @@ def global_layer_cap(budget: int, seq_len: int) -> int:
     return min(seq_len, int(math.floor(GLOBAL_LAYER_CAP_FACTOR * budget)))
 
 
-def normalise_layer(scores: torch.Tensor) -> torch.Tensor:
-    """``[Hkv, L]`` -> finite entries shifted to ``>= 0`` (if needed) and summing to 1; ``+inf`` kept."""
-    out = scores.double().clone()
-    finite = torch.isfinite(out)
-    if finite.any():
-        values = out[finite]
+def normalise_layer(scores: LayerScores) -> torch.Tensor:
+    """``[Hkv, L]`` float64 key: the values of the tokens neither protected nor preferred, shifted
+    to ``>= 0`` (if needed) and summing to 1; ``+inf`` for the others."""
+    out = scores.values.double().clone()
+    counted = ~scores.ranked_first
+    if counted.any():
+        values = out[counted]
         low = values.min()
         if low < 0:
             values = values - low
         total = values.sum()
-        out[finite] = values / total if total > 0 else torch.full_like(values, 1.0 / values.numel())
+        out[counted] = values / total if total > 0 else torch.full_like(values, 1.0 / values.numel())
+    out[~counted] = float("inf")
     return out
 
 
 @register_allocator("global")
-def global_topk(scores: list[torch.Tensor], budget: int, config: EvictionConfig) -> torch.Tensor:
+def global_topk(scores: list[LayerScores], budget: int, config: EvictionConfig) -> torch.Tensor:
     num_layers = len(scores)
-    num_kv_heads, seq_len = scores[0].shape
+    num_kv_heads, seq_len = scores[0].values.shape
     cap = num_kv_heads * global_layer_cap(int(budget), seq_len)
     stacked = torch.stack([normalise_layer(s) for s in scores]).reshape(num_layers, -1)
     # Truncate each layer to its own top ``cap`` entries; the rest can never be chosen.

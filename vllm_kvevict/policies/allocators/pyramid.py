@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies.base import LayerScores
 from vllm_kvevict.policies.registry import register_allocator
 
 #: PyramidKV's steepness (KVCache-Factory and kvpress default).
@@ -50,8 +51,8 @@ def pyramid_layer_budget(layer_idx: int, num_layers: int, seq_len: int, config: 
 
 
 @register_allocator("pyramid")
-def pyramid(scores: list[torch.Tensor], budget: int, config: EvictionConfig) -> torch.Tensor:
+def pyramid(scores: list[LayerScores], budget: int, config: EvictionConfig) -> torch.Tensor:
     num_layers = len(scores)
-    num_kv_heads, seq_len = scores[0].shape
+    num_kv_heads, seq_len = scores[0].values.shape
     per_layer = [pyramid_layer_budget(layer, num_layers, seq_len, config) for layer in range(num_layers)]
     return torch.tensor(per_layer, dtype=torch.int64)[:, None].expand(num_layers, num_kv_heads).clone()

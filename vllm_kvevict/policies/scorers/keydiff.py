@@ -2,26 +2,23 @@
 
 ``anchor`` = mean of the L2-normalised keys of the head. Default: kvpress's one-shot
 ``KeyDiffPress`` (all ``L`` keys at once). The KeyDiff paper's block-wise iterative variant
-(kvpress ``BlockPress(KeyDiffPress(), block_size=128)``) runs when
-``LayerInputs.extras["keydiff_block_size"]`` (or :data:`KEYDIFF_BLOCK_SIZE`) is set: starting
-from the first ``B`` tokens, each block of new tokens joins the kept set, which is cut back to
-its ``B`` best by the keydiff score among the kept and new keys. Its final kept set is lifted
-above every other token, so ``uniform`` keeps exactly that set.
+(kvpress ``BlockPress(KeyDiffPress(), block_size=128)``) runs when ``block_size`` is set:
+starting from the first ``B`` tokens, each block of new tokens joins the kept set, which is cut
+back to its ``B`` best by the keydiff score among the kept and new keys. Its final kept set is
+``preferred``, so ``uniform`` keeps exactly that set.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.policies.base import LayerInputs, LayerScores, Scorer
 from vllm_kvevict.policies.registry import register_scorer
-
-#: Block size of the iterative variant; ``None`` = one-shot (kvpress ``KeyDiffPress``).
-KEYDIFF_BLOCK_SIZE: Optional[int] = None
 
 
 def keydiff_scores(keys: torch.Tensor) -> torch.Tensor:
@@ -43,13 +40,33 @@ def blockwise_kept(keys: torch.Tensor, budget: int, block_size: int) -> torch.Te
     return kept
 
 
+@dataclass(frozen=True)
+class KeyDiff(Scorer):
+    """KeyDiff, one-shot (``block_size=None``, kvpress ``KeyDiffPress``) or block-wise.
+
+    ``budget(L)`` is the tokens kept per head for a prompt of ``L`` (the block-wise variant's
+    ``B``; ``config.budget_tokens``).
+    """
+
+    block_size: Optional[int] = None
+    budget: Optional[Callable[[int], int]] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.block_size is not None and self.budget is None:
+            raise ValueError("block-wise KeyDiff needs the budget")
+
+    def score(self, inputs: LayerInputs) -> LayerScores:
+        scores = LayerScores.unprotected(keydiff_scores(inputs.keys))
+        if self.block_size is None:
+            return scores
+        budget = self.budget(inputs.seq_len)
+        if budget >= inputs.seq_len:
+            return scores
+        kept = blockwise_kept(inputs.keys.float(), budget, self.block_size)
+        preferred = torch.zeros_like(scores.protected).scatter_(-1, kept, True)
+        return LayerScores(values=scores.values, protected=scores.protected, preferred=preferred)
+
+
 @register_scorer("keydiff")
-def keydiff(inputs: LayerInputs, config: EvictionConfig) -> torch.Tensor:
-    scores = keydiff_scores(inputs.keys)
-    block_size = inputs.extras.get("keydiff_block_size", KEYDIFF_BLOCK_SIZE)
-    budget = config.budget_tokens(inputs.seq_len)
-    if block_size is None or budget >= inputs.seq_len:
-        return scores
-    kept = blockwise_kept(inputs.keys.float(), budget, int(block_size))
-    lift = scores.max() - scores.min() + 1.0
-    return scores.scatter_add(-1, kept, torch.full(kept.shape, float(lift)))
+def keydiff(config: EvictionConfig) -> KeyDiff:
+    return KeyDiff(budget=config.budget_tokens)

@@ -1,0 +1,71 @@
+"""A policy: the scorer and the plan a config asks for, built once for one block size.
+
+:func:`build_policy` is where the config's job ends; the vLLM plugin and the reference engine
+call the same three methods of the :class:`Policy` it returns:
+
+* :meth:`Policy.score_layer` per layer, on the tokens the configured granularity selects from;
+* :meth:`Policy.plan_head` (head granularity): every (layer, KV head)'s kept tokens;
+* :meth:`Policy.evicted_blocks` (page granularity): the prompt blocks every layer and head drop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.policies.base import LayerInputs, LayerScores, Needs, Scorer
+from vllm_kvevict.policies.head_page_select import plan_head_pages
+from vllm_kvevict.policies.pages import evicted_blocks
+from vllm_kvevict.policies.registry import build_scorer
+from vllm_kvevict.policies.select import KeptSet, plan_kept
+
+
+@dataclass(frozen=True)
+class Policy:
+    """``config``'s scorer (window and sinks protected) and plan, for pages of ``block_size``."""
+
+    config: EvictionConfig
+    block_size: int
+    scorer: Scorer
+
+    @property
+    def needs(self) -> Needs:
+        """What :meth:`score_layer` reads beyond keys and values."""
+        return self.scorer.needs
+
+    @property
+    def whole_pages(self) -> bool:
+        """Whether selection keeps whole pages: page granularity, or whole pages per head."""
+        if self.config.resolved_granularity == "page":
+            return True
+        return self.config.head_selection_for(self.block_size) == "page"
+
+    def score_layer(self, inputs: LayerInputs) -> LayerScores:
+        """``[Hkv, L]`` scores of one layer: the scorer's page variant for whole pages, its
+        own token scores for single tokens per head."""
+        if self.whole_pages:
+            return self.scorer.page_score(inputs)
+        return self.scorer.score(inputs)
+
+    def plan_head(self, scores: list[LayerScores], seq_len: int) -> KeptSet:
+        """Head granularity's kept set from per-layer :meth:`score_layer` scores: whole
+        block-aligned pages per head, or single tokens."""
+        if self.config.head_selection_for(self.block_size) == "page":
+            return plan_head_pages(scores, self.config, seq_len, self.block_size)
+        return plan_kept(scores, self.config, seq_len)
+
+    def evicted_blocks(self, scores: list[LayerScores], seq_len: int) -> list[int]:
+        """Page granularity: sorted positional indices of the prompt blocks to evict."""
+        return evicted_blocks(scores, seq_len, self.block_size, self.config)
+
+
+def build_policy(config: EvictionConfig, block_size: int) -> Policy:
+    """The :class:`Policy` of ``config`` for a KV cache of ``block_size``-token pages."""
+    return Policy(config=config, block_size=block_size, scorer=build_scorer(config))
+
+
+def compute_kept(layers: list[LayerInputs], config: EvictionConfig) -> KeptSet:
+    """Single tokens per head from the scorer's own scores (:func:`plan_kept`), whatever the
+    granularity: what kvpress's presses keep (the parity tests)."""
+    scorer = build_scorer(config)
+    return plan_kept([scorer.score(layer) for layer in layers], config, layers[0].seq_len)
