@@ -4,9 +4,7 @@ torch.set_num_threads(1)
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.reference.engine import ReferenceEngine
 from vllm_kvevict.evaluation.tasks import make_suite
-from vllm_kvevict.policies.select import protect
-from vllm_kvevict.policies.layer_budgets import rank_in_row, layer_head_budgets
-from vllm_kvevict.policies.registry import SCORERS
+from vllm_kvevict.policies import Allocation, build_scorer, rank
 engine = ReferenceEngine(os.environ["KVEVICT_MODEL_DIR"]); tok = engine.tokenizer
 tasks = make_suite(["niah_single"], tok, [2000, 3000], 10, 0)
 snap = EvictionConfig(scorer="snapkv", budget=0.25, granularity="head")
@@ -21,14 +19,14 @@ for i in [int(x) for x in sys.argv[1].split(",")]:
     ks = engine.kept_indices(pre, snap); kc = engine.kept_indices(pre, ckv)
     layers = pre.layer_inputs(ckv)
     for l, inp in enumerate(layers):
-        base = protect(SCORERS["snapkv"](inp, ckv), ckv)
-        B = layer_head_budgets(base, inp, ckv); rb = rank_in_row(base)
+        base = build_scorer(ckv, "snapkv").score(inp)
+        B = Allocation(ckv).split_layer(base, inp); rb = rank(base)
         for h in range(pre.num_kv_heads):
             S = set(ks[l][h].tolist()); C = set(kc[l][h].tolist())
             for p in digits:
                 if p in S and p not in C:
                     n_lost += 1; n_stage2 += int(rb[h, p] >= int(B[h]) // 2)
-                    allrat.append(base[h, p].item() / 1e-4)
+                    allrat.append(base.values[h, p].item() / 1e-4)
                     layers_hit[l] = layers_hit.get(l, 0) + 1
     print(f"task {i}: done, lost so far {n_lost}", flush=True)
 r = torch.tensor(allrat)

@@ -1,15 +1,15 @@
-"""Reference criticalkv page mode with the served plugin's scoring (policies.score_layer, +inf marks pooled)."""
+"""Reference criticalkv page mode with the served plugin's first scoring (its two-stage token scores pooled)."""
 import json, sys
 sys.path.insert(0, "/work/main")
 import torch
 torch.set_num_threads(1)
 from transformers import AutoTokenizer
 import os
-from vllm_kvevict import policies
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.evaluation.tasks import make_suite
 from vllm_kvevict.reference.engine import ReferenceEngine
-policies.page_score_layer = policies.score_layer  # as vllm_kvevict/vllm/worker.py::_score_layer
+from vllm_kvevict.policies.scorers import CriticalKV
+CriticalKV.page_score = CriticalKV.score  # as the plugin's page mode first scored
 md = os.environ["KVEVICT_MODEL_DIR"]
 tasks = make_suite(["niah_single"], AutoTokenizer.from_pretrained(md), [2048], 20, 0, "after")
 eng = ReferenceEngine(md)
