@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, random_prompt, scheduler
+from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, random_prompt, record_evictions, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,7 @@ def evict_llm(tiny_llama_dir, stock_outputs):  # stock_outputs first: one engine
         max_num_batched_tokens=CHUNK,
         additional_config={"kv_eviction": {"scorer": "snapkv", "budget": BUDGET, "granularity": "page"}},
     ) as llm:
+        record_evictions(llm)
         yield llm
 
 
@@ -38,15 +39,11 @@ def _greedy(max_tokens: int, **extra):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra or None)
 
 
-def _worker_history():
-    from vllm_kvevict.vllm.worker import get_worker_state
-
-    return get_worker_state().history
-
-
 def _evicted_of(output):
     """Evicted block indices the worker chose for a finished ``RequestOutput`` (None: none)."""
-    hist = _worker_history()
+    from vllm_kvevict.vllm.inprocess import worker_side
+
+    hist = worker_side(None).recorder.evicted
     if output.request_id in hist:
         return hist[output.request_id]
     matches = [k for k in hist if k.startswith(f"{output.request_id}-")]
@@ -54,7 +51,7 @@ def _evicted_of(output):
 
 
 def _sched_state(llm):
-    from vllm_kvevict.vllm.manager import state_of
+    from vllm_kvevict.vllm.scheduler.state import state_of
 
     return state_of(scheduler(llm).kv_cache_manager)
 

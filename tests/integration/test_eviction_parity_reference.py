@@ -31,7 +31,7 @@ def prompt():
 def vllm_evicted(tiny_llama_dir, prompt):
     from vllm import SamplingParams
 
-    from vllm_kvevict.vllm.worker import get_worker_state
+    from vllm_kvevict.vllm.inprocess import record_evictions
 
     with open_llm(
         str(tiny_llama_dir),
@@ -41,17 +41,14 @@ def vllm_evicted(tiny_llama_dir, prompt):
         enable_prefix_caching=False,
         additional_config={"kv_eviction": {"scorer": "snapkv", "budget": BUDGET, "granularity": "page"}},
     ) as llm:
-        state = get_worker_state()
-        failed0 = state.num_failed
-        state.debug_scores = {}
+        recorder = record_evictions(llm)
         params = [
             SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, extra_args={"kv_eviction": p})
             for p in POLICIES
         ]
         outs = llm.generate([{"prompt_token_ids": prompt}] * len(POLICIES), params, use_tqdm=False)
-        assert state.num_failed == failed0
-        history, scores = state.history, state.debug_scores
-        state.debug_scores = None
+        assert not recorder.failures
+        history, scores = recorder.evicted, recorder.scores
         result = {}
         for policy, out in zip(POLICIES, outs):
             keys = [k for k in history if k == out.request_id or k.startswith(f"{out.request_id}-")]
@@ -64,21 +61,21 @@ def test_token_scores_match_reference(policy, vllm_evicted, reference_prefilled)
     """Every layer's ``[Hkv, L]`` scores: same +inf marks, finite values equal to rounding."""
     from kept_sets import assert_scores_close
 
-    from vllm_kvevict import policies
+    from vllm_kvevict.policies import build_policy
 
     config = EvictionConfig(scorer=policy, budget=BUDGET, granularity="page")
-    want = [policies.page_score_layer(layer, config) for layer in reference_prefilled.layer_inputs(config)]
+    want = [build_policy(config, BLOCK).score_layer(layer) for layer in reference_prefilled.layer_inputs(config)]
     assert_scores_close(vllm_evicted[policy][1], want, policy)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_evicted_pages_are_the_page_selection_of_the_scores(policy, vllm_evicted):
-    from vllm_kvevict.vllm.worker import choose_evicted_blocks
+    from vllm_kvevict.policies import build_policy
 
     config = EvictionConfig(scorer=policy, budget=BUDGET, granularity="page")
     evicted, scores = vllm_evicted[policy]
     assert evicted, f"{policy}: nothing evicted"
-    assert evicted == choose_evicted_blocks(scores, PROMPT_LEN, BLOCK, config)
+    assert evicted == build_policy(config, BLOCK).evicted_blocks(scores, PROMPT_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ BLOCK_BYTES = 2 * 2 * 2 * 32 * 32 * 4  # layers x (K, V) x KV heads x head dim x
 def test_preempted_evicted_request_re_evicts_and_frees_everything(tiny_llama_dir, granularity):
     from vllm import SamplingParams
 
-    from vllm_kvevict.vllm.manager import state_of
+    from vllm_kvevict.vllm.scheduler.state import state_of
 
     def greedy(n, **extra):
         return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, extra_args=extra or None)

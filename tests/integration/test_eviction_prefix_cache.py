@@ -29,7 +29,7 @@ def _run(model_dir, enable_prefix_caching: bool, granularity: str):
     """Run the prompts one after another (each after the previous finished)."""
     from vllm import SamplingParams
 
-    from vllm_kvevict.vllm.manager import state_of
+    from vllm_kvevict.vllm.scheduler.state import state_of
 
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     with open_llm(

@@ -44,7 +44,7 @@ def _greedy(max_tokens: int, **extra):
 
 def _serve(model_dir, prompt, policies, **engine_kwargs):
     """Every policy's request in one batch (prefill in 256-token chunks); ``{name: (tokens, KeptSet)}``."""
-    from vllm_kvevict.vllm.worker import get_worker_state
+    from vllm_kvevict.vllm.inprocess import record_evictions
 
     with open_llm(
         str(model_dir),
@@ -53,14 +53,13 @@ def _serve(model_dir, prompt, policies, **engine_kwargs):
         additional_config={"kv_eviction": {"scorer": "snapkv", "budget": BUDGET}},
         **engine_kwargs,
     ) as llm:
-        state = get_worker_state()
-        failed0, state.debug_kept = state.num_failed, {}
+        recorder = record_evictions(llm)
         free0 = block_pool(llm).get_num_free_blocks()
         params = [_greedy(NEW_TOKENS, **p) for p in policies.values()]
         outs = llm.generate([{"prompt_token_ids": prompt}] * len(policies), params, use_tqdm=False)
-        assert state.num_failed == failed0
+        assert not recorder.failures
         assert block_pool(llm).get_num_free_blocks() == free0
-        kept, state.debug_kept = state.debug_kept, None
+        kept = recorder.kept
     result = {}
     for name, out in zip(policies, outs):
         keys = [k for k in kept if k == out.request_id or k.startswith(f"{out.request_id}-")]
@@ -85,13 +84,13 @@ def check_against_reference(name: str, kept, engine, prefilled) -> None:
     the served scores (exact); see tests/kept_sets.py."""
     from kept_sets import assert_scores_close, differing_heads
 
-    from vllm_kvevict import policies
+    from vllm_kvevict.policies import build_policy
 
     config = _config(name)
-    reference = [policies.protect(policies.head_score_layer(layer, config, BLOCK), config)
-                 for layer in prefilled.layer_inputs(config)]
+    policy = build_policy(config, BLOCK)
+    reference = [policy.score_layer(layer) for layer in prefilled.layer_inputs(config)]
     assert_scores_close(kept.scores, reference, name)
-    replanned = policies.plan_head(kept.scores, config, prefilled.prompt_len, BLOCK)
+    replanned = policy.plan_head(kept.scores, prefilled.prompt_len)
     assert differing_heads(kept.indices, replanned.indices) == 0, name
 
 
@@ -135,7 +134,7 @@ def head_llm(tiny_llama_dir, tiny_served):  # tiny_served first: one engine aliv
 
 
 def _state(llm):
-    from vllm_kvevict.vllm.manager import state_of
+    from vllm_kvevict.vllm.scheduler.state import state_of
 
     return state_of(scheduler(llm).kv_cache_manager)
 

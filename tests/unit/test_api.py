@@ -78,7 +78,7 @@ def test_check_request_raises_vllm_validation_error_with_param():
 
 
 def test_hooks_sit_on_the_expected_vllm_functions(plugin):
-    """Fails if vLLM 0.32 moved or reshaped what api.install() wraps."""
+    """Fails if vLLM 0.32 moved or reshaped what compat.v0_32.patch_request_validation() wraps."""
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.input_processor import InputProcessor
 
@@ -127,3 +127,19 @@ def test_input_processor_rejects_bad_xargs(plugin, tiny_llama_dir):
         "r2", prompt, SamplingParams(extra_args={"kv_budget": 0.5, "x": 1}), supported_tasks=("generate",)
     )
     assert request.sampling_params.extra_args == {"kv_budget": 0.5, "x": 1}
+
+
+def test_a_request_is_checked_once_through_both_hooks(monkeypatch):
+    """AsyncLLM.generate checks (and remembers) the params; _validate_params does not parse again."""
+    from vllm import SamplingParams
+
+    calls = []
+    real = api.request_config
+    monkeypatch.setattr(api, "request_config", lambda *a: calls.append(1) or real(*a))
+    vllm_config = SimpleNamespace(additional_config=SNAPKV_SERVER.to_additional_config())
+    params = SamplingParams(extra_args={"kv_budget": 0.3})
+    api.check_request(params, vllm_config, remember=True)
+    api.check_request(params, vllm_config)
+    assert calls == [1]
+    api.check_request(params, vllm_config)  # a third check (not from the hooks) parses again
+    assert calls == [1, 1]

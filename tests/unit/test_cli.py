@@ -101,10 +101,13 @@ def test_bad_flag_is_a_usage_error_naming_flag_and_allowed_values(parser, argv, 
     assert allowed in err
 
 
-def test_inconsistent_flags_fail_before_the_engine_starts(parser, smollm2_dir):
-    with pytest.raises(EvictionConfigError) as info:
+def test_inconsistent_flags_are_a_usage_error_naming_them(parser, smollm2_dir, capsys):
+    """Issue 17: flags invalid together exit with status 2 and a message, never a traceback."""
+    with pytest.raises(SystemExit) as info:
         engine_args(parser, smollm2_dir, "--kv-eviction", "snapkv", "--kv-budget", "16", "--kv-window", "32")
-    assert info.value.field == "kv_window"
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kv-budget" in err and "--kv-window" in err and "invalid kv_window=32" in err
 
 
 def test_single_flag_check_does_not_blame_other_flags():
@@ -136,7 +139,7 @@ def test_bad_additional_config_fails_at_engine_start(plugin, smollm2_dir):
 
 
 def test_patches_sit_on_the_expected_vllm_functions(plugin):
-    """Fails if vLLM 0.32 moved or renamed what cli.install() wraps."""
+    """Fails if vLLM 0.32 moved or renamed what compat.v0_32.patch_cli_flags() wraps."""
     from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
     from vllm_kvevict.vllm.patching import is_wrapped
@@ -146,7 +149,9 @@ def test_patches_sit_on_the_expected_vllm_functions(plugin):
     # AsyncEngineArgs must keep inheriting from_cli_args and calling EngineArgs.add_cli_args.
     assert "from_cli_args" not in vars(AsyncEngineArgs)
     assert "create_engine_config" not in vars(AsyncEngineArgs)
-    cli.install()  # idempotent: the original under the wrapper is vLLM's own function
+    from vllm_kvevict.vllm.compat import v0_32
+
+    v0_32.patch_cli_flags()  # idempotent: the original under the wrapper is vLLM's own function
     from vllm_kvevict.vllm.patching import original_of
 
     assert original_of(EngineArgs, "from_cli_args").__func__.__module__ == "vllm.engine.arg_utils"

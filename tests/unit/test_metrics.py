@@ -7,23 +7,19 @@ import pytest
 pytest.importorskip("vllm")
 
 from prometheus_client import REGISTRY, generate_latest  # noqa: E402
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1  # noqa: E402
 
 from vllm_kvevict.config import EvictionConfig  # noqa: E402
 from vllm_kvevict.vllm import metrics  # noqa: E402
+from vllm_kvevict.vllm.metrics import prometheus  # noqa: E402
 from vllm_kvevict.vllm.metrics import (  # noqa: E402
     OTHER,
-    EvictionMetricsMixin,
     EvictionStats,
     EvictionStatsRecorder,
+    HeldTokens,
     pool_geometry,
     record_rejected,
     requested_labels,
 )
-
-
-class MetricsOnlyConnector(EvictionMetricsMixin, KVConnectorBase_V1):
-    """Only its class methods are used: vLLM's front-end resolves the class, never builds it."""
 
 
 def sample_stats() -> EvictionStats:
@@ -116,7 +112,9 @@ def test_stats_survive_vllm_engine_core_serialisation():
     outputs = EngineCoreOutputs(scheduler_stats=SchedulerStats(kv_connector_stats=stats.to_dict()))
     decoded = MsgpackDecoder(EngineCoreOutputs).decode(MsgpackEncoder().encode(outputs))
     data = decoded.scheduler_stats.kv_connector_stats
-    rebuilt = MetricsOnlyConnector.build_kv_connector_stats(data)
+    from vllm_kvevict.vllm.connector import KVEvictConnector
+
+    rebuilt = KVEvictConnector.build_kv_connector_stats(data)
     assert rebuilt.reduce() == stats.reduce()
     assert rebuilt.data["held"] == [["snapkv", "page", 2000, 200]]
     assert rebuilt.data["head_budgets"] == [["tova", "head", [10, 20, 60]]]
@@ -130,21 +128,20 @@ def scheduler_request(req_id: str, prompt_len: int, extra_args=None):
     return Request(req_id, list(range(prompt_len)), SamplingParams(max_tokens=4, extra_args=extra_args), None)
 
 
-def test_mixin_held_tokens_follow_the_requests():
-    connector = type("StatsOnly", (EvictionMetricsMixin,), {})()  # the mixin needs no vLLM state
-    assert connector.get_kv_connector_stats() is None
+def test_held_tokens_follow_the_requests():
+    held = HeldTokens()
+    assert not held.used and held.totals() == {}
     a, b = scheduler_request("a", 1000), scheduler_request("b", 600)
     a.num_computed_tokens, b.num_computed_tokens = 1000, 600
-    connector.hold_tokens(a, "snapkv", "page", evicted_tokens=800)
-    connector.hold_tokens(b, "snapkv", "page", evicted_tokens=300)
-    assert connector.get_kv_connector_stats().data["held"] == [["snapkv", "page", 1600, 500]]
+    held.hold(a, "snapkv", "page", evicted_tokens=800)
+    held.hold(b, "snapkv", "page", evicted_tokens=300)
+    assert held.used and held.totals() == {("snapkv", "page"): (1600, 500)}
     a.num_computed_tokens = 1010  # decoding: logical and held grow together
-    connector.hold_tokens(b, "snapkv", "page", evicted_tokens=100)  # a second pass adds up
-    assert connector.get_kv_connector_stats().data["held"] == [["snapkv", "page", 1610, 410]]
-    connector.release_tokens("a")
-    connector.release_tokens("b")
-    assert connector.get_kv_connector_stats().data["held"] == []
-    assert connector.get_kv_connector_stats() is None
+    held.hold(b, "snapkv", "page", evicted_tokens=100)  # a second pass adds up
+    assert held.totals() == {("snapkv", "page"): (1610, 410)}
+    held.release("a")
+    held.release("b")
+    assert held.totals() == {}
 
 
 def test_pool_geometry_of_a_real_kv_cache_config():
@@ -188,7 +185,8 @@ def sample(name: str, **labels: str) -> float:
 
 
 def test_vllm_prometheus_logger_exports_kvevict_series(tiny_llama_dir):
-    """vLLM's own PrometheusStatLogger, with a KV connector using the mixin, fed SchedulerStats."""
+    """vLLM's own PrometheusStatLogger, with our KV connector class (vLLM's front-end resolves the
+    class and calls its classmethods, never builds it), fed SchedulerStats."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.metrics.loggers import PrometheusStatLogger
@@ -200,7 +198,7 @@ def test_vllm_prometheus_logger_exports_kvevict_series(tiny_llama_dir):
         max_model_len=256,
         served_model_name="tiny",
         kv_transfer_config=KVTransferConfig(
-            kv_connector="MetricsOnlyConnector", kv_role="kv_both", kv_connector_module_path=__name__
+            kv_connector="KVEvictConnector", kv_role="kv_both", kv_connector_module_path="vllm_kvevict.vllm.connector"
         ),
     ).create_engine_config()
     PrometheusStatLogger(vllm_config)  # a second logger in one process must not clash
@@ -248,5 +246,5 @@ def test_vllm_prometheus_logger_exports_kvevict_series(tiny_llama_dir):
     record_rejected("tova", "head")
     assert sample("kvevict_requests_total", **engine, policy=OTHER, granularity="page", outcome="rejected") == 1
     assert sample("kvevict_requests_total", **head, outcome="rejected") == 1
-    assert metrics._ACTIVE is logger.kv_connector_prom.prom_metrics
+    assert prometheus._ACTIVE is logger.kv_connector_prom.prom_metrics
     assert "req-" not in generate_latest(REGISTRY).decode()

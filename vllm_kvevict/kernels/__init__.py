@@ -31,7 +31,9 @@ Kernels (each ``torch_<name>`` reference, ``triton_<name>`` wrapper, ``<name>`` 
 runs Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, torch otherwise, ``impl=`` forces
 one):
 
-- :func:`paged_decode_attention`: two-segment decode attention, GQA, split-K.
+- :func:`paged_decode_attention`: two-segment decode attention, GQA, split-K; its torch
+  reference is built on :func:`masked_attention`, the one two-segment attention reference
+  (the CPU backend's head-granular rows attend through it too).
 - :func:`window_lse` then :func:`window_scores`, then :func:`pool_scores`: the window rows'
   log-sum-exp, the window attention statistics (sum, mean, max, sum of squares per KV head or
   per query head) for scoring in the last prefill chunk, and their pooling.
@@ -46,6 +48,7 @@ This package never imports vLLM.
 
 from vllm_kvevict.kernels.compaction import compact, torch_compact, triton_compact
 from vllm_kvevict.kernels.decode_attention import (
+    masked_attention,
     paged_decode_attention,
     torch_paged_decode_attention,
     triton_paged_decode_attention,
@@ -77,6 +80,7 @@ __all__ = [
     "gram_factor",
     "head_gram",
     "head_page_ids",
+    "masked_attention",
     "paged_decode_attention",
     "pool_scores",
     "torch_compact",

@@ -16,6 +16,33 @@ from vllm_kvevict.kernels._backend import HAVE_TRITON, dot_precision, next_pow2,
 from vllm_kvevict.kernels.paged import gather_two_segment
 
 
+def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """The two-segment attention reference: float32 softmax over the valid tokens of each KV head.
+
+    Every torch path of the plugin attends compacted requests through this function (the CPU
+    backend's head-granular rows, and :func:`torch_paged_decode_attention`, which the Triton
+    kernel is checked against).
+
+    Parameters
+    ----------
+    q : ``[B, n, Hkv, G, d]`` queries (``n`` per request), grouped by the KV head they read.
+    keys, values : ``[B, Hkv, T, d]`` each head's tokens (compact region, then tail).
+    valid : ``[B, n, Hkv, T]`` bool: which tokens each query sees.
+
+    Returns
+    -------
+    ``[B, n, Hkv, G, d]`` float32; a query that sees no token gets zeros.
+    """
+    logits = torch.einsum("bnkgd,bktd->bnkgt", q.float(), keys.float()) * scale
+    logits = logits.masked_fill(~valid.unsqueeze(3), float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(logits - m)
+    denom = p.sum(-1, keepdim=True)
+    return torch.einsum("bnkgt,bktd->bnkgd", p, values.float()) / denom.clamp_min(1e-30)
+
+
 def torch_paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -27,7 +54,7 @@ def torch_paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """Reference: gather both segments, masked float32 softmax.
+    """Reference: gather both segments, then :func:`masked_attention`.
 
     Parameters
     ----------
@@ -43,18 +70,10 @@ def torch_paged_decode_attention(
     """
     B, H, d = q.shape
     Hkv = k_cache.shape[1]
-    G = H // Hkv
     scale = d ** -0.5 if scale is None else scale
     keys, valid = gather_two_segment(k_cache, compact_pages, compact_lens, block_table, tail_start, seq_lens)
     values, _ = gather_two_segment(v_cache, compact_pages, compact_lens, block_table, tail_start, seq_lens)
-    qf = q.float().view(B, Hkv, G, d)
-    logits = torch.einsum("bkgd,bktd->bkgt", qf, keys.float()) * scale
-    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    m = logits.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(logits - m)
-    denom = p.sum(-1, keepdim=True)
-    out = torch.einsum("bkgt,bktd->bkgd", p, values.float()) / denom.clamp_min(1e-30)
+    out = masked_attention(q.view(B, 1, Hkv, H // Hkv, d), keys, values, valid.unsqueeze(1), scale)
     return out.reshape(B, H, d).to(q.dtype)
 
 

@@ -11,24 +11,21 @@ A server started with ``--kv-eviction=none`` runs stock vLLM (no eviction machin
 request naming another policy there is refused; start the server with a policy and
 ``--kv-budget=1`` (keep everything) to let requests opt in.
 
-Hooks (vLLM 0.32.0), each one function below:
-
-* ``InputProcessor._validate_params`` (``vllm/v1/engine/input_processor.py``): every request
-  of ``AsyncLLM`` and of the offline ``LLMEngine`` passes there before it is sent to the core.
-* ``AsyncLLM.generate`` (``vllm/v1/engine/async_llm.py``) is an async generator, whose body
-  (and thus ``_validate_params``) first runs after a streaming response has started with
-  HTTP 200. The wrapper checks the request when ``generate`` is called, before the serving
-  layer returns, so streaming requests get the 400 too.
+Hooks (:func:`vllm_kvevict.vllm.compat.v0_32.patch_request_validation`): vLLM's
+``InputProcessor._validate_params`` (every request of ``AsyncLLM`` and of the offline engine)
+and ``AsyncLLM.generate`` (whose body first runs after a streaming response has started with
+HTTP 200, so it is checked when called). A request passes both; it is validated once: the
+second check finds it in :data:`_CHECKED`.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 from typing import Any, Mapping, Optional
 
 from vllm_kvevict.config import FLAT_PREFIX, EvictionConfig, EvictionConfigError
-from vllm_kvevict.vllm.patching import wrap_attribute
 
 DISABLED_SERVER_HINT = (
     "this server runs without KV eviction (--kv-eviction=none); start it with a policy, e.g. "
@@ -69,10 +66,22 @@ def _server_default_cached(additional_config_json: str) -> EvictionConfig:
     return EvictionConfig.from_additional_config(json.loads(additional_config_json))
 
 
-def check_request(params: Any, vllm_config: Any) -> None:
-    """Raise ``VLLMValidationError`` (HTTP 400) if ``params.extra_args`` holds a bad policy."""
+#: Sampling params already checked by the first of the two hooks (by identity; bounded: a
+#: request that never reaches the second hook, e.g. aborted first, ages out).
+_CHECKED: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
+_CHECKED_MAX = 4096
+
+
+def check_request(params: Any, vllm_config: Any, remember: bool = False) -> None:
+    """Raise ``VLLMValidationError`` (HTTP 400) if ``params.extra_args`` holds a bad policy.
+
+    ``remember``: the first of the two hooks (``AsyncLLM.generate``) keeps the params, so that
+    the second (``_validate_params``) does not check them again."""
     extra_args = getattr(params, "extra_args", None)
     if not isinstance(extra_args, Mapping) or not has_eviction_keys(extra_args):
+        return
+    if _CHECKED.get(id(params)) is params:
+        del _CHECKED[id(params)]
         return
     from vllm.exceptions import VLLMValidationError
 
@@ -85,31 +94,8 @@ def check_request(params: Any, vllm_config: Any) -> None:
         granularity = extra_args.get("kv_granularity", getattr(default, "resolved_granularity", "page"))
         record_rejected(str(extra_args.get("kv_eviction", default.scorer)), str(granularity))
         raise VLLMValidationError(f"vllm_xargs: {exc}", parameter=exc.field) from None
-
-
-def install() -> None:
-    """Patch the two request entry points (see the module docstring); idempotent."""
-    from vllm.v1.engine.async_llm import AsyncLLM
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    # vLLM 0.32.0: InputProcessor._validate_params(self, params, supported_tasks) -> bool | None.
-    def wrap_validate_params(original):
-        @functools.wraps(original)
-        def _validate_params(self, params, *args, **kwargs):
-            check_request(params, self.vllm_config)
-            return original(self, params, *args, **kwargs)
-
-        return _validate_params
-
-    # vLLM 0.32.0: AsyncLLM.generate(self, prompt, sampling_params, request_id, *, ...), an async
-    # generator function; the wrapper is a plain function returning the same generator.
-    def wrap_generate(original):
-        @functools.wraps(original)
-        def generate(self, prompt, sampling_params, *args, **kwargs):
-            check_request(sampling_params, self.vllm_config)
-            return original(self, prompt, sampling_params, *args, **kwargs)
-
-        return generate
-
-    wrap_attribute(InputProcessor, "_validate_params", wrap_validate_params)
-    wrap_attribute(AsyncLLM, "generate", wrap_generate)
+    if not remember:
+        return
+    _CHECKED[id(params)] = params
+    while len(_CHECKED) > _CHECKED_MAX:
+        _CHECKED.popitem(last=False)

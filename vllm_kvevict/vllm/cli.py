@@ -4,7 +4,7 @@ One flag per :data:`vllm_kvevict.config.FLAT_KEYS` entry, generated from
 :class:`~vllm_kvevict.config.EvictionConfig` (choices, defaults and help come from the model),
 in their own argument group ``KVEviction`` (``vllm serve --help=KVEviction`` lists them).
 
-Path of a flag (vLLM 0.32):
+Path of a flag (the hooks are in :mod:`vllm_kvevict.vllm.compat`):
 
 1. ``EngineArgs.add_cli_args`` (patched) adds the group. vLLM loads general plugins inside
    ``AsyncEngineArgs.add_cli_args`` just before it calls ``EngineArgs.add_cli_args``, so the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -37,7 +38,6 @@ from vllm_kvevict.config import (
     EvictionConfig,
     EvictionConfigError,
 )
-from vllm_kvevict.vllm.patching import wrap_attribute
 
 GROUP_TITLE = "KVEviction"
 GROUP_DESCRIPTION = (
@@ -132,6 +132,18 @@ def merge_flags(additional_config: Optional[Mapping[str, Any]], flags: Mapping[s
     return with_config(additional_config, EvictionConfig.from_flat(flags, base=base))
 
 
+def merge_flags_or_exit(additional_config: Optional[Mapping[str, Any]], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`merge_flags`, with a policy that is invalid as a whole (e.g. ``--kv-budget 64
+    --kv-window 100``) reported like any other bad flag: a usage error naming the flags, exit
+    status 2, no traceback."""
+    try:
+        return merge_flags(additional_config, flags)
+    except EvictionConfigError as exc:
+        named = ", ".join(sorted("--" + k.replace("_", "-") for k in flags))
+        sys.stderr.write(f"usage error: the KV eviction flags ({named}) do not fit together: {exc}\n")
+        raise SystemExit(2) from None
+
+
 def normalize_additional_config(additional_config: Any) -> Any:
     """Validate the eviction part of ``additional_config``; return it in nested form.
 
@@ -154,43 +166,6 @@ def with_config(additional_config: Optional[Mapping[str, Any]], config: Eviction
     if nested:
         out[ADDITIONAL_CONFIG_KEY] = nested
     return out
-
-
-def install() -> None:
-    """Patch ``EngineArgs`` (vLLM 0.32.0, ``vllm/engine/arg_utils.py``); idempotent."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    # vLLM 0.32.0: EngineArgs.add_cli_args(parser) -> parser, a staticmethod.
-    def wrap_add_cli_args(original: staticmethod) -> staticmethod:
-        def add_cli_args(parser, *args, **kwargs):
-            parser = original.__func__(parser, *args, **kwargs)
-            add_flags(parser)
-            return parser
-
-        return staticmethod(add_cli_args)
-
-    # vLLM 0.32.0: EngineArgs.from_cli_args(cls, args), a classmethod (AsyncEngineArgs inherits).
-    def wrap_from_cli_args(original: classmethod) -> classmethod:
-        def from_cli_args(cls, args: argparse.Namespace):
-            engine_args = original.__func__(cls, args)
-            flags = given_flags(args)
-            if flags:
-                engine_args.additional_config = merge_flags(engine_args.additional_config, flags)
-            return engine_args
-
-        return classmethod(from_cli_args)
-
-    # vLLM 0.32.0: EngineArgs.create_engine_config(self, usage_context=None, headless=False).
-    def wrap_create_engine_config(original):
-        def create_engine_config(self, *args, **kwargs):
-            self.additional_config = normalize_additional_config(self.additional_config)
-            return original(self, *args, **kwargs)
-
-        return create_engine_config
-
-    wrap_attribute(EngineArgs, "add_cli_args", wrap_add_cli_args)
-    wrap_attribute(EngineArgs, "from_cli_args", wrap_from_cli_args)
-    wrap_attribute(EngineArgs, "create_engine_config", wrap_create_engine_config)
 
 
 def _typed(key: str):

@@ -61,9 +61,33 @@ def block_pool(llm: Any) -> Any:
 
 def held_blocks(llm: Any, request_id: str) -> int:
     """Real (non-null) blocks in the request's block list, per vLLM's KV-cache manager."""
-    from vllm_kvevict.vllm.manager import held_block_count
+    from vllm_kvevict.vllm.scheduler.blocks import held_block_count
 
     return held_block_count(scheduler(llm).kv_cache_manager, request_id)
+
+
+def scheduler_side(llm: Any) -> Any:
+    """The scheduler half of our KV connector (``None`` when eviction is off)."""
+    connector = scheduler(llm).connector
+    return getattr(connector, "scheduler_side", None)
+
+
+def worker_side(llm: Any) -> Any:
+    """The worker half of our KV connector in this process (CPU: the worker runs in-process)."""
+    from vllm_kvevict.vllm.step import step_source
+
+    return step_source()
+
+
+def record_evictions(llm: Any) -> Any:
+    """Start recording what the worker evicts (scores, evicted blocks, kept sets, failures);
+    returns the :class:`~vllm_kvevict.vllm.worker.side.EvictionRecorder`."""
+    from vllm_kvevict.vllm.worker.side import EvictionRecorder
+
+    side = worker_side(llm)
+    if side.recorder is None:
+        side.recorder = EvictionRecorder()
+    return side.recorder
 
 
 def random_prompt(num_tokens: int, seed: int, low: int = 100, high: int = 20000) -> list[int]:

@@ -1,58 +1,166 @@
-"""Patches of vLLM 0.32 internals for page eviction. One function per patched thing.
+"""Hooks into vLLM 0.32 internals: one function per patched thing, listed in ``PATCH_TARGETS``.
 
 Every patch goes through :func:`vllm_kvevict.vllm.patching.wrap_attribute` (wraps once, raises
-``AttributeError`` if vLLM moved the target). ``PATCH_TARGETS`` lists them for the tests.
+``AttributeError`` if vLLM moved the target); ``tests/unit/test_vllm_compat.py`` checks every
+target and signature, against the installed vLLM and against the sources of the other supported
+versions. The table in docs/ARCHITECTURE.md says why each one exists.
+
+Also here: the readers of vLLM structures whose shape is version-specific (the V1 runner's
+batch, the KV-cache manager's block lists).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import weakref
-from typing import Any
+from typing import Any, Optional
 
-from vllm_kvevict.config import ADDITIONAL_CONFIG_KEY
 from vllm_kvevict.vllm.patching import wrap_attribute
 
 logger = logging.getLogger(__name__)
 
-#: (module, qualified owner, attribute) of every vLLM 0.32 internal patched here.
-PATCH_TARGETS: tuple[tuple[str, str, str], ...] = (
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_build_attention_metadata"),
-    ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "cache_blocks"),
-    ("vllm.v1.core.kv_cache_manager", "KVCacheManager", "get_computed_blocks"),
-    ("vllm.config.vllm", "VllmConfig", "_post_init_kv_transfer_config"),
-    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "add_requests"),
-    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "prepare_attn"),
+#: (module, qualified owner, attribute, parameters of the original) of every patched vLLM symbol.
+PATCH_TARGETS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("vllm.config.vllm", "VllmConfig", "_post_init_kv_transfer_config", ("self",)),
+    ("vllm.config.vllm", "VllmConfig", "_get_v2_model_runner_unsupported_features", ("self",)),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_build_attention_metadata",
+     ("self", "num_tokens", "num_reqs", "max_query_len", "num_tokens_padded", "num_reqs_padded", "ubatch_slices",
+      "logits_indices", "max_num_sampled_tokens", "use_spec_decode", "for_cudagraph_capture",
+      "num_scheduled_tokens", "slot_mappings")),
+    ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "cache_blocks", ("self", "request", "num_computed_tokens")),
+    ("vllm.v1.core.kv_cache_manager", "KVCacheManager", "get_computed_blocks", ("self", "request")),
+    ("vllm.engine.arg_utils", "EngineArgs", "add_cli_args", ("parser",)),
+    ("vllm.engine.arg_utils", "EngineArgs", "from_cli_args", ("cls", "args")),
+    ("vllm.engine.arg_utils", "EngineArgs", "create_engine_config", ("self", "usage_context", "headless")),
+    ("vllm.v1.engine.input_processor", "InputProcessor", "_validate_params", ("self", "params", "supported_tasks")),
+    ("vllm.v1.engine.async_llm", "AsyncLLM", "generate", ("self", "prompt", "sampling_params", "request_id")),
 )
+#: The V1 runner state :func:`batch_rows` reads, and the block-list state the scheduler side edits.
+RUNNER_ATTRIBUTES = ("input_batch", "query_start_loc", "requests", "kv_cache_config", "cache_config")
+EVICTION_FEATURE = "KV-cache eviction (vllm-kvevict)"
 
 
-def wants_eviction(additional_config: Any) -> bool:
-    """Whether ``additional_config`` configures eviction (nested or flat ``kv_eviction``)."""
-    try:
-        return bool(additional_config) and ADDITIONAL_CONFIG_KEY in additional_config
-    except TypeError:
-        return False
+# ----------------------------------------------------------------------------- configuration
+def patch_auto_connector() -> None:
+    """``VllmConfig._post_init_kv_transfer_config`` (fills ``kv_transfer_config`` in
+    ``__post_init__``): when ``additional_config`` asks for eviction, refuse what eviction does
+    not support (:mod:`vllm_kvevict.vllm.startup`) and configure our KV connector."""
+    from vllm.config.vllm import VllmConfig
+
+    from vllm_kvevict.vllm.startup import configure_eviction
+
+    def make(original):
+        def _post_init_kv_transfer_config(self):
+            original(self)
+            configure_eviction(self)
+
+        return _post_init_kv_transfer_config
+
+    wrap_attribute(VllmConfig, "_post_init_kv_transfer_config", make)
+
+
+def patch_model_runner_v1_for_eviction() -> None:
+    """``VllmConfig._get_v2_model_runner_unsupported_features``: list eviction, so that vLLM
+    picks Model Runner V1 (and logs "Model Runner V2 does not yet support KV-cache eviction
+    (vllm-kvevict); using the V1 model runner instead"), or refuses to start when
+    ``VLLM_USE_V2_MODEL_RUNNER=1`` forces V2. Eviction's hooks are V1's (vLLM-CPU's runner
+    derives from it, so CI runs the same hooks a GPU does)."""
+    from vllm.config.vllm import VllmConfig
+
+    from vllm_kvevict.vllm.startup import wants_eviction
+
+    def make(original):
+        def _get_v2_model_runner_unsupported_features(self):
+            unsupported = original(self)
+            if wants_eviction(self.additional_config):
+                unsupported = [*unsupported, EVICTION_FEATURE]
+            return unsupported
+
+        return _get_v2_model_runner_unsupported_features
+
+    wrap_attribute(VllmConfig, "_get_v2_model_runner_unsupported_features", make)
+
+
+def patch_cli_flags() -> None:
+    """``EngineArgs.add_cli_args`` / ``from_cli_args`` / ``create_engine_config``: the ``--kv-*``
+    flags, their merge into ``additional_config``, and its validation however it was given
+    (:mod:`vllm_kvevict.vllm.cli`)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvevict.vllm import cli
+
+    def wrap_add_cli_args(original: staticmethod) -> staticmethod:
+        def add_cli_args(parser, *args, **kwargs):
+            parser = original.__func__(parser, *args, **kwargs)
+            cli.add_flags(parser)
+            return parser
+
+        return staticmethod(add_cli_args)
+
+    def wrap_from_cli_args(original: classmethod) -> classmethod:
+        def from_cli_args(cls, args):
+            engine_args = original.__func__(cls, args)
+            flags = cli.given_flags(args)
+            if flags:
+                engine_args.additional_config = cli.merge_flags_or_exit(engine_args.additional_config, flags)
+            return engine_args
+
+        return classmethod(from_cli_args)
+
+    def wrap_create_engine_config(original):
+        def create_engine_config(self, *args, **kwargs):
+            self.additional_config = cli.normalize_additional_config(self.additional_config)
+            return original(self, *args, **kwargs)
+
+        return create_engine_config
+
+    wrap_attribute(EngineArgs, "add_cli_args", wrap_add_cli_args)
+    wrap_attribute(EngineArgs, "from_cli_args", wrap_from_cli_args)
+    wrap_attribute(EngineArgs, "create_engine_config", wrap_create_engine_config)
+
+
+def patch_request_validation() -> None:
+    """``InputProcessor._validate_params`` (every request of ``AsyncLLM`` and of the offline
+    engine) and ``AsyncLLM.generate`` (an async generator whose body first runs after a
+    streaming response started with HTTP 200: the wrapper checks when it is called): a bad
+    ``vllm_xargs`` policy is an HTTP 400, checked once per request (:mod:`vllm_kvevict.vllm.api`)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_kvevict.vllm import api
+
+    def wrap_validate_params(original):
+        @functools.wraps(original)
+        def _validate_params(self, params, *args, **kwargs):
+            api.check_request(params, self.vllm_config)
+            return original(self, params, *args, **kwargs)
+
+        return _validate_params
+
+    def wrap_generate(original):
+        @functools.wraps(original)
+        def generate(self, prompt, sampling_params, *args, **kwargs):
+            api.check_request(sampling_params, self.vllm_config, remember=True)
+            return original(self, prompt, sampling_params, *args, **kwargs)
+
+        return generate
+
+    wrap_attribute(InputProcessor, "_validate_params", wrap_validate_params)
+    wrap_attribute(AsyncLLM, "generate", wrap_generate)
 
 
 # ----------------------------------------------------------------------------- worker side
 def patch_v1_runner_step_plan() -> None:
-    """vLLM 0.32 ``GPUModelRunner._build_attention_metadata`` (also the CPU runner's): before the
-    stock build, tell the worker state which batch row is which request, so the backend knows
-    the rows to score and to compact. Replaces nothing; the stock method runs unchanged after.
-    """
+    """``GPUModelRunner._build_attention_metadata`` (Model Runner V1, also vLLM-CPU's runner):
+    before the stock build, the worker plans the step from the runner's batch, so that our
+    attention metadata builder finds it. Replaces nothing; the stock method runs unchanged."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from vllm_kvevict.vllm.worker import get_worker_state
 
     def make(original):
         def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
-            state = get_worker_state()
-            if state.enabled and state.step_open and not kwargs.get("for_cudagraph_capture", False):
-                try:
-                    plan_v1_rows(self, num_reqs)
-                except Exception as exc:  # never into the engine core
-                    logger.warning("kvevict: step plan failed, no eviction this step: %s", exc)
-                    state.rows, state.compact_rows = {}, {}
+            side = worker_side()
+            if side is not None and not kwargs.get("for_cudagraph_capture", False):
+                plan_from_runner(side, self, num_reqs)
             return original(self, num_tokens, num_reqs, *args, **kwargs)
 
         return _build_attention_metadata
@@ -60,137 +168,48 @@ def patch_v1_runner_step_plan() -> None:
     wrap_attribute(GPUModelRunner, "_build_attention_metadata", make)
 
 
-def plan_v1_rows(runner: Any, num_reqs: int) -> None:
-    """Plan every row of the V1 runner's persistent batch (``input_batch``) for this step."""
-    from vllm_kvevict.vllm.worker import get_worker_state
+def worker_side() -> Optional[Any]:
+    """This worker's :class:`~vllm_kvevict.vllm.worker.side.WorkerSide`, if our connector runs."""
+    from vllm_kvevict.vllm.step import step_source
 
-    state = get_worker_state()
-    _init_runner(state, runner, runner.cache_config.block_size)
-    if state.num_layers == 0:
-        return
-    qsl = runner.query_start_loc.cpu[: num_reqs + 1]
-    q_lens = (qsl[1:] - qsl[:-1]).tolist()
-    computed = runner.input_batch.num_computed_tokens_cpu[:num_reqs]
-    for row, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
-        req = runner.requests.get(req_id)
-        if req is None:
-            continue
-        extra = getattr(req.sampling_params, "extra_args", None) if req.sampling_params else None
-        state.plan_row(row, req_id, extra, req.num_prompt_tokens, int(computed[row]), int(q_lens[row]))
+    return step_source()
 
 
-def _init_runner(state, runner, block_size: int) -> None:
-    """First step of a runner (tests may run several per process): model, layers, block size."""
-    if state.runner_ref is not None and state.runner_ref() is runner:
-        return
-    state.runner_ref = weakref.ref(runner)
-    state.model = runner.get_model()
-    state.o_proj = {}
+def plan_from_runner(side: Any, runner: Any, num_reqs: int) -> None:
+    """Hand the V1 runner's batch (``input_batch``, CPU-side copies only) to the worker's planner."""
     groups = runner.kv_cache_config.kv_cache_groups
-    state.num_layers = len(groups[0].layer_names) if len(groups) == 1 else 0
-    if len(groups) != 1 or (state.block_size is not None and state.block_size != block_size):
-        logger.warning("kvevict: hybrid KV cache or kernel block size != block size: eviction off")
-        state.num_layers = 0
-    state.block_size = block_size
-    # Eviction needs our connector in THIS engine (tests run several engines per process).
-    state.enabled = our_connector_active()
-
-
-def our_connector_active() -> bool:
-    """Whether this worker's KV connector is ours."""
-    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-    from vllm_kvevict.vllm.connector import KVEvictConnector
-
-    return has_kv_transfer_group() and isinstance(get_kv_transfer_group(), KVEvictConnector)
-
-
-# ----------------------------------------------------------------------------- MRV2 (GPU)
-def patch_mrv2_runner() -> None:
-    """vLLM 0.32 Model Runner V2 (``vllm/v1/worker/gpu/model_runner.py``, the GPU default).
-
-    * ``add_requests``: remember each new request's ``SamplingParams.extra_args`` (MRV2 keeps
-      no sampling params per request in its state);
-    * ``prepare_attn(input_batch)``: after the stock gather of this step's block tables and slot
-      mappings (slot mappings stay positional), plan the rows and compact the block-table rows
-      and ``seq_lens`` of requests that evicted pages, in MRV2's per-step buffers, so that any
-      stock attention backend attends only over kept pages.
-
-    Not verifiable without a GPU (see docs): the whole MRV2 step; scoring on GPU needs a GPU
-    backend's impl hook (our scoring impl subclasses the CPU backend only).
-    """
-    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as MRV2Runner
-
-    from vllm_kvevict.vllm.worker import get_worker_state
-
-    def make_add(original):
-        def add_requests(self, scheduler_output):
-            original(self, scheduler_output)
-            state = get_worker_state()
-            if state.enabled:
-                for new in scheduler_output.scheduled_new_reqs:
-                    sp = new.sampling_params
-                    state.extra_args[new.req_id] = getattr(sp, "extra_args", None) if sp else None
-
-        return add_requests
-
-    def make_prepare(original):
-        def prepare_attn(self, input_batch):
-            block_tables, slot_mappings = original(self, input_batch)
-            state = get_worker_state()
-            if state.enabled:
-                try:
-                    plan_mrv2_step(self, input_batch, block_tables)
-                except Exception as exc:  # never into the engine core
-                    logger.warning("kvevict: MRV2 step plan failed, no eviction this step: %s", exc)
-                    state.rows, state.compact_rows = {}, {}
-            return block_tables, slot_mappings
-
-        return prepare_attn
-
-    wrap_attribute(MRV2Runner, "add_requests", make_add)
-    wrap_attribute(MRV2Runner, "prepare_attn", make_prepare)
-
-
-def plan_mrv2_step(runner: Any, input_batch: Any, block_tables: Any) -> None:
-    """Plan MRV2 rows and compact evicted rows in place (``block_tables[0]``, ``seq_lens``)."""
-    from vllm_kvevict.vllm.worker import compact_in_place, get_worker_state
-
-    state = get_worker_state()
-    _init_runner(state, runner, runner.cache_config.block_size)
-    if not state.enabled:
+    if not side.has_requests() or len(groups) != 1:
+        side.plan((), None)  # nothing may evict (a hybrid KV cache never admits: see startup)
         return
-    state.open_step()
-    if state.num_layers == 0:
+    try:
+        rows = batch_rows(runner, num_reqs)
+    except Exception as exc:  # never into the engine core
+        logger.warning("kvevict: could not read the runner's batch, no eviction this step: %s", exc)
+        side.plan((), None)
         return
-    num_reqs = input_batch.num_reqs
-    qsl = input_batch.query_start_loc_np[: num_reqs + 1]
-    prompt_lens = runner.req_states.prompt_len.np[input_batch.idx_mapping_np[:num_reqs]]
-    for row, req_id in enumerate(input_batch.req_ids[:num_reqs]):
-        state.plan_row(
-            row,
-            req_id,
-            state.extra_args.get(req_id),
-            int(prompt_lens[row]),
-            int(input_batch.num_computed_tokens_np[row]),
-            int(qsl[row + 1] - qsl[row]),
-        )
-    if state.compact_rows:
-        compact_in_place(
-            block_tables[0], input_batch.seq_lens, input_batch.seq_lens_cpu_upper_bound,
-            state.compact_rows, state.block_size,
-        )
-        state.compacted_by_runner = True
+    side.plan(rows, side.model_of(runner, len(groups[0].layer_names)))
+
+
+def batch_rows(runner: Any, num_reqs: int) -> list:
+    """The V1 runner's batch as :class:`~vllm_kvevict.vllm.worker.planner.BatchRow` s."""
+    from vllm_kvevict.vllm.worker.planner import BatchRow
+
+    qsl = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
+    computed = runner.input_batch.num_computed_tokens_cpu[:num_reqs].tolist()
+    table = runner.input_batch.block_table[0].get_cpu_tensor()
+    return [
+        BatchRow(req_id, int(computed[row]), qsl[row + 1] - qsl[row], qsl[row], table[row].clone())
+        for row, req_id in enumerate(runner.input_batch.req_ids[:num_reqs])
+    ]
 
 
 # ----------------------------------------------------------------------------- scheduler side
 def patch_prefix_cache_freeze() -> None:
-    """vLLM 0.32 ``KVCacheCoordinator.cache_blocks``: skip requests that evicted pages, so no
-    block filled after eviction (computed against an evicted context) enters the prefix cache.
-    """
+    """``KVCacheCoordinator.cache_blocks``: skip requests that evicted, so no block filled after
+    eviction (computed against an evicted context) enters the prefix cache."""
     from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
 
-    from vllm_kvevict.vllm.manager import state_of
+    from vllm_kvevict.vllm.scheduler.state import state_of
 
     def make(original):
         def cache_blocks(self, request, num_computed_tokens):
@@ -205,11 +224,11 @@ def patch_prefix_cache_freeze() -> None:
 
 
 def patch_prefix_hit_cap() -> None:
-    """vLLM 0.32 ``KVCacheManager.get_computed_blocks``: an evicting request's prefix-cache hit
-    stops before its observation window (see ``SchedulerEvictionState.prefix_hit_cap``)."""
+    """``KVCacheManager.get_computed_blocks``: an evicting request's prefix-cache hit stops before
+    its observation window (``SchedulerEvictionState.prefix_hit_cap``)."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-    from vllm_kvevict.vllm.manager import state_of
+    from vllm_kvevict.vllm.scheduler.state import state_of
 
     def make(original):
         def get_computed_blocks(self, request):
@@ -232,59 +251,60 @@ def patch_prefix_hit_cap() -> None:
     wrap_attribute(KVCacheManager, "get_computed_blocks", make)
 
 
-# ----------------------------------------------------------------------------- configuration
-def patch_auto_connector() -> None:
-    """vLLM 0.32 ``VllmConfig._post_init_kv_transfer_config`` (fills ``kv_transfer_config`` in
-    ``__post_init__``): also configure our KV connector when ``additional_config`` asks for
-    eviction. Another connector already configured wins (eviction is then off, with a warning).
-    """
-    from vllm.config.vllm import VllmConfig
-
-    def make(original):
-        def _post_init_kv_transfer_config(self):
-            original(self)
-            ensure_connector(self)
-
-        return _post_init_kv_transfer_config
-
-    wrap_attribute(VllmConfig, "_post_init_kv_transfer_config", make)
+def single_manager(kv_cache_manager: Any) -> Any:
+    """The one ``SingleTypeKVCacheManager`` (eviction runs with one KV-cache group only)."""
+    managers = kv_cache_manager.coordinator.single_type_managers
+    if len(managers) != 1:
+        raise RuntimeError(f"eviction needs one KV-cache group, found {len(managers)}")
+    return managers[0]
 
 
-def ensure_connector(vllm_config: Any) -> bool:
-    """Set our connector on ``vllm_config`` if eviction is configured; True if it is ours."""
-    from vllm.config import KVTransferConfig
+def block_list(manager: Any, request_id: str) -> Optional[list]:
+    """The request's block list (``req_to_blocks``), edited in place; ``None`` if it has none."""
+    return manager.req_to_blocks.get(request_id)
 
-    from vllm_kvevict.vllm.connector import CONNECTOR_MODULE, CONNECTOR_NAME
 
-    if not wants_eviction(vllm_config.additional_config):
-        return False
-    ktc = vllm_config.kv_transfer_config
-    if ktc is None or ktc.kv_connector is None:
-        vllm_config.kv_transfer_config = KVTransferConfig(
-            kv_connector=CONNECTOR_NAME, kv_role="kv_both", kv_connector_module_path=CONNECTOR_MODULE
-        )
-        return True
-    if ktc.kv_connector == CONNECTOR_NAME:
-        return True
-    logger.warning("kvevict: KV connector %s already configured; eviction is off", ktc.kv_connector)
-    return False
+def null_block(manager: Any) -> Any:
+    return manager._null_block
+
+
+def take_new_blocks(manager: Any, num_blocks: int) -> Optional[list]:
+    """``num_blocks`` fresh blocks from the pool, or ``None`` if it has fewer free."""
+    pool = manager.block_pool
+    if pool.get_num_free_blocks() < num_blocks:
+        return None
+    return pool.get_new_blocks(num_blocks)
+
+
+def free_blocks(manager: Any, blocks: list) -> None:
+    if blocks:
+        manager.block_pool.free_blocks(blocks)
+
+
+#: vLLM attributes the block-list helpers above read (checked by the compat tests).
+BLOCK_LIST_ATTRIBUTES = (
+    ("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager", ("req_to_blocks", "_null_block", "block_pool")),
+    ("vllm.v1.core.block_pool", "BlockPool", ("get_new_blocks", "free_blocks", "get_num_free_blocks")),
+)
 
 
 def register_attention_backend() -> None:
-    """Our backend on vLLM's ``CUSTOM`` slot, and in place of ``CPU_ATTN`` (the CPU platform
+    """Our CPU backend on vLLM's ``CUSTOM`` slot, and in place of ``CPU_ATTN`` (the CPU platform
     always picks ``CPU_ATTN`` and ignores ``--attention-backend``)."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from vllm_kvevict.vllm.backend import BACKEND_CLASS_PATH
+    from vllm_kvevict.vllm.backends.cpu import BACKEND_CLASS_PATH
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_CLASS_PATH)
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_CLASS_PATH)
 
 
 def install_all() -> None:
+    patch_cli_flags()
+    patch_request_validation()
     patch_auto_connector()
+    patch_model_runner_v1_for_eviction()
     patch_prefix_cache_freeze()
     patch_prefix_hit_cap()
     patch_v1_runner_step_plan()
-    patch_mrv2_runner()
     register_attention_backend()

@@ -1,11 +1,19 @@
-"""Scheduler side on vLLM's real KV-cache manager and block pool (no engine, no model)."""
+"""Scheduler side on vLLM's real KV-cache manager and block pool (no engine, no model): blocks
+leave block lists and return to the pool, compact blocks swap in, the prefix-cache hooks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vllm_kvevict.vllm.manager import SchedulerEvictionState, attach_state, evict_blocks, state_of
+from vllm_kvevict.vllm.scheduler.blocks import (
+    evict_blocks,
+    held_block_count,
+    install_compact_blocks,
+    release_blocks,
+    take_compact_blocks,
+)
+from vllm_kvevict.vllm.scheduler.state import PendingCompaction, SchedulerEvictionState, attach_state, state_of
 
 BLOCK = 16
 
@@ -17,9 +25,9 @@ def kv_manager():
     from vllm.v1.core.kv_cache_utils import init_none_hash
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
-    from vllm_kvevict.vllm.eviction_hooks import install
+    from vllm_kvevict.vllm.compat import active
 
-    install()  # the prefix-cache patches under test
+    active().install_all()  # the prefix-cache patches under test
     init_none_hash(sha256)
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32)
     config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l0"], spec)])
@@ -108,3 +116,31 @@ def test_prefix_hit_of_evicting_request_stops_before_its_window(kv_manager):
     assert len(blocks.get_block_ids()[0]) == hit // BLOCK
     # A request that opts out keeps vLLM's full hit.
     assert kv_manager.get_computed_blocks(_request("d", prompt, kv_eviction="none"))[1] == 192
+
+
+def test_compact_blocks_swap_in_for_the_positional_prompt_blocks(kv_manager):
+    free0 = kv_manager.block_pool.get_num_free_blocks()
+    req = _request("a", list(range(100)))  # 7 blocks: 6 full prompt blocks + the tail's
+    _admit(kv_manager, req)
+    compact = take_compact_blocks(kv_manager, "a", 2)
+    assert len(compact) == 2 and kv_manager.block_pool.get_num_free_blocks() == free0 - 9
+    released = install_compact_blocks(kv_manager, "a", PendingCompaction(compact, first_tail_block=6, generation=1))
+    assert released == 6 and held_block_count(kv_manager, "a") == 3  # 2 compact + the tail block
+    row = kv_manager.coordinator.single_type_managers[0].req_to_blocks["a"]
+    assert row[:2] == compact and all(b.is_null for b in row[2:6]) and not row[6].is_null
+    kv_manager.free(req)
+    assert kv_manager.block_pool.get_num_free_blocks() == free0
+
+
+def test_compact_blocks_of_a_request_gone_are_refused_or_given_back(kv_manager):
+    free0 = kv_manager.block_pool.get_num_free_blocks()
+    assert take_compact_blocks(kv_manager, "nobody", 2) is None
+    assert take_compact_blocks(kv_manager, "nobody", free0 + 1) is None
+    req = _request("a", list(range(40)))
+    _admit(kv_manager, req)
+    assert take_compact_blocks(kv_manager, "a", free0) is None  # the pool is short: left whole
+    compact = take_compact_blocks(kv_manager, "a", 2)
+    kv_manager.free(req)
+    assert install_compact_blocks(kv_manager, "a", PendingCompaction(compact, 2, 1)) is None
+    release_blocks(kv_manager, compact)
+    assert kv_manager.block_pool.get_num_free_blocks() == free0

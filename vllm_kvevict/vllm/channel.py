@@ -1,0 +1,81 @@
+"""What the KV connector carries between the scheduler and the workers (nothing is transferred).
+
+Scheduler -> worker, every step (:class:`KVEvictConnectorMetadata`): requests to forget (their
+blocks changed under them: finished, preempted, resumed), the resolved policy of every request
+admitted this step (resolved once, at admission: :mod:`.request_policy`), and the ``K`` compact
+blocks of head-granular requests whose prompt completes this step.
+
+Worker -> scheduler (:class:`KVEvictWorkerMetadata`): what each eviction did, echoing the
+admission it belongs to (a report about an earlier admission of a preempted request is stale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+from vllm_kvevict.config import EvictionConfig
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request that may evict, as the scheduler admitted it."""
+
+    config: EvictionConfig
+    prompt_len: int
+    #: how many times the scheduler admitted it (new or resumed), echoed in reports.
+    generation: int
+
+
+@dataclass
+class KVEvictConnectorMetadata(KVConnectorMetadata):
+    reset_req_ids: set[str] = field(default_factory=set)
+    admissions: dict[str, Admission] = field(default_factory=dict)
+    #: head granularity: request id -> its ``K`` compact block ids (prompt completes this step).
+    compact_orders: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
+    """One step's (or several steps') eviction reports of one worker."""
+
+    #: page granularity: request id -> evicted positional block indices.
+    evicted: dict[str, list[int]] = field(default_factory=dict)
+    #: head granularity: request id -> tokens kept per (layer, KV head), compaction done.
+    head_compacted: dict[str, list[int]] = field(default_factory=dict)
+    #: head granularity: orders not used (left whole, or compaction failed): blocks go back.
+    head_failed: set[str] = field(default_factory=set)
+    #: request id -> the admission generation the report belongs to.
+    generations: dict[str, int] = field(default_factory=dict)
+    #: request id -> (policy, seconds of its eviction pass), for the metrics.
+    passes: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not (self.evicted or self.head_compacted or self.head_failed)
+
+    def merge(self, other: "KVEvictWorkerMetadata") -> None:
+        """Add ``other``'s reports (a later step of the same worker) into this one."""
+        self.evicted.update(other.evicted)
+        self.head_compacted.update(other.head_compacted)
+        self.head_failed |= other.head_failed
+        self.generations.update(other.generations)
+        self.passes.update(other.passes)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        """Across workers. Tensor parallelism is refused at startup (:mod:`.startup`), so there
+        is one worker; should there be more, ranks that disagree on pages evict none."""
+        merged = KVEvictWorkerMetadata(
+            evicted=dict(self.evicted), head_compacted=dict(self.head_compacted),
+            head_failed=set(self.head_failed), generations=dict(self.generations), passes=dict(self.passes),
+        )
+        for req_id, blocks in getattr(other, "evicted", {}).items():
+            if merged.evicted.get(req_id, blocks) != blocks:
+                merged.evicted[req_id] = []
+            else:
+                merged.evicted[req_id] = blocks
+        merged.head_failed |= set(getattr(other, "head_failed", ()))
+        for name in ("generations", "passes"):
+            for key, value in getattr(other, name, {}).items():
+                getattr(merged, name).setdefault(key, value)
+        return merged

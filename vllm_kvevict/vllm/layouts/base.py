@@ -1,0 +1,86 @@
+"""One interface for reading and writing a layer's paged KV cache, whatever its layout.
+
+Every vLLM attention backend the plugin supports stores one layer's cache with the logical
+shape ``[num_blocks, Hkv, block_size, 2 * head_dim]``: per (block, KV head) a *page* of
+``block_size`` slots holding a key and a value. They differ in where an element of a page
+lives: vLLM's GPU backends (FlashAttention, Triton) keep the key in ``[..., :d]`` and the value
+in ``[..., d:]`` of the slot's row (:mod:`.gpu`); vLLM's CPU backend packs each page in an
+ISA-specific order (:mod:`.cpu`). A layout only says how to read and write entries addressed
+by (block, plane, slot) (plane ``g`` of block ``b`` is head-page ``b * Hkv + g``); everything
+the plugin does with a cache is built on those two operations here, once:
+
+* :meth:`PagedLayout.gather`: one request's positions ``0 .. length - 1`` for scoring;
+* :meth:`PagedLayout.compact`: copy kept entries into head-pages (the one compaction,
+  :func:`vllm_kvevict.cache.compact.copy_indices` checks the copy list);
+* :meth:`PagedLayout.read_region` / :meth:`PagedLayout.read_tail`: what a compacted request
+  attends (its compact region, then its positional tail).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from vllm_kvevict.cache.compact import copy_indices
+from vllm_kvevict.cache.page_table import LayerGather
+
+
+class PagedLayout(ABC):
+    """How one layer's ``[num_blocks, Hkv, block_size, 2 * head_dim]`` cache holds its entries."""
+
+    def __init__(self, num_kv_heads: int, block_size: int, head_dim: int) -> None:
+        self.num_kv_heads = num_kv_heads
+        self.block_size = block_size
+        self.head_dim = head_dim
+
+    # ----------------------------------------------------------------- the two primitives
+    @abstractmethod
+    def read(self, kv_cache: torch.Tensor, block: torch.Tensor, plane: torch.Tensor,
+             slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)``, each ``[*index.shape, d]`` in the cache's dtype (copies).
+
+        ``block``, ``plane``, ``slot``: int64 index tensors of one shape (broadcastable).
+        """
+
+    @abstractmethod
+    def write(self, kv_cache: torch.Tensor, block: torch.Tensor, plane: torch.Tensor, slot: torch.Tensor,
+              keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys``/``values [N, d]`` at the ``[N]`` entries ``(block, plane, slot)``."""
+
+    # ----------------------------------------------------------------- built on them
+    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` ``[Hkv, length, d]`` of positions ``0 .. length - 1``; position
+        ``p`` is in block ``block_ids[p // block_size]``."""
+        pos = torch.arange(length, device=kv_cache.device)
+        block = block_ids.to(kv_cache.device, torch.int64)[pos // self.block_size]
+        heads = torch.arange(self.num_kv_heads, device=kv_cache.device)
+        return self.read(kv_cache, block[None, :], heads[:, None], (pos % self.block_size)[None, :])
+
+    def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, gather: LayerGather) -> None:
+        """Copy kept token ``gather.src_positions[e]`` of head ``gather.head[e]`` into slot
+        ``gather.dst_slot[e]`` of head-page ``gather.dst_page[e]``, keys and values, in place.
+        Every source is read before any write; a destination block may not be a source block."""
+        if gather.head.numel() == 0:
+            return
+        c = copy_indices(gather, source_blocks, kv_cache.shape[0], self.num_kv_heads, self.block_size,
+                         kv_cache.device)
+        keys, values = self.read(kv_cache, c.src_block, c.head, c.src_slot)
+        self.write(kv_cache, c.dst_block, c.dst_plane, c.dst_slot, keys, values)
+
+    def read_region(self, kv_cache: torch.Tensor, block: torch.Tensor, plane: torch.Tensor,
+                    slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` ``[N, d]`` of a compact region's entries (grouped by head)."""
+        return self.read(kv_cache, block, plane, slot)
+
+    def read_tail(self, kv_cache: torch.Tensor, tail_blocks: torch.Tensor, first_position: int,
+                  end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` ``[T, Hkv, d]`` of positions ``first_position .. end - 1``, every head.
+
+        ``tail_blocks``: the request's positional block ids from block ``first_position // bs`` on.
+        """
+        pos = torch.arange(first_position, end, device=kv_cache.device)
+        idx = pos // self.block_size - first_position // self.block_size
+        block = tail_blocks.to(kv_cache.device, torch.int64)[idx]
+        heads = torch.arange(self.num_kv_heads, device=kv_cache.device)
+        return self.read(kv_cache, block[:, None], heads[None, :], (pos % self.block_size)[:, None])

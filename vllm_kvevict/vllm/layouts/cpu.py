@@ -1,0 +1,71 @@
+"""vLLM's CPU cache layout: each (block, KV head) page packed in an ISA-specific order.
+
+vLLM 0.32's CPU attention stores a page as ``block_size * head_dim`` key elements then as many
+value elements, in an order of the ISA's choosing (``vec`` keeps keys transposed, ``[d, block]``;
+others pack differently). The order is probed once per (ISA, block size, head dim, dtype) with
+vLLM's own cache-write op: a key whose element ``(t, i)`` encodes ``t`` (then ``i``) is written
+and read back. Entries are then plain indexing at those offsets.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from vllm_kvevict.vllm.layouts.base import PagedLayout
+
+
+@functools.lru_cache(maxsize=None)
+def page_offsets(isa: str, block_size: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(key, value)`` ``[block_size, head_dim]`` int64: flat offset, inside one page pair of
+    ``2 * block_size * head_dim`` elements, of slot ``t``'s dim ``i`` (values after the keys)."""
+    from vllm import _custom_ops as ops
+
+    def probe(encode_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        page = torch.zeros(1, 1, block_size, 2 * head_dim, dtype=dtype)
+        key_cache, value_cache = page.view(1, 1, block_size * 2, head_dim).chunk(2, dim=2)
+        t = torch.arange(block_size).view(-1, 1).expand(block_size, head_dim)
+        i = torch.arange(head_dim).view(1, -1).expand(block_size, head_dim)
+        data = ((t if encode_token else i) + 1).to(dtype).view(block_size, 1, head_dim)
+        ops.cpu_attn_reshape_and_cache(
+            data, data, key_cache, value_cache, torch.arange(block_size), isa,
+            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+        )
+        return key_cache[0, 0].reshape(-1).long() - 1, value_cache[0, 0].reshape(-1).long() - 1
+
+    (k_tok, v_tok), (k_dim, v_dim) = probe(True), probe(False)
+
+    def index(tok: torch.Tensor, dim: torch.Tensor) -> torch.Tensor:
+        out = torch.full((block_size * head_dim,), -1, dtype=torch.long)
+        out[tok * head_dim + dim] = torch.arange(block_size * head_dim)
+        if (out < 0).any():
+            raise RuntimeError(f"could not infer the {isa} KV page layout")
+        return out.view(block_size, head_dim)
+
+    return index(k_tok, k_dim), index(v_tok, v_dim) + block_size * head_dim
+
+
+class CpuPackedLayout(PagedLayout):
+    """vLLM CPU's packed pages (offsets from :func:`page_offsets`)."""
+
+    def __init__(self, num_kv_heads: int, block_size: int, head_dim: int, isa: str, dtype: torch.dtype) -> None:
+        super().__init__(num_kv_heads, block_size, head_dim)
+        self.isa = isa
+        self.key_offsets, self.value_offsets = page_offsets(isa, block_size, head_dim, dtype)
+
+    @staticmethod
+    def _flat(kv_cache: torch.Tensor) -> torch.Tensor:
+        num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
+        return kv_cache.view(num_blocks, num_kv_heads, block_size * two_d)
+
+    def read(self, kv_cache, block, plane, slot):
+        flat = self._flat(kv_cache)
+        b, p = block[..., None], plane[..., None]
+        return flat[b, p, self.key_offsets[slot]], flat[b, p, self.value_offsets[slot]]
+
+    def write(self, kv_cache, block, plane, slot, keys, values):
+        flat = self._flat(kv_cache)
+        b, p = block[..., None], plane[..., None]
+        flat[b, p, self.key_offsets[slot]] = keys.to(flat.dtype)
+        flat[b, p, self.value_offsets[slot]] = values.to(flat.dtype)

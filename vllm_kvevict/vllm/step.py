@@ -1,0 +1,157 @@
+"""One step's eviction plan: what the attention layers do for each batch row, as data.
+
+Built once per step by the worker (:mod:`.worker.planner`) from the connector metadata and the
+runner's batch, handed to the attention metadata builder, which attaches it to the step's
+attention metadata; the attention impl only reads it (and writes its observations into the
+per-request sinks it names). Nothing here imports the worker or the backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Protocol
+
+import torch
+
+from vllm_kvevict.cache.page_table import CompactionPlan
+
+if TYPE_CHECKING:
+    from vllm_kvevict.config import EvictionConfig
+    from vllm_kvevict.policies import LayerScores, Policy
+    from vllm_kvevict.vllm.model_info import ModelInfo
+
+
+@dataclass
+class CompactRegion:
+    """Where a compacted request's kept entries live: per layer ``[N_l]`` int64 (block, plane,
+    slot) grouped by head, ``lens[l]`` entries per head; and where its positional tail starts."""
+
+    block: list[torch.Tensor]
+    plane: list[torch.Tensor]
+    slot: list[torch.Tensor]
+    lens: torch.Tensor  # [L, Hkv]
+    #: first position of the tail (the prompt length at eviction).
+    tail_start: int
+    #: index of the first tail block in the request's positional block list.
+    first_tail_block: int
+
+    @classmethod
+    def from_plan(cls, plan: CompactionPlan, tail_start: int) -> "CompactRegion":
+        block, plane, slot = [], [], []
+        for layer in range(plan.num_layers):
+            g = plan.layer_gather(layer)
+            block.append(g.dst_page // plan.num_kv_heads)
+            plane.append(g.dst_page % plan.num_kv_heads)
+            slot.append(g.dst_slot)
+        return cls(block, plane, slot, plan.lens.clone(), tail_start, tail_start // plan.block_size)
+
+
+@dataclass
+class Observations:
+    """What the attention layers gather for one request while its prompt is prefilled (it lives
+    across the prompt's chunks); the attention impl writes it, the worker reads it after the
+    scoring step's forward."""
+
+    policy: "Policy"
+    config: "EvictionConfig"
+    prompt_len: int
+    #: layer index -> ``[w, H, d]`` window query chunks, in position order.
+    window_queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    #: layer index -> running pre-RoPE query statistics (``policy.needs.query_stats``).
+    query_stats: dict[int, Any] = field(default_factory=dict)
+    #: layer index -> ``[H, prompt_len]`` attention paid by every prompt query so far.
+    attention_sum: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: layer index -> the layer's scores, in the scoring step.
+    scores: dict[int, "LayerScores"] = field(default_factory=dict)
+    #: head granularity: the positional block ids covering the prompt (compaction sources).
+    source_blocks: Optional[torch.Tensor] = None
+    #: why observing failed (the request then stays whole), or ``None``.
+    error: Optional[str] = None
+    #: time spent observing and scoring (the ``kvevict_scoring_seconds`` metric).
+    seconds: float = 0.0
+
+    def fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+
+
+@dataclass(frozen=True)
+class RowObservation:
+    """One batch row whose prompt is being prefilled: which of its query rows to observe.
+
+    Its queries are ``query[query_offset : query_offset + num_queries]`` of the step, the first
+    at position ``start``; ``window`` / ``collect``: ``(lo, hi)`` of those rows that are window
+    positions / whose statistics are gathered; ``score``: this chunk completes the prompt;
+    ``block_ids``: its positional blocks up to the chunk's end (read from the CPU block table
+    when the step was planned, so no device read is needed).
+    """
+
+    req_id: str
+    query_offset: int
+    num_queries: int
+    start: int
+    window: tuple[int, int]
+    collect: tuple[int, int]
+    score: bool
+    block_ids: torch.Tensor
+    sink: Observations
+
+    @property
+    def prompt_len(self) -> int:
+        return self.sink.prompt_len
+
+
+@dataclass(frozen=True)
+class HeadRow:
+    """A batch row of a compacted request: it attends its compact region and positional tail.
+
+    Its queries are ``query[query_offset : query_offset + num_queries]``, the last at position
+    ``seq_len - 1``; ``tail_blocks``: its positional blocks from ``region.first_tail_block``.
+    """
+
+    req_id: str
+    region: CompactRegion
+    query_offset: int
+    num_queries: int
+    seq_len: int
+    tail_blocks: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """A row's block table and length as vLLM's kernel must see them: page granularity drops
+    evicted blocks (kept ones in order, then the tail); head granularity keeps the tail only."""
+
+    block_ids: torch.Tensor  # [n] int32
+    seq_len: int
+
+
+@dataclass(frozen=True)
+class EvictionStep:
+    """Everything the attention layers do for eviction in one step, by batch row."""
+
+    observe: dict[int, RowObservation]
+    head_rows: dict[int, HeadRow]
+    table_rows: dict[int, TableRow]
+    model: "ModelInfo"
+
+    def __bool__(self) -> bool:
+        return bool(self.observe or self.head_rows or self.table_rows)
+
+
+class StepSource(Protocol):
+    """Where an attention metadata builder finds the step's plan (the worker side of our KV
+    connector implements it)."""
+
+    def current_step(self) -> Optional[EvictionStep]: ...
+
+    def bind_layout(self, layer_names: list[str], layout: Any) -> None: ...
+
+
+def step_source() -> Optional[StepSource]:
+    """This worker's :class:`StepSource`, or ``None`` when our KV connector is not configured."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return None
+    return getattr(get_kv_transfer_group(), "eviction_steps", None)

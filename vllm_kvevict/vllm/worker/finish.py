@@ -1,0 +1,124 @@
+"""After a step's forward: turn every scored request's observations into its eviction.
+
+Page granularity: the evicted positional blocks (the scheduler nulls and frees them). Head
+granularity: each (layer, KV head)'s kept tokens, copied into the head-pages of the ``K`` blocks
+the scheduler took for this step (:class:`~vllm_kvevict.vllm.layouts.PagedLayout.compact`).
+Every compaction order of the step ends as either *compacted* or *failed* (its blocks go back):
+none can outlive the step. A failure leaves the request whole and is reported, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from vllm_kvevict.cache import plan_compaction
+from vllm_kvevict.vllm.channel import KVEvictWorkerMetadata
+from vllm_kvevict.vllm.step import CompactRegion, EvictionStep
+from vllm_kvevict.vllm.worker.requests import HEAD, PAGE, WHOLE, RequestTable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinishedStep:
+    """What the step's evictions did: the report for the scheduler, and for the metrics."""
+
+    report: KVEvictWorkerMetadata = field(default_factory=KVEvictWorkerMetadata)
+    #: request id -> (scorer, granularity, seconds) of every request scored this step.
+    scored: dict[str, tuple[str, str, float]] = field(default_factory=dict)
+    #: request id -> (scorer, granularity) of requests whose eviction failed (left whole).
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: requests scored with nothing worth evicting (page: no block; head: no compaction order).
+    nothing_evicted: set[str] = field(default_factory=set)
+
+
+#: ``layer index -> (its KV cache tensor, its PagedLayout)``.
+CacheLookup = Callable[[int], tuple[torch.Tensor, Any]]
+
+
+def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mapping[str, list[int]], block_size: int,
+                caches: CacheLookup, recorder: Any = None) -> FinishedStep:
+    """Evict every request scored in ``step``; ``orders``: this step's compaction orders."""
+    done = FinishedStep()
+    unused = dict(orders)
+    for row in (step.observe.values() if step else ()):
+        if not row.score:
+            continue
+        state = table.get(row.req_id)
+        if state is None or state.observations is not row.sink:
+            continue
+        config = state.config
+        labels = (config.scorer, config.resolved_granularity)
+        sink = state.observations
+        started = time.perf_counter()
+        try:
+            if sink.error is not None:
+                raise RuntimeError(sink.error)
+            num_layers = step.model.num_layers
+            if set(sink.scores) != set(range(num_layers)):
+                raise RuntimeError(f"scores for {len(sink.scores)}/{num_layers} layers")
+            scores = [sink.scores[i] for i in range(num_layers)]
+            if recorder is not None:
+                recorder.scores[row.req_id] = scores
+            if config.resolved_granularity == "head":
+                order = unused.pop(row.req_id, None)
+                if order is None:  # compaction would not release more blocks than it takes, or no room
+                    state.settle(WHOLE)
+                    done.nothing_evicted.add(row.req_id)
+                else:
+                    _compact(row.req_id, state, scores, order, block_size, caches, done, recorder)
+            else:
+                evicted = state.policy.evicted_blocks(scores, state.prompt_len)
+                state.evicted = torch.tensor(evicted, dtype=torch.long)
+                state.settle(PAGE)
+                done.report.evicted[row.req_id] = evicted
+                if not evicted:
+                    done.nothing_evicted.add(row.req_id)
+                if recorder is not None:
+                    recorder.evicted[row.req_id] = evicted
+        except Exception as exc:  # never into the engine core
+            logger.warning("kvevict: eviction skipped for %s, request left whole: %s", row.req_id, exc)
+            logger.debug("kvevict: eviction failure", exc_info=exc)
+            state.settle(WHOLE)
+            done.failed[row.req_id] = labels
+            if recorder is not None:
+                recorder.failures[row.req_id] = f"{type(exc).__name__}: {exc}"
+        sink.seconds += time.perf_counter() - started
+        done.scored[row.req_id] = (*labels, sink.seconds)
+        done.report.generations[row.req_id] = state.admission.generation
+        done.report.passes[row.req_id] = (config.scorer, sink.seconds)
+    for req_id in unused:  # not compacted this step (not scored, left whole, or failed)
+        done.report.head_failed.add(req_id)
+        state = table.get(req_id)
+        if state is not None:
+            done.report.generations[req_id] = state.admission.generation
+    return done
+
+
+def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, caches: CacheLookup,
+             done: FinishedStep, recorder: Any) -> None:
+    """Head granularity: plan, then copy every layer's kept K/V into the head-pages of
+    ``block_ids``; a failure gives the blocks back (and is raised to the caller)."""
+    try:
+        kept = state.policy.plan_head(scores, state.prompt_len)
+        num_kv_heads = kept.head_budgets.shape[1]
+        plan = plan_compaction(kept, block_ids, block_size, num_kv_heads)
+        sources = state.observations.source_blocks
+        if sources is None:
+            raise RuntimeError("compaction sources not seen in the scoring step")
+        for layer in range(plan.num_layers):
+            kv_cache, layout = caches(layer)
+            layout.compact(kv_cache, sources, plan.layer_gather(layer))
+    except Exception:
+        done.report.head_failed.add(req_id)
+        raise
+    if recorder is not None:
+        recorder.kept[req_id] = kept
+    state.region = CompactRegion.from_plan(plan, state.prompt_len)
+    state.settle(HEAD)
+    done.report.head_compacted[req_id] = kept.head_budgets.flatten().tolist()
