@@ -51,6 +51,8 @@ if [ ! -f "$SHIM/METADATA" ]; then
 fi
 
 "$VPY" "$ROOT/scripts/prepare_model.py" "$KVEVICT_MODEL_DIR"
+# vLLM 0.26 and 0.33 sources (not installed): the compat tests check the hooks against them.
+"$VPY" "$ROOT/scripts/fetch_vllm_sources.py"
 # Prometheus and the Compose schema (Debian packages, unpacked into ~/.cache): metrics tests.
 [ "${KVEVICT_SKIP_TOOLS:-0}" = 1 ] || bash "$ROOT/scripts/fetch_prometheus.sh"
 echo "[setup] ready: venv $KVEVICT_VENV, model $KVEVICT_MODEL_DIR"

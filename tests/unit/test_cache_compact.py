@@ -10,7 +10,6 @@ import torch
 
 from vllm_kvevict.cache import (
     compact_blocks_needed,
-    compact_gather,
     compact_layer,
     gather_compact,
     kept_positions_tensor,
@@ -115,7 +114,7 @@ def test_compaction_round_trip_with_k_from_the_budget(kept_sets, policy, num_kv_
             k_cache = paged(inputs.keys, block_table, num_blocks, block_size, generator)
             v_cache = paged(inputs.values, block_table, num_blocks, block_size, generator)
             k_before, v_before = k_cache.clone(), v_cache.clone()
-            compact_layer(k_cache, v_cache, block_table, plan, layer)
+            compact_layer(k_cache, v_cache, block_table, plan, layer, impl="torch")
             got_k = gather_compact(k_cache, pages[layer], lens[layer])
             got_v = gather_compact(v_cache, pages[layer], lens[layer])
             for g in range(num_kv_heads):
@@ -130,8 +129,8 @@ def test_compaction_round_trip_with_k_from_the_budget(kept_sets, policy, num_kv_
             assert torch.equal(v_cache[~written], v_before[~written])
 
 
-def test_torch_reference_matches_the_kernel_contract(kept_sets):
-    """The plan's padded tensors drive :func:`vllm_kvevict.kernels.compaction.torch_compact` to the same cache."""
+def test_the_checked_copy_runs_the_kernels_torch_reference(kept_sets):
+    """compact_layer is the kernel's torch reference driven by the plan's padded tensors."""
     compaction = pytest.importorskip("vllm_kvevict.kernels.compaction")
     config, layers, kept = kept_sets("criticalkv", 3)
     block_size, num_kv_heads = 16, 3
@@ -147,7 +146,7 @@ def test_torch_reference_matches_the_kernel_contract(kept_sets):
         k_ref = paged(inputs.keys, block_table, ids.numel(), block_size, generator)
         v_ref = paged(inputs.values, block_table, ids.numel(), block_size, generator)
         k_ker, v_ker = k_ref.clone(), v_ref.clone()
-        compact_layer(k_ref, v_ref, block_table, plan, layer)
+        compact_layer(k_ref, v_ref, block_table, plan, layer, impl="torch")
         compaction.torch_compact(k_ker, v_ker, block_table[None], positions[layer][None], lens[layer][None], pages[layer][None])
         assert torch.equal(k_ref, k_ker) and torch.equal(v_ref, v_ker)
 
@@ -163,4 +162,4 @@ def test_compaction_refuses_to_overwrite_a_source_block(kept_sets):
     with pytest.raises(ValueError, match="source block"):
         compact_layer(cache, cache.clone(), block_table, plan, 0)
     with pytest.raises(ValueError, match="past the block table"):
-        compact_gather(cache, cache.clone(), block_table[:2], plan.layer_gather(0))
+        compact_layer(cache, cache.clone(), block_table[:2], plan, 0)

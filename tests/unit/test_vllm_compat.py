@@ -16,22 +16,14 @@ from vllm_kvevict.vllm.patching import original_of
 
 @pytest.mark.parametrize("module,owner,attr,params", v0_32.PATCH_TARGETS, ids=lambda v: str(v))
 def test_patch_targets_exist_with_the_wrapped_signature(module, owner, attr, params):
+    """The installed vLLM, imported (sources of every supported version: test_vllm_compat_sources)."""
     cls = getattr(importlib.import_module(module), owner)
     assert attr in vars(cls), f"{module}.{owner}.{attr} moved: revisit vllm_kvevict/vllm/compat/v0_32.py"
     raw = original_of(cls, attr)
     fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
-    assert tuple(inspect.signature(fn).parameters)[: len(params)] == params
-
-
-def test_block_list_helpers_read_what_vllm_has():
-    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-
-    for module, owner, attrs in v0_32.BLOCK_LIST_ATTRIBUTES:
-        cls = getattr(importlib.import_module(module), owner)
-        src = inspect.getsource(cls)
-        for attr in attrs:
-            assert attr in vars(cls) or f"self.{attr}" in src, f"{module}.{owner}.{attr} moved"
-    assert "_remove_blocks_in_range" in vars(SingleTypeKVCacheManager)  # the null-block precedent we copy
+    names = tuple(inspect.signature(fn).parameters)
+    star = params.index("*") if "*" in params else len(params)
+    assert names[:star] == params[:star] and set(params[star + 1 :]) <= set(names)
 
 
 def test_internals_read_by_the_hooks_exist():

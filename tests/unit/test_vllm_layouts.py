@@ -80,7 +80,7 @@ def test_gather_compact_and_read_back(make, length):
     plan = plan_compaction(kept, [2, 5, 3, 60], BS, HKV)
     region = CompactRegion.from_plan(plan, length)
     for layer in range(kept.num_layers):
-        layout.compact(kv, table, plan.layer_gather(layer))
+        layout.compact(kv, table, plan, layer)
         got_k, got_v = layout.read_region(kv, region.block[layer], region.plane[layer], region.slot[layer])
         assert torch.equal(got_k, torch.cat([keys[kept.indices[layer][g], g] for g in range(HKV)]))
         assert torch.equal(got_v, torch.cat([values[kept.indices[layer][g], g] for g in range(HKV)]))
@@ -96,7 +96,7 @@ def test_compaction_refuses_a_destination_that_is_a_source(make):
     kv, layout = make(keys, keys, table, num_blocks=8)
     plan = plan_compaction(_kept(64, seed=1), [5], BS, HKV)
     with pytest.raises(ValueError, match="source"):
-        layout.compact(kv, table, plan.layer_gather(0))
+        layout.compact(kv, table, plan, 0)
 
 
 def test_two_segment_attention_equals_masked_full_attention():
@@ -136,7 +136,7 @@ def test_triton_decode_on_the_gpu_layout_equals_the_torch_path():
     kv, layout = gpu_cache(keys, values, table, num_blocks=16)
     kept = _kept(prompt, seed=5, layers=1)
     plan = plan_compaction(kept, [2, 3, 4], BS, HKV)
-    layout.compact(kv, table, plan.layer_gather(0))
+    layout.compact(kv, table, plan, 0)
     region = CompactRegion.from_plan(plan, prompt)
     query = torch.randn(1, HKV * G, D)
     region_k, region_v = layout.read_region(kv, region.block[0], region.plane[0], region.slot[0])

@@ -2,7 +2,7 @@
 
 * :mod:`.blocks`: ``K`` compact blocks from the budget alone; where the positional tail starts.
 * :mod:`.page_table`: head-pages of each (layer, KV head) and the copy lists of a compaction.
-* :mod:`.compact`: torch reference of the copy on a paged cache, and the reader of the result.
+* :mod:`.compact`: the checked copy list of a compaction, the copy on a head-major cache, its reader.
 * :mod:`.accounting`: blocks a request holds against the ideal.
 
 Layout and bounds: docs/HEAD_PAGES.md.
@@ -18,7 +18,7 @@ from vllm_kvevict.cache.blocks import (
     prompt_tail_layout,
     simple_compact_blocks_bound,
 )
-from vllm_kvevict.cache.compact import compact_gather, compact_layer, gather_compact
+from vllm_kvevict.cache.compact import compact_layer, copy_indices, gather_compact
 from vllm_kvevict.cache.page_table import (
     CompactionPlan,
     CompactRegionOverflow,
@@ -38,8 +38,8 @@ __all__ = [
     "TailLayout",
     "assign_head_pages",
     "compact_blocks_needed",
-    "compact_gather",
     "compact_layer",
+    "copy_indices",
     "gather_compact",
     "head_pages_bound",
     "held_blocks",

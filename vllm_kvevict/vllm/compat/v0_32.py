@@ -19,14 +19,14 @@ from vllm_kvevict.vllm.patching import wrap_attribute
 
 logger = logging.getLogger(__name__)
 
-#: (module, qualified owner, attribute, parameters of the original) of every patched vLLM symbol.
+#: (module, qualified owner, attribute, parameters) of every patched vLLM symbol: the
+#: original's parameters start with ``parameters`` (what the wrapper passes on positionally or
+#: reads), and a name after ``"*"`` must be one of its keyword parameters.
 PATCH_TARGETS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("vllm.config.vllm", "VllmConfig", "_post_init_kv_transfer_config", ("self",)),
     ("vllm.config.vllm", "VllmConfig", "_get_v2_model_runner_unsupported_features", ("self",)),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_build_attention_metadata",
-     ("self", "num_tokens", "num_reqs", "max_query_len", "num_tokens_padded", "num_reqs_padded", "ubatch_slices",
-      "logits_indices", "max_num_sampled_tokens", "use_spec_decode", "for_cudagraph_capture",
-      "num_scheduled_tokens", "slot_mappings")),
+     ("self", "num_tokens", "num_reqs", "*", "for_cudagraph_capture")),
     ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "cache_blocks", ("self", "request", "num_computed_tokens")),
     ("vllm.v1.core.kv_cache_manager", "KVCacheManager", "get_computed_blocks", ("self", "request")),
     ("vllm.engine.arg_utils", "EngineArgs", "add_cli_args", ("parser",)),
@@ -35,8 +35,31 @@ PATCH_TARGETS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("vllm.v1.engine.input_processor", "InputProcessor", "_validate_params", ("self", "params", "supported_tasks")),
     ("vllm.v1.engine.async_llm", "AsyncLLM", "generate", ("self", "prompt", "sampling_params", "request_id")),
 )
-#: The V1 runner state :func:`batch_rows` reads, and the block-list state the scheduler side edits.
-RUNNER_ATTRIBUTES = ("input_batch", "query_start_loc", "requests", "kv_cache_config", "cache_config")
+#: (source file, text) pairs that vLLM state read without a patch must still be found by:
+#: the V1 runner's batch (:func:`batch_rows`), the step metadata (``block_tables.rewrite``), the
+#: connector API, the scheduler output the scheduler side reads.
+READ_SOURCES: tuple[tuple[str, str], ...] = (
+    ("v1/worker/gpu_input_batch.py", "self.num_computed_tokens_cpu ="),
+    ("v1/worker/gpu_input_batch.py", "def req_ids(self)"),
+    ("v1/worker/gpu_input_batch.py", "self.block_table = MultiGroupBlockTable("),
+    ("v1/worker/block_table.py", "def get_cpu_tensor(self)"),
+    ("v1/worker/gpu_model_runner.py", "self.query_start_loc = self._make_buffer("),
+    ("v1/attention/backend.py", "seq_lens_cpu_upper_bound: torch.Tensor | None = None"),
+    ("v1/attention/backend.py", "block_table_tensor: torch.Tensor"),
+    ("distributed/kv_transfer/kv_connector/v1/base.py", "def register_kv_caches(self"),
+    ("distributed/kv_transfer/kv_connector/v1/base.py", "def handle_preemptions(self"),
+    ("distributed/kv_transfer/kv_connector/v1/base.py", "def build_connector_worker_meta(self)"),
+    ("v1/core/sched/output.py", "resumed_req_ids: set[str]"),
+    ("v1/core/sched/output.py", "preempted_req_ids: set[str]"),
+    ("v1/core/single_type_kv_cache_manager.py", "self.req_to_blocks: defaultdict[str, list[KVCacheBlock]]"),
+    ("v1/core/single_type_kv_cache_manager.py", "self._null_block = block_pool.null_block"),
+    ("v1/core/block_pool.py", "def get_new_blocks(self, num_blocks: int)"),
+    ("v1/core/block_pool.py", "def free_blocks(self, ordered_blocks"),
+    ("v1/core/block_pool.py", "def get_num_free_blocks(self)"),
+)
+#: In ``GPUModelRunner.execute_model`` the connector sees the step's metadata before the runner
+#: builds attention metadata (the worker plans from what it received).
+CALL_ORDER = ("v1/worker/gpu_model_runner.py", "def execute_model(", "handle_preemptions(", "_build_attention_metadata(")
 EVICTION_FEATURE = "KV-cache eviction (vllm-kvevict)"
 
 
@@ -279,13 +302,6 @@ def take_new_blocks(manager: Any, num_blocks: int) -> Optional[list]:
 def free_blocks(manager: Any, blocks: list) -> None:
     if blocks:
         manager.block_pool.free_blocks(blocks)
-
-
-#: vLLM attributes the block-list helpers above read (checked by the compat tests).
-BLOCK_LIST_ATTRIBUTES = (
-    ("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager", ("req_to_blocks", "_null_block", "block_pool")),
-    ("vllm.v1.core.block_pool", "BlockPool", ("get_new_blocks", "free_blocks", "get_num_free_blocks")),
-)
 
 
 def register_attention_backend() -> None:

@@ -10,8 +10,9 @@ by (block, plane, slot) (plane ``g`` of block ``b`` is head-page ``b * Hkv + g``
 the plugin does with a cache is built on those two operations here, once:
 
 * :meth:`PagedLayout.gather`: one request's positions ``0 .. length - 1`` for scoring;
-* :meth:`PagedLayout.compact`: copy kept entries into head-pages (the one compaction,
-  :func:`vllm_kvevict.cache.compact.copy_indices` checks the copy list);
+* :meth:`PagedLayout.compact`: copy kept entries into head-pages (the copy list checked by
+  :func:`vllm_kvevict.cache.compact.copy_indices`; a layout whose K and V are head-major views
+  runs the one compaction, :func:`vllm_kvevict.cache.compact.compact_layer`);
 * :meth:`PagedLayout.read_region` / :meth:`PagedLayout.read_tail`: what a compacted request
   attends (its compact region, then its positional tail).
 """
@@ -23,7 +24,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from vllm_kvevict.cache.compact import copy_indices
-from vllm_kvevict.cache.page_table import LayerGather
+from vllm_kvevict.cache.page_table import CompactionPlan
 
 
 class PagedLayout(ABC):
@@ -57,10 +58,11 @@ class PagedLayout(ABC):
         heads = torch.arange(self.num_kv_heads, device=kv_cache.device)
         return self.read(kv_cache, block[None, :], heads[:, None], (pos % self.block_size)[None, :])
 
-    def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, gather: LayerGather) -> None:
-        """Copy kept token ``gather.src_positions[e]`` of head ``gather.head[e]`` into slot
-        ``gather.dst_slot[e]`` of head-page ``gather.dst_page[e]``, keys and values, in place.
-        Every source is read before any write; a destination block may not be a source block."""
+    def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan, layer: int) -> None:
+        """Copy layer ``layer``'s kept entries of ``plan`` from the request's positional
+        ``source_blocks`` into their head-pages, keys and values, in place. Every source is read
+        before any write; a destination block may not be a source block."""
+        gather = plan.layer_gather(layer)
         if gather.head.numel() == 0:
             return
         c = copy_indices(gather, source_blocks, kv_cache.shape[0], self.num_kv_heads, self.block_size,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvevict.cache.compact import compact_layer
+from vllm_kvevict.cache.page_table import CompactionPlan
 from vllm_kvevict.vllm.layouts.base import PagedLayout
 
 
@@ -29,3 +31,7 @@ class SplitHeadDimLayout(PagedLayout):
         k_cache, v_cache = self.key_value_views(kv_cache)
         k_cache[block, plane, slot] = keys.to(k_cache.dtype)
         v_cache[block, plane, slot] = values.to(v_cache.dtype)
+
+    def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan, layer: int) -> None:
+        """The one compaction on the K/V views (Triton on CUDA, its torch reference elsewhere)."""
+        compact_layer(*self.key_value_views(kv_cache), source_blocks, plan, layer)

@@ -113,7 +113,7 @@ def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, 
             raise RuntimeError("compaction sources not seen in the scoring step")
         for layer in range(plan.num_layers):
             kv_cache, layout = caches(layer)
-            layout.compact(kv_cache, sources, plan.layer_gather(layer))
+            layout.compact(kv_cache, sources, plan, layer)
     except Exception:
         done.report.head_failed.add(req_id)
         raise
