@@ -34,7 +34,7 @@ POLICIES = {
     "defensivekv+global": dict(scorer="defensivekv", allocation="global", budget=0.1),
     "pyramidkv": dict(scorer="pyramidkv", budget=0.3),
     "laprox": dict(scorer="laprox", budget=0.15),
-    "streamingllm": dict(scorer="streamingllm", budget=0.1, sinks=2),
+    "streamingllm": dict(scorer="streamingllm", budget=0.1, sinks=2, granularity="head"),
 }
 
 

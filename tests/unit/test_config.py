@@ -145,3 +145,28 @@ def test_criticalkv_base_is_a_one_stage_scorer_snapkv_by_default():
         EvictionConfig.from_additional_config({"kv_eviction": {"scorer": "criticalkv", "criticalkv_base": "defensivekv"}})
     assert info.value.field == "kv_eviction.criticalkv_base"
     assert "snapkv" in info.value.allowed
+
+
+@pytest.mark.parametrize("flat,field", [
+    ({"kv_eviction": "snapkv", "kv_rho": 0.3}, "kv_rho"),
+    ({"kv_eviction": "snapkv", "kv_epsilon": 1e-4}, "kv_epsilon"),
+    ({"kv_eviction": "snapkv", "kv_criticalkv_base": "knorm"}, "kv_criticalkv_base"),
+    ({"kv_eviction": "knorm", "kv_pooling_kernel": 7}, "kv_pooling_kernel"),
+    ({"kv_eviction": "criticalkv", "kv_criticalkv_base": "knorm", "kv_pooling": "max"}, "kv_pooling"),
+    ({"kv_eviction": "streamingllm", "kv_alpha": 0.5}, "kv_alpha"),
+    ({"kv_eviction": "snapkv", "kv_granularity": "page", "kv_head_selection": "token"}, "kv_head_selection"),
+])
+def test_a_setting_the_policy_does_not_read_is_refused_not_ignored(flat, field):
+    with pytest.raises(EvictionConfigError) as info:
+        EvictionConfig.from_flat(flat)
+    assert info.value.field == field and "not read by" in str(info.value) and "it applies to" in str(info.value)
+
+
+def test_settings_read_by_the_policy_pass_and_a_new_scorer_drops_what_it_does_not_read():
+    assert EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_rho": 0.3, "kv_pooling": "max"}).rho == 0.3
+    assert EvictionConfig.from_flat({"kv_eviction": "defensivekv", "kv_pooling_kernel": 7}).pooling_kernel == 7
+    server = EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_rho": 0.3, "kv_pooling_kernel": 7})
+    request = EvictionConfig.from_flat({"kv_eviction": "snapkv"}, base=server)
+    assert request.rho == 0.5 and request.pooling_kernel == 7  # snapkv reads the kernel, not rho
+    with pytest.raises(EvictionConfigError, match="kv_rho"):
+        EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_rho": 0.2}, base=server)  # named by the request

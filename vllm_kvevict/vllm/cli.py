@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional
 from vllm_kvevict.config import (
     ADDITIONAL_CONFIG_KEY,
     FLAT_KEYS,
+    SCORER_SETTINGS,
     EvictionConfig,
     EvictionConfigError,
 )
@@ -46,9 +47,12 @@ GROUP_DESCRIPTION = (
     "Per request: extra_body={'vllm_xargs': {'kv_eviction': ..., 'kv_budget': ...}}. Also "
     "settable as --additional-config '{\"kv_eviction\": {...}}'."
 )
-#: A base under which one flag can be checked alone: its window of 1 fits any token budget,
-#: so the only cross-field rule (window + sinks <= token budget) never blames another flag.
+#: Bases under which one flag can be checked alone: a window of 1 fits any token budget, so the
+#: cross-field rules (window + sinks <= token budget; a setting only some policies read) never
+#: blame another flag; the settings only some policies read are checked under one that reads
+#: them all (criticalkv over snapkv, adakv, head granularity), all flags together later.
 _SINGLE_FLAG_BASE = EvictionConfig(window=1)
+_READING_BASE = EvictionConfig(scorer="criticalkv", window=1)
 _PER_SCORER = "per scorer"
 #: A description's own "(default: ...)" note; the flag's help states the default once.
 _OWN_DEFAULT = re.compile(r"\s*\(default:[^)]*\)\s*$")
@@ -91,7 +95,8 @@ def parse_flag_value(key: str, text: str) -> Any:
         Naming the flag's key, the value and what is allowed (argparse prefixes the option).
     """
     try:
-        config = EvictionConfig.from_flat({key: text}, base=_SINGLE_FLAG_BASE)
+        base = _READING_BASE if FLAT_KEYS[key] in SCORER_SETTINGS else _SINGLE_FLAG_BASE
+        config = EvictionConfig.from_flat({key: text}, base=base)
     except EvictionConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return getattr(config, FLAT_KEYS[key])

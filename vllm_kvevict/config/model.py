@@ -1,17 +1,4 @@
-"""One validated eviction policy, whatever door it came through.
-
-The same :class:`EvictionConfig` is built from
-
-* CLI flags (``--kv-eviction=criticalkv --kv-budget=0.1``), which travel to the engine as
-  ``additional_config={"kv_eviction": {...}}``;
-* ``additional_config`` given directly (``LLM(..., additional_config=...)`` or
-  ``--additional-config``), nested form: ``{"kv_eviction": {"scorer": ..., "budget": ...}}``;
-* per-request ``vllm_xargs`` (``SamplingParams.extra_args``), flat form:
-  ``{"kv_eviction": "snapkv", "kv_budget": 0.2}``.
-
-Every validation failure is raised as :class:`EvictionConfigError`, whose message names the
-field (as the user spelled it, e.g. ``kv_budget``), the rejected value and what is allowed.
-"""
+"""The one validated eviction policy object (:class:`EvictionConfig`) and its three doors."""
 
 from __future__ import annotations
 
@@ -20,103 +7,25 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: Scorers of ALGORITHMS.md ("none" disables eviction). ``lkv`` arrives with its training.
-SCORERS: tuple[str, ...] = (
-    "none",
-    "streamingllm",
-    "snapkv",
-    "pyramidkv",
-    "tova",
-    "h2o",
-    "knorm",
-    "keydiff",
-    "expected_attention",
-    "criticalkv",
-    "defensivekv",
-    "laprox",
-    "value_aware",
+from vllm_kvevict.config.choices import (
+    ADDITIONAL_CONFIG_KEY,
+    ALLOCATIONS,
+    CRITICALKV_BASES,
+    DEFAULT_ALLOCATION,
+    DEFAULT_SINKS,
+    FIELD_TO_FLAT,
+    FLAT_KEYS,
+    FLAT_PREFIX,
+    GRANULARITIES,
+    HEAD_PAGE_ALLOCATIONS,
+    HEAD_PAGE_MAX_BLOCK_SIZE,
+    POOLINGS,
+    SCORER_SETTINGS,
+    SCORERS,
+    WINDOW_SCORERS,
+    EvictionConfigError,
+    reads_setting,
 )
-#: Allocators: ``adakv`` uses largest-remainder rounding, ``adakv_floor`` is kvpress's rule
-#: (each head first gets its top ``alpha * B``, then a layer-wide top-k of the rest).
-ALLOCATIONS: tuple[str, ...] = ("uniform", "adakv", "adakv_floor", "pyramid", "global")
-#: Scorers CriticalKV can wrap: one-stage scorers whose score is a token's worth, not a choice
-#: (not the two-stage criticalkv/defensivekv, nor laprox/value_aware, already value-weighted).
-CRITICALKV_BASES: tuple[str, ...] = (
-    "snapkv",
-    "pyramidkv",
-    "tova",
-    "h2o",
-    "knorm",
-    "keydiff",
-    "expected_attention",
-    "streamingllm",
-)
-GRANULARITIES: tuple[str, ...] = ("page", "head")
-POOLINGS: tuple[str, ...] = ("avg", "max")
-
-#: Allocation used when the user names only a scorer (ALGORITHMS.md, "Defaults").
-DEFAULT_ALLOCATION: dict[str, str] = {
-    "criticalkv": "adakv",
-    "snapkv": "adakv",
-    "defensivekv": "adakv",
-    "expected_attention": "adakv",
-    "knorm": "adakv",
-    "keydiff": "adakv",
-    "laprox": "global",
-    "pyramidkv": "pyramid",
-    "streamingllm": "uniform",
-    "tova": "uniform",
-    "h2o": "uniform",
-    "value_aware": "uniform",
-    "none": "uniform",
-}
-#: Scorers that read the attention of the window's queries: they need a window of at least 1.
-WINDOW_SCORERS: frozenset[str] = frozenset(
-    {"snapkv", "pyramidkv", "tova", "h2o", "criticalkv", "defensivekv", "laprox", "value_aware"}
-)
-#: Sink tokens kept when the user does not say.
-DEFAULT_SINKS: dict[str, int] = {"streamingllm": 4, "expected_attention": 4}
-
-#: Flat key (CLI flag / vllm_xargs) -> field name.
-FLAT_KEYS: dict[str, str] = {
-    "kv_eviction": "scorer",
-    "kv_budget": "budget",
-    "kv_allocation": "allocation",
-    "kv_window": "window",
-    "kv_sinks": "sinks",
-    "kv_pooling": "pooling",
-    "kv_pooling_kernel": "pooling_kernel",
-    "kv_granularity": "granularity",
-    "kv_head_selection": "head_selection",
-    "kv_decode_interval": "decode_interval",
-    "kv_alpha": "alpha",
-    "kv_rho": "rho",
-    "kv_epsilon": "epsilon",
-    "kv_criticalkv_base": "criticalkv_base",
-}
-FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
-#: Key of the nested form inside vLLM's ``additional_config``.
-ADDITIONAL_CONFIG_KEY = "kv_eviction"
-FLAT_PREFIX = "kv_"
-
-
-class EvictionConfigError(ValueError):
-    """A policy setting is invalid. ``field`` is the name the user used; the message says why."""
-
-    def __init__(self, field: str, value: Any, allowed: str):
-        self.field = field
-        self.value = value
-        self.allowed = allowed
-        super().__init__(f"invalid {field}={value!r}: {allowed}")
-
-
-#: Allocations that split one layer's pages across its heads from that layer's scores alone
-#: (``head_selection="page"`` runs them on page scores).
-HEAD_PAGE_ALLOCATIONS = ("uniform", "adakv", "adakv_floor")
-#: Largest block size at which head granularity keeps whole pages per head by default: at 16 and
-#: 32 tokens whole pages kept needles at least as well as single tokens, at vLLM CPU's default
-#: 128 they lost them (benchmarks/quality/HEAD_VS_PAGE.md).
-HEAD_PAGE_MAX_BLOCK_SIZE = 32
 
 
 class EvictionConfig(BaseModel):
@@ -189,6 +98,12 @@ class EvictionConfig(BaseModel):
                 f"'token' with allocation {self.resolved_allocation!r}; whole pages per head need one of "
                 + ", ".join(HEAD_PAGE_ALLOCATIONS),
             )
+        for name in SCORER_SETTINGS:
+            if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default \
+                    and not reads_setting(self.model_dump(), name):
+                raise EvictionConfigError(
+                    name, getattr(self, name), f"not read by {self.describe_policy()}; it applies to {SCORER_SETTINGS[name]}"
+                )
         if self.decode_interval != 0:
             raise EvictionConfigError(
                 "decode_interval", self.decode_interval, "0 (decode-time eviction is not implemented yet)"
@@ -295,6 +210,10 @@ class EvictionConfig(BaseModel):
     def to_flat(self) -> dict[str, Any]:
         return {FIELD_TO_FLAT[k]: v for k, v in self.model_dump(exclude_defaults=True).items()}
 
+    def describe_policy(self) -> str:
+        """``scorer`` (with its allocation and granularity), for messages."""
+        return f"{self.scorer} (allocation {self.resolved_allocation}, granularity {self.resolved_granularity})"
+
     def describe(self) -> str:
         if not self.enabled:
             return "none"
@@ -326,11 +245,15 @@ def _merge(base: Optional[EvictionConfig], fields: dict[str, Any]) -> dict[str, 
     if base is None:
         return fields
     merged = base.model_dump(exclude_defaults=True)
-    # A request that changes the scorer gets that scorer's default allocation and sinks,
-    # unless it names them too.
+    # A request that changes the scorer gets that scorer's default allocation and sinks, and
+    # none of the base's settings its new scorer does not read, unless it names them too.
     if "scorer" in fields and fields["scorer"] != base.scorer:
         merged.pop("allocation", None)
         merged.pop("sinks", None)
+        probe = {**merged, **fields}
+        for name in SCORER_SETTINGS:
+            if name in merged and name not in fields and not reads_setting(probe, name):
+                merged.pop(name)
     merged.update(fields)
     return merged
 

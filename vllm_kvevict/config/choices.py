@@ -1,0 +1,136 @@
+"""The allowed values of every policy setting, their defaults, and which policies read which."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+#: Scorers of ALGORITHMS.md ("none" disables eviction). ``lkv`` arrives with its training.
+SCORERS: tuple[str, ...] = (
+    "none",
+    "streamingllm",
+    "snapkv",
+    "pyramidkv",
+    "tova",
+    "h2o",
+    "knorm",
+    "keydiff",
+    "expected_attention",
+    "criticalkv",
+    "defensivekv",
+    "laprox",
+    "value_aware",
+)
+#: Allocators: ``adakv`` uses largest-remainder rounding, ``adakv_floor`` is kvpress's rule
+#: (each head first gets its top ``alpha * B``, then a layer-wide top-k of the rest).
+ALLOCATIONS: tuple[str, ...] = ("uniform", "adakv", "adakv_floor", "pyramid", "global")
+#: Scorers CriticalKV can wrap: one-stage scorers whose score is a token's worth, not a choice
+#: (not the two-stage criticalkv/defensivekv, nor laprox/value_aware, already value-weighted).
+CRITICALKV_BASES: tuple[str, ...] = (
+    "snapkv",
+    "pyramidkv",
+    "tova",
+    "h2o",
+    "knorm",
+    "keydiff",
+    "expected_attention",
+    "streamingllm",
+)
+GRANULARITIES: tuple[str, ...] = ("page", "head")
+POOLINGS: tuple[str, ...] = ("avg", "max")
+
+#: Allocation used when the user names only a scorer (ALGORITHMS.md, "Defaults").
+DEFAULT_ALLOCATION: dict[str, str] = {
+    "criticalkv": "adakv",
+    "snapkv": "adakv",
+    "defensivekv": "adakv",
+    "expected_attention": "adakv",
+    "knorm": "adakv",
+    "keydiff": "adakv",
+    "laprox": "global",
+    "pyramidkv": "pyramid",
+    "streamingllm": "uniform",
+    "tova": "uniform",
+    "h2o": "uniform",
+    "value_aware": "uniform",
+    "none": "uniform",
+}
+#: Scorers that read the attention of the window's queries: they need a window of at least 1.
+WINDOW_SCORERS: frozenset[str] = frozenset(
+    {"snapkv", "pyramidkv", "tova", "h2o", "criticalkv", "defensivekv", "laprox", "value_aware"}
+)
+#: Sink tokens kept when the user does not say.
+DEFAULT_SINKS: dict[str, int] = {"streamingllm": 4, "expected_attention": 4}
+
+#: Flat key (CLI flag / vllm_xargs) -> field name.
+FLAT_KEYS: dict[str, str] = {
+    "kv_eviction": "scorer",
+    "kv_budget": "budget",
+    "kv_allocation": "allocation",
+    "kv_window": "window",
+    "kv_sinks": "sinks",
+    "kv_pooling": "pooling",
+    "kv_pooling_kernel": "pooling_kernel",
+    "kv_granularity": "granularity",
+    "kv_head_selection": "head_selection",
+    "kv_decode_interval": "decode_interval",
+    "kv_alpha": "alpha",
+    "kv_rho": "rho",
+    "kv_epsilon": "epsilon",
+    "kv_criticalkv_base": "criticalkv_base",
+}
+FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
+#: Key of the nested form inside vLLM's ``additional_config``.
+ADDITIONAL_CONFIG_KEY = "kv_eviction"
+FLAT_PREFIX = "kv_"
+
+
+class EvictionConfigError(ValueError):
+    """A policy setting is invalid. ``field`` is the name the user used; the message says why."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid {field}={value!r}: {allowed}")
+
+
+#: Allocations that split one layer's pages across its heads from that layer's scores alone
+#: (``head_selection="page"`` runs them on page scores).
+HEAD_PAGE_ALLOCATIONS = ("uniform", "adakv", "adakv_floor")
+#: Largest block size at which head granularity keeps whole pages per head by default: at 16 and
+#: 32 tokens whole pages kept needles at least as well as single tokens, at vLLM CPU's default
+#: 128 they lost them (benchmarks/quality/HEAD_VS_PAGE.md).
+HEAD_PAGE_MAX_BLOCK_SIZE = 32
+
+
+#: Settings only some policies read, and which (a value set for a policy that ignores it is
+#: refused, not ignored).
+SCORER_SETTINGS: dict[str, str] = {
+    "rho": "criticalkv",
+    "epsilon": "criticalkv",
+    "criticalkv_base": "criticalkv",
+    "pooling": "snapkv, pyramidkv (and criticalkv over them)",
+    "pooling_kernel": "snapkv, pyramidkv, defensivekv (and criticalkv over snapkv or pyramidkv)",
+    "alpha": "the adakv and adakv_floor allocations",
+    "head_selection": "head granularity",
+}
+_POOLING_SCORERS = frozenset({"snapkv", "pyramidkv"})
+
+
+def reads_setting(fields: Mapping[str, Any], name: str) -> bool:
+    """Whether the policy of ``fields`` (field names, before validation) reads setting ``name``."""
+    scorer = fields.get("scorer", "none")
+    base = fields.get("criticalkv_base", "snapkv") if scorer == "criticalkv" else None
+    if name in ("rho", "epsilon", "criticalkv_base"):
+        return scorer == "criticalkv"
+    if name == "pooling":
+        return scorer in _POOLING_SCORERS or base in _POOLING_SCORERS
+    if name == "pooling_kernel":
+        return scorer in _POOLING_SCORERS | {"defensivekv"} or base in _POOLING_SCORERS
+    allocation = fields.get("allocation") or DEFAULT_ALLOCATION.get(scorer, "uniform")
+    if name == "alpha":
+        return allocation in ("adakv", "adakv_floor")
+    if name == "head_selection":
+        granularity = fields.get("granularity") or ("page" if allocation == "uniform" else "head")
+        return granularity == "head"
+    return True
