@@ -28,6 +28,8 @@ CLI_RUNS = {
     "help_groups": ["serve", "--help"],
     "bad_flag": ["serve", "{model}", "--kv-budget", "2.5"],
     "bad_additional_config": ["serve", "{model}", "--additional-config", '{"kv_eviction": {"scorer": "snapkv", "budget": 7.5}}'],
+    "flags_that_do_not_fit": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-budget", "64", "--kv-window", "100"],
+    "decode_interval_flag": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-decode-interval", "10"],
 }
 
 
@@ -111,6 +113,7 @@ def test_help_lists_the_flags_with_defaults(cli_runs):
         ("--kv-alpha", "0.2"),
         ("--kv-rho", "0.5"),
         ("--kv-epsilon", "0.0"),
+        ("--kv-criticalkv-base", "snapkv"),
     ]:
         assert option in text
         after = text[text.index(option + " ") :]
@@ -128,6 +131,19 @@ def test_bad_flag_is_a_usage_error(cli_runs):
     code, output = finished(cli_runs["bad_flag"])
     assert code == 2, output
     assert "error: argument --kv-budget: invalid kv_budget=2.5: a fraction in (0, 1)" in output
+
+
+def test_flags_that_do_not_fit_together_are_a_usage_error_not_a_traceback(cli_runs):
+    code, output = finished(cli_runs["flags_that_do_not_fit"])
+    assert code == 2, output
+    assert "--kv-budget" in output and "--kv-window" in output and "do not fit together" in output
+    assert "Traceback" not in output
+
+
+def test_decode_interval_flag_is_refused_until_it_works(cli_runs):
+    code, output = finished(cli_runs["decode_interval_flag"])
+    assert code == 2, output
+    assert "argument --kv-decode-interval: invalid kv_decode_interval=10" in output
 
 
 def test_bad_additional_config_stops_the_server_at_start(cli_runs):
@@ -162,8 +178,13 @@ def test_valid_requests_pass(client):
         ({"kv_budget": "lots"}, "kv_budget"),
         ({"kv_window": [8, 16]}, "kv_window"),
         ({"kv_buget": 0.2}, "kv_buget"),
+        ({"kv_budget": True}, "kv_budget"),
+        ({"kv_window": True}, "kv_window"),
+        ({"kv_decode_interval": 10}, "kv_decode_interval"),
+        ({"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_rho": 0.3}, "kv_rho"),
     ],
-    ids=["unknown-policy", "budget-above-1", "budget-negative", "budget-text", "window-list", "unknown-kv-key"],
+    ids=["unknown-policy", "budget-above-1", "budget-negative", "budget-text", "window-list", "unknown-kv-key",
+         "budget-boolean", "window-boolean", "decode-interval", "setting-not-read"],
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])
 def test_bad_xargs_are_400_naming_the_field_and_server_keeps_serving(client, server, xargs, field, stream):

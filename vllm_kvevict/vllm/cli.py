@@ -149,6 +149,17 @@ def merge_flags_or_exit(additional_config: Optional[Mapping[str, Any]], flags: M
         raise SystemExit(2) from None
 
 
+def add_api_middleware(args: argparse.Namespace, additional_config: Any) -> None:
+    """With eviction configured, append the ``vllm_xargs`` JSON-type check to vLLM's own
+    ``--middleware`` list of the API server (``vllm serve`` reads the same ``args`` later)."""
+    from vllm_kvevict.vllm.api_types import MIDDLEWARE_PATH
+    from vllm_kvevict.vllm.startup import wants_eviction
+
+    middleware = getattr(args, "middleware", None)
+    if isinstance(middleware, list) and wants_eviction(additional_config) and MIDDLEWARE_PATH not in middleware:
+        args.middleware = [*middleware, MIDDLEWARE_PATH]
+
+
 def normalize_additional_config(additional_config: Any) -> Any:
     """Validate the eviction part of ``additional_config``; return it in nested form.
 

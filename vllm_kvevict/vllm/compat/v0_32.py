@@ -107,7 +107,8 @@ def patch_model_runner_v1_for_eviction() -> None:
 def patch_cli_flags() -> None:
     """``EngineArgs.add_cli_args`` / ``from_cli_args`` / ``create_engine_config``: the ``--kv-*``
     flags, their merge into ``additional_config``, and its validation however it was given
-    (:mod:`vllm_kvevict.vllm.cli`)."""
+    (:mod:`vllm_kvevict.vllm.cli`); with eviction configured, the API server's ``vllm_xargs``
+    type check joins vLLM's own ``--middleware`` list (:mod:`vllm_kvevict.vllm.api_types`)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_kvevict.vllm import cli
@@ -126,6 +127,7 @@ def patch_cli_flags() -> None:
             flags = cli.given_flags(args)
             if flags:
                 engine_args.additional_config = cli.merge_flags_or_exit(engine_args.additional_config, flags)
+            cli.add_api_middleware(args, engine_args.additional_config)
             return engine_args
 
         return classmethod(from_cli_args)
