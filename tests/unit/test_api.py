@@ -143,3 +143,37 @@ def test_a_request_is_checked_once_through_both_hooks(monkeypatch):
     assert calls == [1]
     api.check_request(params, vllm_config)  # a third check (not from the hooks) parses again
     assert calls == [1, 1]
+
+
+STRICT = EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_budget": 0.2, "kv_request_override": "stricter"})
+
+
+@pytest.mark.parametrize("xargs,field", [
+    ({"kv_eviction": "none"}, "kv_eviction"),
+    ({"kv_budget": 1}, "kv_budget"),
+    ({"kv_budget": 0.5}, "kv_budget"),
+    ({"kv_budget": 256}, "kv_budget"),
+    ({"kv_eviction": "snapkv"}, "kv_eviction"),
+    ({"kv_allocation": "uniform"}, "kv_allocation"),
+    ({"kv_granularity": "page"}, "kv_granularity"),
+    ({"kv_window": 64}, "kv_window"),
+    ({"kv_request_override": "any"}, "kv_request_override"),
+])
+def test_stricter_refuses_what_would_hold_more_naming_the_field(xargs, field):
+    with pytest.raises(EvictionConfigError) as info:
+        api.request_config(xargs, STRICT)
+    assert info.value.field == field and ("stricter" in str(info.value) or "server setting" in str(info.value))
+
+
+def test_stricter_lets_a_request_hold_less_and_tune_scoring():
+    assert api.request_config({"kv_budget": 0.1}, STRICT).budget == 0.1
+    assert api.request_config({"kv_rho": 0.3, "kv_window": 16}, STRICT).rho == 0.3
+    assert api.request_config({"other_plugin": 1}, STRICT) is STRICT
+
+
+def test_none_lets_no_request_change_the_policy_and_any_is_the_default():
+    locked = EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_request_override": "none"})
+    with pytest.raises(EvictionConfigError, match="kv_budget.*lets no request change"):
+        api.request_config({"kv_budget": 0.1}, locked)
+    assert EvictionConfig().request_override == "any"
+    assert api.request_config({"kv_eviction": "none"}, SNAPKV_SERVER).scorer == "none"

@@ -77,8 +77,13 @@ FLAT_KEYS: dict[str, str] = {
     "kv_rho": "rho",
     "kv_epsilon": "epsilon",
     "kv_criticalkv_base": "criticalkv_base",
+    "kv_request_override": "request_override",
 }
 FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
+#: Settings of the server, never of one request (a request naming one is refused).
+SERVER_ONLY: frozenset[str] = frozenset({"request_override"})
+#: ``--kv-request-override``: what a request's ``vllm_xargs`` may change (docs/ARCHITECTURE.md).
+REQUEST_OVERRIDES: tuple[str, ...] = ("any", "stricter", "none")
 #: Key of the nested form inside vLLM's ``additional_config``.
 ADDITIONAL_CONFIG_KEY = "kv_eviction"
 FLAT_PREFIX = "kv_"

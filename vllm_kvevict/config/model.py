@@ -20,6 +20,7 @@ from vllm_kvevict.config.choices import (
     HEAD_PAGE_ALLOCATIONS,
     HEAD_PAGE_MAX_BLOCK_SIZE,
     POOLINGS,
+    REQUEST_OVERRIDES,
     SCORER_SETTINGS,
     SCORERS,
     WINDOW_SCORERS,
@@ -56,6 +57,12 @@ class EvictionConfig(BaseModel):
         description="head granularity: keep each KV head's best whole block-aligned pages "
         "(no head-page left partly empty), or its best single tokens (default: page where the "
         "allocation is uniform, adakv or adakv_floor and the block size at most 32, else token)",
+    )
+    request_override: Literal[REQUEST_OVERRIDES] = Field(  # type: ignore[valid-type]
+        "any",
+        description="server setting: what requests may change through vllm_xargs: 'any' setting; "
+        "'stricter' only a budget no larger than the server's (same scorer, allocation, granularity, "
+        "no larger window or sinks, no opting out); 'none' nothing",
     )
     decode_interval: int = Field(
         0, ge=0, description="re-compress every N decoded tokens; only 0 (never) until decode-time eviction lands"

@@ -25,7 +25,7 @@ import functools
 import json
 from typing import Any, Mapping, Optional
 
-from vllm_kvevict.config import FLAT_PREFIX, EvictionConfig, EvictionConfigError
+from vllm_kvevict.config import FLAT_KEYS, FLAT_PREFIX, SERVER_ONLY, EvictionConfig, EvictionConfigError
 
 DISABLED_SERVER_HINT = (
     "this server runs without KV eviction (--kv-eviction=none); start it with a policy, e.g. "
@@ -35,7 +35,8 @@ DISABLED_SERVER_HINT = (
 
 
 def request_config(extra_args: Optional[Mapping[str, Any]], server_default: EvictionConfig) -> EvictionConfig:
-    """The policy of one request: its ``kv_*`` keys over the server default.
+    """The policy of one request: its ``kv_*`` keys over the server default, within what the
+    server's ``--kv-request-override`` lets a request change.
 
     Raises
     ------
@@ -44,10 +45,45 @@ def request_config(extra_args: Optional[Mapping[str, Any]], server_default: Evic
     """
     if not has_eviction_keys(extra_args):
         return server_default
+    for key in extra_args:
+        if FLAT_KEYS.get(key) in SERVER_ONLY:
+            raise EvictionConfigError(key, extra_args[key], "a server setting (--" + key.replace("_", "-") +
+                                      "), not one a request may set")
+    mode = server_default.request_override
+    if mode == "none":
+        key = next(k for k in extra_args if str(k).startswith(FLAT_PREFIX))
+        raise EvictionConfigError(key, extra_args[key], "this server lets no request change its eviction policy "
+                                  "(--kv-request-override none)")
     config = EvictionConfig.from_flat(extra_args, base=server_default)
     if config.enabled and not server_default.enabled:
         raise EvictionConfigError("kv_eviction", config.scorer, DISABLED_SERVER_HINT)
+    if mode == "stricter":
+        check_stricter(config, server_default, extra_args)
     return config
+
+
+def check_stricter(config: EvictionConfig, server: EvictionConfig, extra_args: Mapping[str, Any]) -> None:
+    """Under ``--kv-request-override stricter`` a request may only hold less: the server's
+    scorer, allocation and granularity, a budget of the same kind no larger than the server's,
+    no larger window or sinks (they set the budget's floor); scoring settings are free."""
+
+    def refuse(key: str, value: Any, why: str) -> None:
+        raise EvictionConfigError(key, value, f"{why} (--kv-request-override stricter)")
+
+    for key, ours, theirs in (("kv_eviction", config.scorer, server.scorer),
+                              ("kv_allocation", config.resolved_allocation, server.resolved_allocation),
+                              ("kv_granularity", config.resolved_granularity, server.resolved_granularity)):
+        if ours != theirs:
+            refuse(key, extra_args.get(key, ours), f"only the server's {theirs!r} here")
+    if config.keeps_everything and not server.keeps_everything or config.is_token_budget != server.is_token_budget:
+        refuse("kv_budget", extra_args.get("kv_budget", config.budget),
+               f"a budget of the server's kind no larger than its {server.budget}")
+    if not config.keeps_everything and config.budget > server.budget:
+        refuse("kv_budget", extra_args.get("kv_budget", config.budget), f"at most the server's {server.budget}")
+    for key, ours, theirs in (("kv_window", config.window, server.window),
+                              ("kv_sinks", config.resolved_sinks, server.resolved_sinks)):
+        if ours > theirs:
+            refuse(key, extra_args.get(key, ours), f"at most the server's {theirs}")
 
 
 def has_eviction_keys(extra_args: Optional[Mapping[str, Any]]) -> bool:
