@@ -3,6 +3,8 @@ evictions, and every compaction order settled within its step (failures give blo
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_vllm_layouts import BS, D, HKV, cpu_cache
@@ -132,3 +134,20 @@ def test_scoring_step_evicts_through_the_backend_observation(config):
         table_row = side.current_step().table_rows[0]
         assert table_row.block_ids.tolist() == [44] and table_row.seq_len == 1  # the stock kernel: the tail only
     assert OBSERVING != state.status
+
+
+def test_the_connector_counts_each_failure_with_its_stage():
+    from vllm_kvevict.vllm.connector import KVEvictConnector
+    from vllm_kvevict.vllm.metrics import EvictionStatsRecorder
+    from vllm_kvevict.vllm.worker.finish import FinishedStep
+
+    done = FinishedStep(scored={"a": ("snapkv", "head", 0.5), "b": ("snapkv", "page", 0.1)},
+                        failed={"a": ("snapkv", "head", "compaction")})
+    connector = object.__new__(KVEvictConnector)  # the worker half only; no vLLM config needed
+    connector.stats = EvictionStatsRecorder()
+    connector.eviction_steps = SimpleNamespace(finish=lambda: done)
+    connector.wait_for_save()
+    data = connector.stats.take().data
+    assert data["errors"] == ["compaction"]
+    assert data["outcomes"] == [["snapkv", "head", "error"]]
+    assert data["scoring"] == [["snapkv", "page", 0.1]]  # a failed request's time is not a scoring time

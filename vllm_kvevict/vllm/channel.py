@@ -12,6 +12,7 @@ admission it belongs to (a report about an earlier admission of a preempted requ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
@@ -26,6 +27,8 @@ class Admission:
     prompt_len: int
     #: how many times the scheduler admitted it (new or resumed), echoed in reports.
     generation: int
+    #: a stage to fail at on purpose (fault-injection tests only: ``SchedulerSide.fault_key``).
+    fault: Optional[str] = None
 
 
 @dataclass

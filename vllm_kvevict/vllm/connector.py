@@ -82,9 +82,9 @@ class KVEvictConnector(KVConnectorBase_V1):
                 self.stats.record_scoring(scorer, granularity, seconds)
         for req_id in done.nothing_evicted:
             self.stats.record_outcome(*done.scored[req_id][:2], "skipped_short")
-        for scorer, granularity in done.failed.values():
+        for scorer, granularity, stage in done.failed.values():
             self.stats.record_outcome(scorer, granularity, "error")
-            self.stats.record_error("scoring")
+            self.stats.record_error(stage)
 
     def build_connector_worker_meta(self) -> Optional[KVEvictWorkerMetadata]:
         return self.eviction_steps.take_report()

@@ -69,6 +69,8 @@ class Observations:
     error: Optional[str] = None
     #: time spent observing and scoring (the ``kvevict_scoring_seconds`` metric).
     seconds: float = 0.0
+    #: a stage to fail at on purpose (fault-injection tests, ``worker.faults``), or ``None``.
+    fault: Optional[str] = None
 
     def fail(self, reason: str) -> None:
         if self.error is None:

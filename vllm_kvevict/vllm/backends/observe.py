@@ -44,6 +44,8 @@ def observe_rows(step: EvictionStep, layer_name: str, layer_idx: int, query: tor
 
 def _observe(step, row: RowObservation, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale) -> None:
     sink, needs = row.sink, row.sink.policy.needs
+    if sink.fault == "scoring" and row.score:
+        raise RuntimeError("injected scoring fault")
     q = query.view(query.shape[0], num_heads, layout.head_dim)[row.query_offset : row.query_offset + row.num_queries]
     w0, w1 = row.window
     if w1 > w0:

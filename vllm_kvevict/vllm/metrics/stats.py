@@ -24,7 +24,7 @@ OTHER = "other"
 #: ``outcome`` label values of ``kvevict_requests_total``.
 OUTCOMES = ("evicted", "skipped_short", "opted_out", "rejected", "error")
 #: ``stage`` label values of ``kvevict_errors_total``.
-ERROR_STAGES = ("scoring", "free")
+ERROR_STAGES = ("scoring", "selection", "compaction", "invariant", "free")
 HEAD_STATS = ("min", "mean", "max")
 
 _EVICTIONS = "evictions"  # [[policy, granularity, tokens, blocks, seconds], ...]

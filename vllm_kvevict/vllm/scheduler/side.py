@@ -44,6 +44,9 @@ class SchedulerSide:
         self._generation: dict[str, int] = {}
         #: request id -> scheduler ``Request`` of every admitted, unfinished request.
         self._requests: dict[str, Any] = {}
+        #: fault-injection tests set it: the ``extra_args`` key naming the stage at which a
+        #: request's eviction is to fail (``scoring``, ``selection``, ``compaction``, ``invariant``).
+        self.fault_key: Optional[str] = None
 
     def bind(self, kv_cache_manager: Any) -> None:
         self.manager = kv_cache_manager
@@ -88,7 +91,8 @@ class SchedulerSide:
             request = self._requests.get(req_id)
             config = self.state.config_for(request) if request is not None else None
             if config is not None:
-                admissions[req_id] = Admission(config, int(request.num_prompt_tokens), self._generation[req_id])
+                fault = (extra_args_of(request) or {}).get(self.fault_key) if self.fault_key else None
+                admissions[req_id] = Admission(config, int(request.num_prompt_tokens), self._generation[req_id], fault)
         return KVEvictConnectorMetadata(reset_req_ids=reset, admissions=admissions,
                                         compact_orders=self._order_compactions(scheduler_output))
 

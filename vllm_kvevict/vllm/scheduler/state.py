@@ -51,13 +51,19 @@ class SchedulerEvictionState:
     def prefix_hit_cap(self, request: Any, block_size: int) -> Optional[int]:
         """Most prompt tokens a prefix-cache hit may cover for this request, or ``None``.
 
-        The policy scores with the queries of the last ``window`` prompt positions, and queries
-        are not cached: an evicting request always recomputes at least its window, so the same
-        prompt gives the same window scores with prefix caching on or off.
+        Queries are not cached, so an evicting request recomputes every query its scorer reads:
+        the last ``window`` positions for window scorers; every prompt position for scorers that
+        read all of them (h2o's attention sums, expected_attention's query statistics: no hit at
+        all). The same prompt then gets the same scores with prefix caching on or off.
         """
+        from vllm_kvevict.policies import build_policy
+
         cfg = self.config_for(request)
         if cfg is None:
             return None
+        needs = build_policy(cfg, block_size).needs
+        if needs.query_stats or needs.attention_sums:
+            return 0
         cap = max(0, request.num_prompt_tokens - cfg.window)
         return (cap // block_size) * block_size
 

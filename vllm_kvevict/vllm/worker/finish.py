@@ -31,14 +31,26 @@ class FinishedStep:
     report: KVEvictWorkerMetadata = field(default_factory=KVEvictWorkerMetadata)
     #: request id -> (scorer, granularity, seconds) of every request scored this step.
     scored: dict[str, tuple[str, str, float]] = field(default_factory=dict)
-    #: request id -> (scorer, granularity) of requests whose eviction failed (left whole).
-    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: request id -> (scorer, granularity, stage) of requests whose eviction failed (left whole).
+    failed: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     #: requests scored with nothing worth evicting (page: no block; head: no compaction order).
     nothing_evicted: set[str] = field(default_factory=set)
 
 
 #: ``layer index -> (its KV cache tensor, its PagedLayout)``.
 CacheLookup = Callable[[int], tuple[torch.Tensor, Any]]
+
+
+class EvictionFailure(RuntimeError):
+    """An eviction that failed at ``stage`` (one of :data:`STAGES`); the request stays whole."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage = stage
+
+
+#: Where an eviction can fail (the ``stage`` label of ``kvevict_errors_total``).
+STAGES = ("scoring", "selection", "compaction", "invariant")
 
 
 def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mapping[str, list[int]], block_size: int,
@@ -57,12 +69,7 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
         sink = state.observations
         started = time.perf_counter()
         try:
-            if sink.error is not None:
-                raise RuntimeError(sink.error)
-            num_layers = step.model.num_layers
-            if set(sink.scores) != set(range(num_layers)):
-                raise RuntimeError(f"scores for {len(sink.scores)}/{num_layers} layers")
-            scores = [sink.scores[i] for i in range(num_layers)]
+            scores = _scores(sink, step.model.num_layers)
             if recorder is not None:
                 recorder.scores[row.req_id] = scores
             if config.resolved_granularity == "head":
@@ -73,21 +80,15 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
                 else:
                     _compact(row.req_id, state, scores, order, block_size, caches, done, recorder)
             else:
-                evicted = state.policy.evicted_blocks(scores, state.prompt_len)
-                state.evicted = torch.tensor(evicted, dtype=torch.long)
-                state.settle(PAGE)
-                done.report.evicted[row.req_id] = evicted
-                if not evicted:
-                    done.nothing_evicted.add(row.req_id)
-                if recorder is not None:
-                    recorder.evicted[row.req_id] = evicted
+                _evict_pages(row.req_id, state, scores, block_size, done, recorder)
         except Exception as exc:  # never into the engine core
-            logger.warning("kvevict: eviction skipped for %s, request left whole: %s", row.req_id, exc)
+            stage = exc.stage if isinstance(exc, EvictionFailure) else "selection"
+            logger.warning("kvevict: eviction of %s failed at %s, request left whole: %s", row.req_id, stage, exc)
             logger.debug("kvevict: eviction failure", exc_info=exc)
             state.settle(WHOLE)
-            done.failed[row.req_id] = labels
+            done.failed[row.req_id] = (*labels, stage)
             if recorder is not None:
-                recorder.failures[row.req_id] = f"{type(exc).__name__}: {exc}"
+                recorder.failures[row.req_id] = f"{stage}: {exc}"
         sink.seconds += time.perf_counter() - started
         done.scored[row.req_id] = (*labels, sink.seconds)
         done.report.generations[row.req_id] = state.admission.generation
@@ -100,20 +101,71 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
     return done
 
 
+def _scores(sink, num_layers: int) -> list:
+    """Every layer's scores of the scoring step (a failure observing them is the scoring stage's)."""
+    if sink.error is not None:
+        raise EvictionFailure("scoring", sink.error)
+    if set(sink.scores) != set(range(num_layers)):
+        raise EvictionFailure("scoring", f"scores for {len(sink.scores)}/{num_layers} layers")
+    return [sink.scores[i] for i in range(num_layers)]
+
+
+def _stage(sink, stage: str) -> None:
+    """Fail at ``stage`` when a fault-injection test asked for it (:attr:`Observations.fault`)."""
+    if sink.fault == stage:
+        raise EvictionFailure(stage, f"injected {stage} fault")
+
+
+def _evict_pages(req_id: str, state, scores, block_size: int, done: FinishedStep, recorder: Any) -> None:
+    sink = state.observations
+    try:
+        _stage(sink, "selection")
+        evicted = state.policy.evicted_blocks(scores, state.prompt_len)
+    except EvictionFailure:
+        raise
+    except Exception as exc:
+        raise EvictionFailure("selection", f"{type(exc).__name__}: {exc}") from exc
+    _stage(sink, "invariant")
+    last_block = (state.prompt_len - 1) // block_size
+    if sorted(set(evicted)) != list(evicted) or (evicted and not 0 <= evicted[0] <= evicted[-1] < last_block):
+        raise EvictionFailure("invariant", f"evicted blocks {evicted} are not sorted full blocks before {last_block}")
+    state.evicted = torch.tensor(evicted, dtype=torch.long)
+    state.settle(PAGE)
+    done.report.evicted[req_id] = evicted
+    if not evicted:
+        done.nothing_evicted.add(req_id)
+    if recorder is not None:
+        recorder.evicted[req_id] = evicted
+
+
 def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, caches: CacheLookup,
              done: FinishedStep, recorder: Any) -> None:
-    """Head granularity: plan, then copy every layer's kept K/V into the head-pages of
-    ``block_ids``; a failure gives the blocks back (and is raised to the caller)."""
+    """Head granularity: plan, copy every layer's kept K/V into the head-pages of ``block_ids``,
+    check the result; any failure gives the blocks back (and is raised to the caller)."""
+    sink = state.observations
     try:
-        kept = state.policy.plan_head(scores, state.prompt_len)
-        num_kv_heads = kept.head_budgets.shape[1]
-        plan = plan_compaction(kept, block_ids, block_size, num_kv_heads)
-        sources = state.observations.source_blocks
-        if sources is None:
-            raise RuntimeError("compaction sources not seen in the scoring step")
-        for layer in range(plan.num_layers):
-            kv_cache, layout = caches(layer)
-            layout.compact(kv_cache, sources, plan, layer)
+        try:
+            _stage(sink, "selection")
+            kept = state.policy.plan_head(scores, state.prompt_len)
+            plan = plan_compaction(kept, block_ids, block_size, kept.head_budgets.shape[1])
+        except EvictionFailure:
+            raise
+        except Exception as exc:
+            raise EvictionFailure("selection", f"{type(exc).__name__}: {exc}") from exc
+        try:
+            if sink.source_blocks is None:
+                raise RuntimeError("compaction sources not seen in the scoring step")
+            for layer in range(plan.num_layers):
+                if layer == plan.num_layers // 2:
+                    _stage(sink, "compaction")  # a copy that breaks off half-way
+                kv_cache, layout = caches(layer)
+                layout.compact(kv_cache, sink.source_blocks, plan, layer)
+        except EvictionFailure:
+            raise
+        except Exception as exc:
+            raise EvictionFailure("compaction", f"{type(exc).__name__}: {exc}") from exc
+        _stage(sink, "invariant")
+        check_compaction(kept, plan, state.prompt_len, len(block_ids))
     except Exception:
         done.report.head_failed.add(req_id)
         raise
@@ -122,3 +174,16 @@ def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, 
     state.region = CompactRegion.from_plan(plan, state.prompt_len)
     state.settle(HEAD)
     done.report.head_compacted[req_id] = kept.head_budgets.flatten().tolist()
+
+
+def check_compaction(kept, plan, prompt_len: int, num_blocks: int) -> None:
+    """What must hold before a compacted request attends its head-pages (else it stays whole)."""
+    for layer, heads in enumerate(kept.indices):
+        for g, positions in enumerate(heads):
+            if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < prompt_len):
+                raise EvictionFailure("invariant", f"layer {layer} head {g} keeps a position outside the prompt")
+    most = max((sum(len(pages) for pages in layer) for layer in plan.head_pages), default=0)
+    if most > num_blocks * plan.num_kv_heads:
+        raise EvictionFailure("invariant", f"a layer uses {most} head-pages of {num_blocks} compact blocks")
+    if int(plan.lens.sum()) != kept.kept_tokens():
+        raise EvictionFailure("invariant", "the compact region does not hold every kept token")

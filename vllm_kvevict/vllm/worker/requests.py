@@ -57,7 +57,7 @@ class RequestTable:
     def admit(self, req_id: str, admission: Admission) -> RequestState:
         policy = self._make_policy(admission.config)
         state = RequestState(admission, policy)
-        state.observations = Observations(policy, admission.config, admission.prompt_len)
+        state.observations = Observations(policy, admission.config, admission.prompt_len, fault=admission.fault)
         self._requests[req_id] = state
         return state
 
