@@ -6,9 +6,11 @@ that keeps everything by default (``--kv-eviction=snapkv --kv-budget=1``) so req
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from server_processes import free_port, stop, vllm_command, wait_until_healthy
@@ -77,7 +79,7 @@ def server(tiny_llama_dir, tmp_path_factory, cli_runs):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(proc, base, log_path, STARTUP_TIMEOUT_S)
-        yield {"base": base, "proc": proc, "log": log_path}
+        yield {"base": base, "proc": proc, "log": log_path, "model": str(tiny_llama_dir)}
     finally:
         stop(proc)
         log.close()
@@ -216,6 +218,12 @@ def kvevict_samples(base: str) -> dict[str, float]:
 def test_metrics_page_has_kvevict_series(client, server):
     before = kvevict_samples(server["base"])
     assert "kvevict_blocks_returned_total" in before  # exported from the start, at 0
+    # every gauge has its value from the start, before any eviction: the pool's geometry
+    config = json.loads((Path(server["model"]) / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    block = before["kvevict_block_size_tokens"]
+    assert block > 0 and before["kvevict_cache_blocks"] > 0
+    assert before["kvevict_block_bytes"] == 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4 * block
     long_prompt = " ".join(f"item{i}" for i in range(700))  # ~2k tokens: many pages to evict
     complete(client, {"kv_eviction": "snapkv", "kv_budget": 0.2}, prompt=long_prompt, max_tokens=2)
     deadline = time.monotonic() + 30

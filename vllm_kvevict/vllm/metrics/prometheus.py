@@ -98,11 +98,15 @@ class EvictionPromMetrics(KVConnectorPromMetrics):
         for engine in per_engine_labelvalues.values():  # bounded: exported at 0 from the start
             for stage in ERROR_STAGES:
                 self.errors.labels(*engine, stage)
-        cache = getattr(vllm_config, "cache_config", None)  # the engine sends the same at its first step
-        if getattr(cache, "num_gpu_blocks", None) and getattr(cache, "block_size", None):
-            for idx in per_engine_labelvalues:
+        cache = getattr(vllm_config, "cache_config", None)  # the engine sends exact ones at its first step
+        block_bytes = block_bytes_of(vllm_config)
+        for idx in per_engine_labelvalues:
+            if getattr(cache, "num_gpu_blocks", None):
                 self.cache_blocks[idx].set(cache.num_gpu_blocks)
+            if getattr(cache, "block_size", None):
                 self.block_size[idx].set(cache.block_size)
+            if block_bytes:
+                self.block_bytes[idx].set(block_bytes)
         #: engine index -> (policy, granularity) label pairs of the held-token gauges set so far.
         self._held_labels: dict[int, set[tuple[str, str]]] = {}
         _ACTIVE = self
@@ -184,6 +188,24 @@ def record_rejected(policy: str, granularity: str) -> None:
     (a ``--kv-eviction=none`` server, or an offline ``LLM`` without stats)."""
     if _ACTIVE is not None:
         _ACTIVE.record_rejected(policy, granularity)
+
+
+def block_bytes_of(vllm_config: Any) -> int:
+    """KV-cache bytes one block id holds over all layers, from the model's shape (the engine's
+    exact figure, from its KV-cache tensors, replaces it with its first stats); 0 if unknown."""
+    try:
+        from vllm.utils.torch_utils import get_dtype_size
+
+        model, cache, parallel = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+        dtype = model.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
+        if isinstance(dtype, str):
+            from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+            dtype = STR_DTYPE_TO_TORCH_DTYPE[dtype]
+        per_token = 2 * model.get_num_kv_heads(parallel) * model.get_head_size() * get_dtype_size(dtype)
+        return int(model.get_num_layers(parallel) * cache.block_size * per_token)
+    except Exception:
+        return 0
 
 
 def build_prom_metrics(
