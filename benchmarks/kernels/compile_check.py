@@ -108,6 +108,8 @@ def launch_all(label: list[str], dtype: torch.dtype, group: int, head_dim: int, 
     o_proj = torch.randn(256, H * head_dim, generator=gen).to(dtype)
     triton_value_norms(values, o_proj, H, p=1)
     triton_value_norms(values, o_proj, H, p=2, gram=head_gram(o_proj, H))
+    for p in (1, 2):  # the paged, streamed variants the GPU backends score with (paged_value_norms)
+        triton_value_norms(case.v_cache, o_proj, H, p=p, block_table=table, num_tokens=90, stream_l2=True)
     kept_pos = torch.arange(40).expand(2, Hkv, 40).contiguous()
     dest = torch.arange(2 * Hkv * 3, dtype=torch.int32).view(2, Hkv, 3) + Hkv
     triton_compact(case.k_cache, case.v_cache, case.block_table, kept_pos, torch.full((2, Hkv), 40), dest)

@@ -38,7 +38,7 @@ one):
   log-sum-exp, the window attention statistics (sum, mean, max, sum of squares per KV head or
   per query head) for scoring in the last prefill chunk, and their pooling.
 - :func:`value_norms`, :func:`head_gram`, :func:`gram_factor`: ``||Wo[h] v||_1`` / ``||Wo[h] v||_2``
-  per token.
+  per token; :func:`paged_value_norms` reads one request's values in place from the paged cache.
 - :func:`compact`: gather kept entries into head-pages, batched over requests.
 
 :mod:`vllm_kvevict.kernels.synthetic` builds random caches in this layout (tests, benchmarks).
@@ -58,6 +58,7 @@ from vllm_kvevict.kernels.pooling import pool_scores, torch_pool_scores, triton_
 from vllm_kvevict.kernels.value_norms import (
     gram_factor,
     head_gram,
+    paged_value_norms,
     torch_value_norms,
     triton_value_norms,
     value_norms,
@@ -82,6 +83,7 @@ __all__ = [
     "head_page_ids",
     "masked_attention",
     "paged_decode_attention",
+    "paged_value_norms",
     "pool_scores",
     "torch_compact",
     "torch_paged_decode_attention",
