@@ -3,8 +3,9 @@
 The installed vLLM (0.32) is read from its installed files; 0.26 (the lent GPU machines') and
 0.33 (the current release) from their sdists, fetched once by scripts/fetch_vllm_sources.py
 (scripts/setup.sh runs it) into ~/.cache/vllm-kvevict/vllm-src. Checked without importing them:
-every patched class method exists with the parameters its wrapper relies on, the state read
-without a patch is still declared, and the V1 runner hands the connector the step's metadata
+every patched class method exists with the parameters its wrapper relies on, so does every
+stock GPU-backend method our backends override, the state read without a patch is still
+declared, and the V1 runner hands the connector the step's metadata
 before it builds attention metadata.
 """
 
@@ -65,6 +66,14 @@ def test_patch_targets_and_signatures(release):
         names, kw_only = _method_params(root, module, owner, attr)
         assert tuple(names[: len(positional)]) == positional, f"vLLM {series} {owner}.{attr}{tuple(names)}"
         assert set(keywords) <= set(names) | set(kw_only), f"vLLM {series} {owner}.{attr}: no {keywords}"
+
+
+def test_gpu_backend_methods_our_subclasses_override_exist(release):
+    """backends/gpu.py's mixins override these and call them through super()."""
+    series, root, compat = release
+    for module, owner, attr, params in compat.GPU_BACKEND_METHODS:
+        names, _ = _method_params(root, module, owner, attr)
+        assert tuple(names[: len(params)]) == params, f"vLLM {series} {owner}.{attr}{tuple(names)}"
 
 
 def test_state_read_without_a_patch_is_declared(release):

@@ -56,7 +56,52 @@ READ_SOURCES: tuple[tuple[str, str], ...] = (
     ("v1/core/block_pool.py", "def get_new_blocks(self, num_blocks: int)"),
     ("v1/core/block_pool.py", "def free_blocks(self, ordered_blocks"),
     ("v1/core/block_pool.py", "def get_num_free_blocks(self)"),
+    # the GPU backends (backends/gpu.py): the cache layout SplitHeadDimLayout reads (K in
+    # [..., :d], V in [..., d:] of the logical [num_blocks, Hkv, block_size, 2 * d] cache), the
+    # common-metadata fields the stock builds read (rewritten by backends/gpu_tables.py), the
+    # CUDA-graph downgrade of a backend without full-graph support, the backend slots
+    ("v1/attention/backends/flash_attn.py", "key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)"),
+    ("v1/attention/backends/triton_attn.py", "key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)"),
+    ("v1/attention/backends/flash_attn.py", "block_table_tensor = common_attn_metadata.block_table_tensor"),
+    ("v1/attention/backends/flash_attn.py", "seq_lens = common_attn_metadata.seq_lens"),
+    ("v1/attention/backends/flash_attn.py", "max_seq_len = common_attn_metadata.max_seq_len"),
+    ("v1/attention/backends/triton_attn.py", "block_table_tensor = common_attn_metadata.block_table_tensor"),
+    ("v1/attention/backends/triton_attn.py", "seq_lens = common_attn_metadata.seq_lens"),
+    ("v1/attention/backends/triton_attn.py", "max_seq_len = common_attn_metadata.max_seq_len"),
+    ("v1/attention/backends/flash_attn.py", "supports_update_block_table: bool = True"),
+    ("v1/attention/backends/flash_attn.py", "@dataclass\nclass FlashAttentionMetadata:"),
+    ("v1/attention/backends/triton_attn.py", "@dataclass\nclass TritonAttentionMetadata:"),
+    ("config/compilation.py", "and min_cg_support == AttentionCGSupport.NEVER"),
+    ("v1/attention/backends/registry.py", "def register_backend("),
+    ("v1/attention/backends/registry.py", "    FLASH_ATTN = "),
+    ("v1/attention/backends/registry.py", "    TRITON_ATTN = "),
 )
+#: The stock GPU backends' methods our subclasses override and call through ``super()``
+#: (:mod:`vllm_kvevict.vllm.backends.gpu`), in :data:`PATCH_TARGETS`' format: they must exist
+#: with the parameters the override passes on.
+GPU_BACKEND_METHODS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = tuple(
+    (module, owner, attr, params)
+    for module, builder, impl in (
+        ("vllm.v1.attention.backends.flash_attn", "FlashAttentionMetadataBuilder", "FlashAttentionImpl"),
+        ("vllm.v1.attention.backends.triton_attn", "TritonAttentionMetadataBuilder", "TritonAttentionImpl"),
+    )
+    for owner, attr, params in (
+        (builder, "__init__", ("self", "kv_cache_spec", "layer_names", "vllm_config", "device")),
+        (builder, "build", ("self", "common_prefix_len", "common_attn_metadata", "fast_build")),
+        (impl, "forward", ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+                           "output_scale", "output_block_scale")),
+    )
+) + (
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionMetadataBuilder", "get_cudagraph_support",
+     ("cls", "vllm_config", "kv_cache_spec")),
+    ("vllm.v1.attention.backend", "AttentionMetadataBuilder", "get_cudagraph_support",
+     ("cls", "vllm_config", "kv_cache_spec")),
+)
+#: Our backends, by the vLLM slot they take (:func:`register_cuda_attention_backends`).
+CUDA_BACKEND_PATHS: dict[str, str] = {
+    "FLASH_ATTN": "vllm_kvevict.vllm.backends.flash_attn.KVEvictFlashAttentionBackend",
+    "TRITON_ATTN": "vllm_kvevict.vllm.backends.triton_attn.KVEvictTritonAttentionBackend",
+}
 #: In ``GPUModelRunner.execute_model`` the connector sees the step's metadata before the runner
 #: builds attention metadata (the worker plans from what it received).
 CALL_ORDER = ("v1/worker/gpu_model_runner.py", "def execute_model(", "handle_preemptions(", "_build_attention_metadata(")
@@ -317,6 +362,19 @@ def register_attention_backend() -> None:
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_CLASS_PATH)
 
 
+def register_cuda_attention_backends() -> None:
+    """Our FlashAttention and Triton backends on vLLM's ``FLASH_ATTN`` and ``TRITON_ATTN`` slots
+    (registration, not a patch; by class path, so nothing is imported until a model picks one).
+    Done at plugin load, in every vLLM process, before any model picks its backend: the only
+    moment all processes share. Without eviction configured the classes are vLLM's own (no step
+    source: the stock build and kernel, vLLM's CUDA-graph support); startup picks ``FLASH_ATTN``
+    when eviction is configured and no backend was asked for (:mod:`vllm_kvevict.vllm.startup`)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    for slot, path in CUDA_BACKEND_PATHS.items():
+        register_backend(AttentionBackendEnum[slot], path)
+
+
 def install_all() -> None:
     patch_cli_flags()
     patch_request_validation()
@@ -326,3 +384,4 @@ def install_all() -> None:
     patch_prefix_hit_cap()
     patch_v1_runner_step_plan()
     register_attention_backend()
+    register_cuda_attention_backends()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from vllm_kvevict.vllm.compat.v0_32 import (  # noqa: F401  (this version's hooks and readers)
     CALL_ORDER,
+    CUDA_BACKEND_PATHS,
     EVICTION_FEATURE,
+    GPU_BACKEND_METHODS,
     PATCH_TARGETS,
     READ_SOURCES,
     batch_rows,
