@@ -78,7 +78,7 @@ def compact_layer(
     gather = plan.layer_gather(layer)
     if gather.head.numel() == 0:
         return
-    copy_indices(gather, block_table, num_blocks, num_kv_heads, block_size, k_cache.device)
+    copy_indices(gather, block_table, num_blocks, num_kv_heads, block_size)  # checked on the host: no device sync
     pages, lens = page_table_tensor(plan)
     positions = kept_positions_tensor(plan)
     table = torch.as_tensor(block_table, dtype=torch.int64).to(k_cache.device)[None]
