@@ -209,7 +209,8 @@ class HostLayout(PagedLayout):
 
 class HostModel:
     """A :class:`~vllm_kvevict.vllm.model_info.ModelInfo` whose ``o_proj`` weights are float32
-    host copies (made once per layer)."""
+    host copies, made once per layer from the module's weight (no float32 copy stays on the
+    device)."""
 
     def __init__(self, model: Any) -> None:
         self.model, self.num_layers = model, model.num_layers
@@ -220,8 +221,13 @@ class HostModel:
 
     def o_proj_of(self, layer_name: str) -> Optional[torch.Tensor]:
         if layer_name not in self._o_proj:
-            weight = self.model.o_proj_of(layer_name)
-            self._o_proj[layer_name] = None if weight is None else weight.float().cpu()
+            weight = None
+            try:
+                module = self.model.model.get_submodule(layer_name[: -len("attn")] + "o_proj")
+                weight = linear_weight(module).cpu()
+            except Exception as exc:
+                logger.warning("kvevict: no o_proj weight for %s: %s", layer_name, exc)
+            self._o_proj[layer_name] = weight
         return self._o_proj[layer_name]
 
 
