@@ -59,3 +59,18 @@ def tiny_engine(tiny_llama_dir):
     from vllm_kvevict.reference.engine import ReferenceEngine
 
     return ReferenceEngine(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lkv_artifact(tiny_llama_dir: Path, tmp_path_factory) -> Path:
+    """A random LKV artifact made for the tiny Llama (``kv_lkv_artifact`` of the lkv tests)."""
+    import json
+
+    from lkv_fakes import random_artifact
+
+    from vllm_kvevict.lkv.identity import ModelIdentity
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    identity = ModelIdentity.from_hf_config(config)
+    return random_artifact(tmp_path_factory.mktemp("tiny-lkv") / "tiny.safetensors", identity, seed=11, theta=theta)

@@ -46,7 +46,7 @@ class LayerBudgetBound:
 
 
 #: Allocations whose layer total is exactly ``Hkv * budget_tokens`` but whose heads may differ.
-_LAYER_EXACT_UNEQUAL = ("adakv", "adakv_floor")
+_LAYER_EXACT_UNEQUAL = ("adakv", "adakv_floor", "lkv")
 
 
 def layer_budget_bounds(config: EvictionConfig, prompt_len: int, num_layers: int) -> list[LayerBudgetBound]:
@@ -54,8 +54,8 @@ def layer_budget_bounds(config: EvictionConfig, prompt_len: int, num_layers: int
 
     * budget that keeps everything: every head keeps the prompt (``P``, ``P``);
     * ``uniform``: (``B``, ``B``) with ``B = config.budget_tokens(P)``;
-    * ``adakv``, ``adakv_floor``: (``B``, ``P``): the layer sums to ``Hkv * B``, one head may
-      keep anything up to the prompt;
+    * ``adakv``, ``adakv_floor``, ``lkv``: (``B``, ``P``): the layer sums to ``Hkv * B``, one head
+      may keep anything up to the prompt;
     * ``pyramid``: (``b_l``, ``b_l``) with ``b_l = pyramid_layer_budget(l, ...)``;
     * ``global``: (``global_layer_cap(B, P)``, ``P``): the layer cap of the global allocator.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-#: Scorers of ALGORITHMS.md ("none" disables eviction). ``lkv`` arrives with its training.
+#: Scorers of ALGORITHMS.md ("none" disables eviction); ``lkv`` reads a trained artifact.
 SCORERS: tuple[str, ...] = (
     "none",
     "streamingllm",
@@ -19,10 +19,12 @@ SCORERS: tuple[str, ...] = (
     "defensivekv",
     "laprox",
     "value_aware",
+    "lkv",
 )
 #: Allocators: ``adakv`` uses largest-remainder rounding, ``adakv_floor`` is kvpress's rule
-#: (each head first gets its top ``alpha * B``, then a layer-wide top-k of the rest).
-ALLOCATIONS: tuple[str, ...] = ("uniform", "adakv", "adakv_floor", "pyramid", "global")
+#: (each head first gets its top ``alpha * B``, then a layer-wide top-k of the rest); ``lkv``
+#: splits each layer by learned head shares (a trained artifact).
+ALLOCATIONS: tuple[str, ...] = ("uniform", "adakv", "adakv_floor", "pyramid", "global", "lkv")
 #: Scorers CriticalKV can wrap: one-stage scorers whose score is a token's worth, not a choice
 #: (not the two-stage criticalkv/defensivekv, nor laprox/value_aware, already value-weighted).
 CRITICALKV_BASES: tuple[str, ...] = (
@@ -52,6 +54,7 @@ DEFAULT_ALLOCATION: dict[str, str] = {
     "tova": "uniform",
     "h2o": "uniform",
     "value_aware": "uniform",
+    "lkv": "lkv",
     "none": "uniform",
 }
 #: Scorers that read the attention of the window's queries: they need a window of at least 1.
@@ -78,6 +81,7 @@ FLAT_KEYS: dict[str, str] = {
     "kv_epsilon": "epsilon",
     "kv_criticalkv_base": "criticalkv_base",
     "kv_request_override": "request_override",
+    "kv_lkv_artifact": "lkv_artifact",
 }
 FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
 #: Settings of the server, never of one request (a request naming one is refused).
@@ -101,7 +105,7 @@ class EvictionConfigError(ValueError):
 
 #: Allocations that split one layer's pages across its heads from that layer's scores alone
 #: (``head_selection="page"`` runs them on page scores).
-HEAD_PAGE_ALLOCATIONS = ("uniform", "adakv", "adakv_floor")
+HEAD_PAGE_ALLOCATIONS = ("uniform", "adakv", "adakv_floor", "lkv")
 #: Largest block size at which head granularity keeps whole pages per head by default: at 16 and
 #: 32 tokens whole pages kept needles at least as well as single tokens, at vLLM CPU's default
 #: 128 they lost them (benchmarks/quality/HEAD_VS_PAGE.md).
@@ -118,6 +122,7 @@ SCORER_SETTINGS: dict[str, str] = {
     "pooling_kernel": "snapkv, pyramidkv, defensivekv (and criticalkv over snapkv or pyramidkv)",
     "alpha": "the adakv and adakv_floor allocations",
     "head_selection": "head granularity",
+    "lkv_artifact": "the lkv scorer and the lkv allocation",
 }
 _POOLING_SCORERS = frozenset({"snapkv", "pyramidkv"})
 
@@ -128,6 +133,8 @@ def reads_setting(fields: Mapping[str, Any], name: str) -> bool:
     base = fields.get("criticalkv_base", "snapkv") if scorer == "criticalkv" else None
     if name in ("rho", "epsilon", "criticalkv_base"):
         return scorer == "criticalkv"
+    if name == "lkv_artifact":
+        return scorer == "lkv" or fields.get("allocation") == "lkv"
     if name == "pooling":
         return scorer in _POOLING_SCORERS or base in _POOLING_SCORERS
     if name == "pooling_kernel":

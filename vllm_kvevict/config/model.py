@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -78,6 +79,10 @@ class EvictionConfig(BaseModel):
     criticalkv_base: Literal[CRITICALKV_BASES] = Field(  # type: ignore[valid-type]
         "snapkv", description="CriticalKV: the scorer whose score its two stages rank by"
     )
+    lkv_artifact: Optional[str] = Field(
+        None,
+        description="lkv: the trained artifact file (safetensors; default: the one packaged for the served model)",
+    )
 
     @field_validator(
         "budget", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", "epsilon", mode="before"
@@ -115,6 +120,8 @@ class EvictionConfig(BaseModel):
             raise EvictionConfigError(
                 "decode_interval", self.decode_interval, "0 (decode-time eviction is not implemented yet)"
             )
+        if self.lkv_artifact is not None and not os.path.isfile(self.lkv_artifact):
+            raise EvictionConfigError("lkv_artifact", self.lkv_artifact, "an existing LKV artifact file (safetensors)")
         if self.pooling_kernel % 2 == 0:
             raise EvictionConfigError("pooling_kernel", self.pooling_kernel, "an odd integer >= 1")
         if self.is_token_budget and self.window + self.resolved_sinks > self.budget:

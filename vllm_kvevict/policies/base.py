@@ -97,12 +97,15 @@ class LayerScores:
     head_budgets : ``[Hkv]`` int64 or ``None``: set when the scorer fixed its layer's head
         budgets itself (CriticalKV under a per-layer allocation); the plan then uses them
         instead of running the allocator.
+    head_shares : ``[Hkv]`` float32 or ``None``: each head's learned share of the layer's budget
+        (LKV-H, added by the policy under allocation ``lkv``, which splits by them).
     """
 
     values: torch.Tensor
     protected: torch.Tensor
     preferred: Optional[torch.Tensor] = None
     head_budgets: Optional[torch.Tensor] = None
+    head_shares: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.values.shape)
@@ -114,6 +117,9 @@ class LayerScores:
                 raise ValueError(f"{name} must be bool {shape}, got {mask.dtype} {tuple(mask.shape)}")
         if self.head_budgets is not None and tuple(self.head_budgets.shape) != shape[:1]:
             raise ValueError(f"head_budgets must be [{shape[0]}], got {tuple(self.head_budgets.shape)}")
+        shares = self.head_shares
+        if shares is not None and (shares.dtype != torch.float32 or tuple(shares.shape) != shape[:1]):
+            raise ValueError(f"head_shares must be float32 [{shape[0]}], got {shares.dtype} {tuple(shares.shape)}")
 
     @classmethod
     def unprotected(cls, values: torch.Tensor) -> "LayerScores":

@@ -26,7 +26,8 @@ from vllm_kvevict.policies.select import KeptSet, keep_all, select_kept
 
 def run_scores(scores: LayerScores, block_size: int) -> LayerScores:
     """``[Hkv, ceil(L / bs)]`` run scores: the mean of each run's other tokens, protected
-    where the run holds a protected or preferred token (a required run)."""
+    where the run holds a protected or preferred token (a required run); the head shares (if
+    any) carried over."""
     num_kv_heads, length = scores.values.shape
     runs = math.ceil(length / block_size)
     pad = runs * block_size - length
@@ -34,7 +35,7 @@ def run_scores(scores: LayerScores, block_size: int) -> LayerScores:
     required = F.pad(scores.ranked_first, (0, pad), value=False).view(num_kv_heads, runs, -1)
     counted = F.pad(~scores.ranked_first, (0, pad), value=False).view(num_kv_heads, runs, -1)
     mean = torch.where(counted, values, torch.zeros_like(values)).sum(-1) / counted.sum(-1).clamp_min(1)
-    return LayerScores(values=mean.float(), protected=required.any(-1))
+    return LayerScores(values=mean.float(), protected=required.any(-1), head_shares=scores.head_shares)
 
 
 def pages_per_head(config: EvictionConfig, seq_len: int, block_size: int) -> int:

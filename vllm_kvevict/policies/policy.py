@@ -6,13 +6,20 @@ call the same three methods of the :class:`Policy` it returns:
 * :meth:`Policy.score_layer` per layer, on the tokens the configured granularity selects from;
 * :meth:`Policy.plan_head` (head granularity): every (layer, KV head)'s kept tokens;
 * :meth:`Policy.evicted_blocks` (page granularity): the prompt blocks every layer and head drop.
+
+Policies that read a trained artifact (scorer or allocation ``lkv``) need the model they run on:
+``build_policy(config, block_size, model=ModelIdentity.from_hf_config(...))`` (or a callable
+giving the identity, resolved when the policy first scores).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.lkv.artifact import LKVSource
+from vllm_kvevict.policies.allocators.lkv import LKVShares
 from vllm_kvevict.policies.base import LayerInputs, LayerScores, Needs, Scorer
 from vllm_kvevict.policies.head_page_select import plan_head_pages
 from vllm_kvevict.policies.pages import evicted_blocks
@@ -59,13 +66,26 @@ class Policy:
         return evicted_blocks(scores, seq_len, self.block_size, self.config)
 
 
-def build_policy(config: EvictionConfig, block_size: int) -> Policy:
-    """The :class:`Policy` of ``config`` for a KV cache of ``block_size``-token pages."""
-    return Policy(config=config, block_size=block_size, scorer=build_scorer(config))
+def policy_scorer(config: EvictionConfig, model: Any = None) -> Scorer:
+    """The configured scorer, window and sinks protected, with LKV-H's head shares attached
+    under allocation ``lkv``."""
+    scorer = build_scorer(config, model=model)
+    if config.enabled and config.resolved_allocation == "lkv":
+        scorer = LKVShares(scorer, LKVSource(model=model, path=config.lkv_artifact), config)
+    return scorer
 
 
-def compute_kept(layers: list[LayerInputs], config: EvictionConfig) -> KeptSet:
+def build_policy(config: EvictionConfig, block_size: int, model: Any = None) -> Policy:
+    """The :class:`Policy` of ``config`` for a KV cache of ``block_size``-token pages.
+
+    ``model``: the :class:`~vllm_kvevict.lkv.identity.ModelIdentity` of the model served (or a
+    callable giving it), read by the ``lkv`` scorer and allocation only.
+    """
+    return Policy(config=config, block_size=block_size, scorer=policy_scorer(config, model))
+
+
+def compute_kept(layers: list[LayerInputs], config: EvictionConfig, model: Any = None) -> KeptSet:
     """Single tokens per head from the scorer's own scores (:func:`plan_kept`), whatever the
     granularity: what kvpress's presses keep (the parity tests)."""
-    scorer = build_scorer(config)
+    scorer = policy_scorer(config, model)
     return plan_kept([scorer.score(layer) for layer in layers], config, layers[0].seq_len)

@@ -2,14 +2,16 @@
 
 Extension by registration: a new scorer is one module with its class and a factory from the
 config decorated with :func:`register_scorer`, plus one import line in ``scorers/__init__.py``
-(allocators likewise, :func:`register_allocator`). Room is left for ``lkv`` (learned scorer and
-head budgets) and VECTOR: they register under their own names when they land.
+(allocators likewise, :func:`register_allocator`). A scorer that reads the model it runs on
+(``lkv``: its trained artifact) registers with ``reads_model=True``; its factory then also
+receives the model (a :class:`~vllm_kvevict.lkv.identity.ModelIdentity`, or a callable giving
+it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -21,13 +23,18 @@ from vllm_kvevict.policies.protection import Protected
 SCORERS: dict[str, ScorerFactory] = {}
 #: allocator name -> ``allocate(scores, budget, config) -> [num_layers, Hkv]`` int64.
 ALLOCATORS: dict[str, AllocatorFn] = {}
+#: scorers whose factory is ``factory(config, model)``.
+MODEL_SCORERS: set[str] = set()
 
 
-def register_scorer(name: str):
-    """Decorator: ``@register_scorer("snapkv")`` adds the factory to :data:`SCORERS`."""
+def register_scorer(name: str, reads_model: bool = False):
+    """Decorator: ``@register_scorer("snapkv")`` adds the factory to :data:`SCORERS`;
+    ``reads_model=True``: the factory is called as ``factory(config, model)``."""
 
     def wrap(factory: ScorerFactory) -> ScorerFactory:
         SCORERS[name] = factory
+        if reads_model:
+            MODEL_SCORERS.add(name)
         return factory
 
     return wrap
@@ -51,10 +58,12 @@ class Unscored(Scorer):
         return LayerScores.unprotected(torch.zeros(inputs.num_kv_heads, inputs.seq_len))
 
 
-def build_scorer(config: EvictionConfig, name: Optional[str] = None) -> Scorer:
+def build_scorer(config: EvictionConfig, name: Optional[str] = None, model: Any = None) -> Scorer:
     """The scorer ``name`` (default ``config.scorer``) built from ``config``, with the config's
-    window and sinks protected; :class:`Unscored` for ``none``."""
+    window and sinks protected; :class:`Unscored` for ``none``. ``model`` (the model's identity,
+    or a callable giving it) reaches the scorers that read it; the others ignore it."""
     name = name or config.scorer
     if name == "none":
         return Unscored()
-    return Protected(SCORERS[name](config), window=config.window, sinks=config.resolved_sinks)
+    scorer = SCORERS[name](config, model) if name in MODEL_SCORERS else SCORERS[name](config)
+    return Protected(scorer, window=config.window, sinks=config.resolved_sinks)

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.lkv.identity import ModelIdentity
 from vllm_kvevict.policies.base import LayerInputs
 from vllm_kvevict.reference.forward import greedy_decode, run_prompt, run_tokens
 from vllm_kvevict.reference.head_cache import HeadCache
@@ -69,6 +70,8 @@ class ReferenceEngine:
         self.model.eval()
         self.parts = DecoderParts(self.model)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        #: what ``lkv`` policies check their artifact against (the HF config's identity).
+        self.identity = ModelIdentity.from_hf_config(self.model.config)
 
     # ------------------------------------------------------------------ prompt
     def encode(self, text: str, chat: bool = False) -> torch.Tensor:
@@ -98,6 +101,7 @@ class ReferenceEngine:
             last_logits=passed.last_logits,
             o_proj=[self.parts.o_proj_weight(i).detach() for i in range(self.parts.num_layers)],
             scale=self.parts.scale,
+            model=self.identity,
         )
 
     def layer_inputs(self, prefilled: Prefilled, config: EvictionConfig) -> list[LayerInputs]:

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.lkv.identity import ModelIdentity
 from vllm_kvevict.policies import LayerInputs, build_scorer
 from vllm_kvevict.reference.model_parts import apply_rope
 
@@ -36,6 +37,7 @@ class Prefilled:
         ``None`` for a :meth:`prefix`, whose decoding must start with a suffix.
     o_proj : per layer ``[D, H * d]`` output-projection weights (the model's own tensors).
     scale : softmax scale.
+    model : the model's identity (what ``lkv`` policies check their artifact against).
     """
 
     input_ids: torch.Tensor
@@ -47,6 +49,7 @@ class Prefilled:
     last_logits: Optional[torch.Tensor]
     o_proj: list[torch.Tensor]
     scale: float
+    model: Optional[ModelIdentity] = None
     _attention_sums: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @property

@@ -1,6 +1,7 @@
 """Which prompt tokens each (layer, KV head) keeps, from a policy and a prefilled prompt.
 
-Both through the calls the served plugin makes on the :class:`~vllm_kvevict.policies.Policy`:
+Both through the calls the served plugin makes on the :class:`~vllm_kvevict.policies.Policy`
+(built for the prefilled prompt's model, ``Prefilled.model``):
 ``granularity="head"``: each head's own choice (``Policy.plan_head``): whole block-aligned pages
 (``head_selection="page"``) or single tokens. ``granularity="page"``: whole blocks of
 ``block_size`` tokens, the same blocks for every layer and head (``Policy.evicted_blocks``).
@@ -36,7 +37,7 @@ def blocks_to_tokens(blocks: torch.Tensor, block_size: int, prompt_len: int) -> 
 
 def kept_blocks(prefilled: Prefilled, config: EvictionConfig, block_size: int) -> torch.Tensor:
     """Sorted int64 ids of the blocks page mode keeps (those the plugin does not evict)."""
-    policy = build_policy(config, block_size)
+    policy = build_policy(config, block_size, model=prefilled.model)
     scores = [policy.score_layer(layer) for layer in prefilled.layer_inputs(config)]
     evicted = set(policy.evicted_blocks(scores, prefilled.prompt_len))
     num_blocks = -(-prefilled.prompt_len // block_size)
@@ -50,7 +51,7 @@ def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -
     if config.resolved_granularity == "page":
         tokens = blocks_to_tokens(kept_blocks(prefilled, config, block_size), block_size, prefilled.prompt_len)
         return [[tokens for _ in range(prefilled.num_kv_heads)] for _ in range(prefilled.num_layers)]
-    policy = build_policy(config, block_size)
+    policy = build_policy(config, block_size, model=prefilled.model)
     scores = [policy.score_layer(layer) for layer in prefilled.layer_inputs(config)]
     kept = policy.plan_head(scores, prefilled.prompt_len)
     return [[idx.to(torch.long) for idx in row] for row in kept.indices]

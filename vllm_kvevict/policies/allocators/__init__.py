@@ -7,4 +7,4 @@ budgets, each at least the head's protected and preferred count and at most ``L`
 compare tokens across heads follow :func:`~vllm_kvevict.policies.ranking.layer_order`.
 """
 
-from vllm_kvevict.policies.allocators import adakv, adakv_floor, global_, pyramid, uniform  # noqa: F401
+from vllm_kvevict.policies.allocators import adakv, adakv_floor, global_, lkv, pyramid, uniform  # noqa: F401

@@ -3,7 +3,7 @@ in :data:`vllm_kvevict.policies.registry.SCORERS`.
 
 A scorer returns :class:`~vllm_kvevict.policies.base.LayerScores`: values ``[Hkv, L]`` float32,
 higher = keep, with the positions the method always keeps (its own window, sinks, or recent
-tokens) in ``protected``. ``lkv`` registers here when it lands.
+tokens) in ``protected``.
 """
 
 from vllm_kvevict.policies.scorers.criticalkv import CriticalKV
@@ -13,6 +13,7 @@ from vllm_kvevict.policies.scorers.h2o import H2O
 from vllm_kvevict.policies.scorers.keydiff import KeyDiff
 from vllm_kvevict.policies.scorers.knorm import KNorm
 from vllm_kvevict.policies.scorers.laprox import LaProx
+from vllm_kvevict.policies.scorers.lkv import LKVTokens
 from vllm_kvevict.policies.scorers.pyramidkv import pyramidkv  # noqa: F401  (registers "pyramidkv")
 from vllm_kvevict.policies.scorers.snapkv import SnapKV
 from vllm_kvevict.policies.scorers.streamingllm import StreamingLLM
@@ -26,6 +27,7 @@ __all__ = [
     "H2O",
     "KNorm",
     "KeyDiff",
+    "LKVTokens",
     "LaProx",
     "SnapKV",
     "StreamingLLM",
