@@ -127,3 +127,17 @@ def test_real_builders_build_the_stock_metadata_on_the_steps_rows(slot, vllm_con
     assert ours.eviction.head_rows is None and ours.eviction.scoring is None
     stock_fields = {f.name for f in dataclasses.fields(metadata_cls.__mro__[1])}
     assert {f.name for f in dataclasses.fields(metadata_cls)} - stock_fields == {"eviction"}
+
+
+@pytest.mark.parametrize("slot", BACKENDS)
+def test_the_impl_refuses_to_score_layers_eviction_cannot_handle(slot):
+    """vLLM's own impls, made on CPU: plain causal attention scores; a sliding window, soft-cap or
+    ALiBi layer is named (the request then stays whole)."""
+    impl = BACKENDS[slot][2]
+    common = dict(num_heads=8, head_size=64, scale=0.125, num_kv_heads=2, kv_cache_dtype="auto")
+    assert impl(alibi_slopes=None, sliding_window=None, **common).unsupported_for_eviction() == ""
+    assert "sliding window" in impl(alibi_slopes=None, sliding_window=128, **common).unsupported_for_eviction()
+    capped = impl(alibi_slopes=None, sliding_window=None, logits_soft_cap=30.0, **common)
+    assert "plain causal" in capped.unsupported_for_eviction()
+    alibi = impl(alibi_slopes=[0.5] * 8, sliding_window=None, **common)
+    assert "plain causal" in alibi.unsupported_for_eviction()

@@ -91,8 +91,9 @@ class ScoringStep:
                 stats = LayerStats(p.row.prompt_len, num_kv_heads, num_heads, p.layer_idx, num_layers, p.window,
                                    p.value_norms)
                 scores = p.recipe.assemble(stats, sink.policy.whole_pages)
-                if tuple(scores.values.shape) != (num_kv_heads, p.row.prompt_len):
-                    raise RuntimeError(f"scores {tuple(scores.values.shape)}, expected {(num_kv_heads, p.row.prompt_len)}")
+                want = (num_kv_heads, p.row.prompt_len)
+                if tuple(scores.values.shape) != want:
+                    raise RuntimeError(f"scores {tuple(scores.values.shape)}, expected {want}")
                 sink.scores[p.layer_idx] = scores
             except Exception as exc:  # never into the engine core
                 logger.warning("kvevict: scoring failed for %s, request left whole: %s", p.row.req_id, exc)

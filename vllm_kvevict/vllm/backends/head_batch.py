@@ -148,7 +148,7 @@ class HeadRowBuffers:
         host.copy_(torch.tensor(columns, dtype=torch.int32).t())
         self._ints = grown(self._ints, (5, count), torch.int32, self.device)
         ints = self._ints[:, :count]
-        ints.copy_(send(host, self.device))
+        ints.copy_(host, non_blocking=True)
         pool = self.pool
         num_layers, _, _, width = pool.pages.shape
         pages = self._view("pages", (num_layers, count, num_kv_heads, width))

@@ -60,8 +60,8 @@ READ_SOURCES: tuple[tuple[str, str], ...] = (
     # [..., :d], V in [..., d:] of the logical [num_blocks, Hkv, block_size, 2 * d] cache), the
     # common-metadata fields the stock builds read (rewritten by backends/gpu_tables.py), the
     # CUDA-graph downgrade of a backend without full-graph support, the backend slots
-    ("v1/attention/backends/flash_attn.py", "key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)"),
-    ("v1/attention/backends/triton_attn.py", "key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)"),
+    *(("v1/attention/backends/" + f, "key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)")
+      for f in ("flash_attn.py", "triton_attn.py")),
     ("v1/attention/backends/flash_attn.py", "block_table_tensor = common_attn_metadata.block_table_tensor"),
     ("v1/attention/backends/flash_attn.py", "seq_lens = common_attn_metadata.seq_lens"),
     ("v1/attention/backends/flash_attn.py", "max_seq_len = common_attn_metadata.max_seq_len"),
