@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -95,11 +96,32 @@ def engine_kwargs(device: str, backend: Optional[str], mode: str, dtype: str, **
     return kwargs
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End an arm and everything it started (vLLM's engine core and workers), by its group id."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_arms(script: Path, arms: list[str], args: list[str], logs: dict, timeout: float) -> list[int]:
-    """Run ``script --arm ARM ARGS`` for every arm, each in its own process and all at once (a
-    stock arm loads no plugin); each one's output goes to ``logs[arm]``, and its tail to ours
-    when it fails. Returns the exit codes (124: killed at ``timeout``)."""
+    """Run ``script --arm ARM ARGS`` for every arm, each in its own process group and all at once
+    (a stock arm loads no plugin); each one's output goes to ``logs[arm]``, and its tail to ours
+    when it fails. An arm past ``timeout``, or every arm when this process is terminated, is ended
+    with all it started. Returns the exit codes (124: ended at ``timeout``)."""
     procs = {}
+
+    def terminate(signum, frame):
+        for proc, _, _ in procs.values():
+            _kill_group(proc)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     for arm in arms:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if arm == "stock":
@@ -109,19 +131,22 @@ def run_arms(script: Path, arms: list[str], args: list[str], logs: dict, timeout
         log("run", arm, script.name, " ".join(args))
         out = open(logs[arm], "w")
         procs[arm] = (subprocess.Popen([sys.executable, str(script), "--arm", arm, *args], stdout=out,
-                                       stderr=subprocess.STDOUT, env=env), out, time.time())
+                                       stderr=subprocess.STDOUT, env=env, process_group=0), out, time.time())
     codes = []
-    for arm, (proc, out, started) in procs.items():
-        try:
-            code = proc.wait(timeout=max(1.0, started + timeout - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = 124
-        out.close()
-        log(f"{arm}: rc={code} after {time.time() - started:.0f}s (log {logs[arm]})")
-        if code != 0:
-            print("".join(open(logs[arm]).readlines()[-40:]), flush=True)
-        codes.append(code)
+    try:
+        for arm, (proc, out, started) in procs.items():
+            try:
+                code = proc.wait(timeout=max(1.0, started + timeout - time.time()))
+            except subprocess.TimeoutExpired:
+                code = 124
+            _kill_group(proc)  # what the arm left behind (an engine core), or the arm itself
+            out.close()
+            log(f"{arm}: rc={code} after {time.time() - started:.0f}s (log {logs[arm]})")
+            if code != 0:
+                print("".join(open(logs[arm]).readlines()[-40:]), flush=True)
+            codes.append(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return codes
 
 
