@@ -100,6 +100,7 @@ def save_artifact(path: Union[str, Path], identity: ModelIdentity, scorer: Token
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # package data: readable by whoever serves it
     os.replace(tmp, path)
     return path
 
