@@ -7,8 +7,10 @@ setup(
     version="0.1.0",
     description="Evict KV-cache entries of running requests in vLLM and return the memory",
     packages=find_packages(include=["vllm_kvevict", "vllm_kvevict.*"]),
+    # the trained LKV artifacts (one per model) ship inside the package
+    package_data={"vllm_kvevict.lkv": ["artifacts/*.safetensors"]},
     python_requires=">=3.10",
-    install_requires=["pydantic>=2", "prometheus-client", "torch"],
+    install_requires=["pydantic>=2", "prometheus-client", "torch", "safetensors"],
     extras_require={
         "test": ["pytest", "pytest-timeout", "openai", "requests"],
         "bench": ["matplotlib", "tqdm"],

@@ -50,6 +50,22 @@ def allocation_label(point: Point) -> str:
     return "none" if point.is_full_cache else point_config(point).resolved_allocation
 
 
+def held_blocks(config, gen, compressed_len: int, block_size: int, num_layers: int, num_kv_heads: int) -> int:
+    """KV blocks of ``block_size`` the compressed part holds in the served plugin: the full
+    cache's, page granularity's kept blocks, or head granularity's ``K`` compact blocks (from the
+    budget alone) plus the positional tail block holding the compressed part's last tokens."""
+    import math
+
+    from vllm_kvevict.cache.blocks import compact_blocks_needed, prompt_tail_layout
+
+    if not config.enabled or config.keeps_everything:
+        return math.ceil(compressed_len / block_size)
+    if config.resolved_granularity == "page":
+        return int((gen.kept[0][0] // block_size).unique().numel())
+    k = compact_blocks_needed(config, compressed_len, block_size, num_layers, num_kv_heads)
+    return k + prompt_tail_layout(compressed_len, block_size).tail_blocks(compressed_len)
+
+
 def run_reference(
     tasks,
     points: list[Point],
@@ -86,7 +102,8 @@ def run_reference(
             compressed, suffix = prefilled, None
         for point, row in pending:
             start, cpu = time.perf_counter(), time.process_time()
-            gen = engine.generate(compressed, point_config(point, overrides), task.max_new_tokens, suffix_ids=suffix, block_size=block_size)
+            config = point_config(point, overrides)
+            gen = engine.generate(compressed, config, task.max_new_tokens, suffix_ids=suffix, block_size=block_size)
             row.update(
                 score=score(task, gen.text),
                 output=gen.text,
@@ -96,6 +113,9 @@ def run_reference(
                 prefill_seconds=round(prefill_s, 3),
                 prefill_cpu_seconds=round(prefill_cpu, 3),
                 memory_fraction=round(gen.memory_fraction, 4),
+                held_blocks=held_blocks(config, gen, compressed.prompt_len, block_size, compressed.num_layers,
+                                        compressed.num_kv_heads),
+                block_size=block_size,
             )
             writer.write(row)
             progress(1)

@@ -7,7 +7,9 @@ Per (engine, policy, allocation, granularity, budget, task, context_tokens): ``n
 same engine, task and length. A (task, length) whose full-cache accuracy is below
 ``--min-full-accuracy`` gets no retention and is flagged; the average rows (``task="all"``)
 take retention over the other tasks only (ratio of mean accuracies over those tasks).
-Rows with ``context_tokens="all"`` pool every length.
+Rows with ``context_tokens="all"`` pool every length. Every row names its ``protocol``: ``after``
+(the question fed after the compressed context: the runner's ``context``) or ``inside`` (the
+whole prompt compressed, question included: ``prompt``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from vllm_kvevict.evaluation.scoring import wilson_interval  # noqa: E402
 
 SETTING = ("engine", "policy", "allocation", "granularity", "budget")
 ALL = "all"
+#: The runners' protocol names -> the summary's.
+PROTOCOL_NAMES = {"context": "after", "prompt": "inside"}
 
 
 def _mean(xs) -> float:
@@ -43,6 +47,7 @@ def label_protocols(rows: list[dict]) -> list[dict]:
 def summarize(rows: list[dict], min_full_accuracy: float = 0.1) -> tuple[list[dict], list[dict]]:
     """Return (summary rows, flagged (engine, task, context_tokens, full accuracy) cells)."""
     rows = label_protocols(rows)
+    protocol_of = {r["engine"]: PROTOCOL_NAMES.get(r.get("protocol"), r.get("protocol")) for r in rows}
     cells: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
         setting = tuple(r[k] for k in SETTING)
@@ -61,8 +66,8 @@ def summarize(rows: list[dict], min_full_accuracy: float = 0.1) -> tuple[list[di
 
     def row(setting, task, length, scores, retention):
         low, high = wilson_interval(sum(scores), len(scores))
-        out.append(dict(zip(SETTING, setting), task=task, context_tokens=length, n=len(scores),
-                        accuracy=_mean(scores), ci_low=low, ci_high=high, retention=retention))
+        out.append(dict(zip(SETTING, setting), protocol=protocol_of[setting[0]], task=task, context_tokens=length,
+                        n=len(scores), accuracy=_mean(scores), ci_low=low, ci_high=high, retention=retention))
 
     by_setting_length: dict[tuple, list[tuple]] = defaultdict(list)
     for key, scores in sorted(cells.items(), key=str):

@@ -22,13 +22,22 @@ BLOCK, BUDGET, PROMPT_LEN = 32, 0.25, 700
 POLICIES = [s for s in SCORERS if s != "none"]
 
 
+def flat(policy: str, artifact) -> dict:
+    """The request's policy; ``lkv`` reads the random artifact made for the tiny Llama."""
+    return {"kv_eviction": policy, **({"kv_lkv_artifact": str(artifact)} if policy == "lkv" else {})}
+
+
+def page_config(policy: str, artifact) -> EvictionConfig:
+    return EvictionConfig.from_flat({**flat(policy, artifact), "kv_budget": BUDGET, "kv_granularity": "page"})
+
+
 @pytest.fixture(scope="module")
 def prompt():
     return random_prompt(PROMPT_LEN, seed=5)
 
 
 @pytest.fixture(scope="module")
-def vllm_evicted(tiny_llama_dir, prompt):
+def vllm_evicted(tiny_llama_dir, prompt, tiny_lkv_artifact):
     from vllm import SamplingParams
 
     from vllm_kvevict.vllm.inprocess import record_evictions
@@ -43,7 +52,7 @@ def vllm_evicted(tiny_llama_dir, prompt):
     ) as llm:
         recorder = record_evictions(llm)
         params = [
-            SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, extra_args={"kv_eviction": p})
+            SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, extra_args=flat(p, tiny_lkv_artifact))
             for p in POLICIES
         ]
         outs = llm.generate([{"prompt_token_ids": prompt}] * len(POLICIES), params, use_tqdm=False)
@@ -57,22 +66,23 @@ def vllm_evicted(tiny_llama_dir, prompt):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_token_scores_match_reference(policy, vllm_evicted, reference_prefilled):
+def test_token_scores_match_reference(policy, vllm_evicted, reference_prefilled, tiny_lkv_artifact):
     """Every layer's ``[Hkv, L]`` scores: same +inf marks, finite values equal to rounding."""
     from kept_sets import assert_scores_close
 
     from vllm_kvevict.policies import build_policy
 
-    config = EvictionConfig(scorer=policy, budget=BUDGET, granularity="page")
-    want = [build_policy(config, BLOCK).score_layer(layer) for layer in reference_prefilled.layer_inputs(config)]
+    config = page_config(policy, tiny_lkv_artifact)
+    policy_obj = build_policy(config, BLOCK, model=reference_prefilled.model)
+    want = [policy_obj.score_layer(layer) for layer in reference_prefilled.layer_inputs(config)]
     assert_scores_close(vllm_evicted[policy][1], want, policy)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_evicted_pages_are_the_page_selection_of_the_scores(policy, vllm_evicted):
+def test_evicted_pages_are_the_page_selection_of_the_scores(policy, vllm_evicted, tiny_lkv_artifact):
     from vllm_kvevict.policies import build_policy
 
-    config = EvictionConfig(scorer=policy, budget=BUDGET, granularity="page")
+    config = page_config(policy, tiny_lkv_artifact)
     evicted, scores = vllm_evicted[policy]
     assert evicted, f"{policy}: nothing evicted"
     assert evicted == build_policy(config, BLOCK).evicted_blocks(scores, PROMPT_LEN)

@@ -21,9 +21,17 @@ from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, rando
 pytestmark = pytest.mark.slow
 
 BLOCK, BUDGET, PROMPT_LEN, NEW_TOKENS = 32, 0.25, 700, 8
+#: lkv's scorer and allocation (whole pages per head, and single tokens), and lkv's allocation under
+#: snapkv: on the tiny Llama they read a random artifact made for it (``tiny_lkv_artifact``), on
+#: SmolLM2 the packaged one, found by default.
+LKV_POLICIES = {
+    "lkv-lkv": {"kv_eviction": "lkv"},
+    "lkv-lkv-tokens": {"kv_eviction": "lkv", "kv_head_selection": "token"},
+    "snapkv-lkv": {"kv_eviction": "snapkv", "kv_allocation": "lkv"},
+}
 #: adakv (snapkv's default), criticalkv, defensivekv, snapkv with uniform allocation (whole pages
-#: per head, the default for these), adakv selecting single tokens, and the allocations across
-#: layers (single tokens).
+#: per head, the default for these), adakv selecting single tokens, the allocations across
+#: layers (single tokens), and the lkv policies.
 POLICIES = {
     "snapkv-adakv": {"kv_eviction": "snapkv"},
     "snapkv-adakv-tokens": {"kv_eviction": "snapkv", "kv_head_selection": "token"},
@@ -33,7 +41,14 @@ POLICIES = {
     # allocations across layers, capped per layer so that K stays a function of the budget
     "laprox-global": {"kv_eviction": "laprox"},
     "pyramidkv-pyramid": {"kv_eviction": "pyramidkv"},
+    **LKV_POLICIES,
 }
+
+
+def flat_policy(name: str, artifact=None) -> dict:
+    """``POLICIES[name]``, reading ``artifact`` if it is an lkv policy and one is given."""
+    extra = {"kv_lkv_artifact": str(artifact)} if artifact is not None and name in LKV_POLICIES else {}
+    return {**POLICIES[name], **extra}
 
 
 def _greedy(max_tokens: int, **extra):
@@ -75,34 +90,35 @@ def _reference(model_dir, prompt):
     return engine, engine.prefill(torch.tensor(prompt))
 
 
-def _config(name: str) -> EvictionConfig:
-    return EvictionConfig.from_flat({**POLICIES[name], "kv_budget": BUDGET, "kv_granularity": "head"})
+def _config(name: str, artifact=None) -> EvictionConfig:
+    return EvictionConfig.from_flat({**flat_policy(name, artifact), "kv_budget": BUDGET, "kv_granularity": "head"})
 
 
-def check_against_reference(name: str, kept, engine, prefilled) -> None:
+def check_against_reference(name: str, kept, engine, prefilled, artifact=None) -> None:
     """Served scores == the reference's (to rounding); served kept set == the shared selection of
     the served scores (exact); see tests/kept_sets.py."""
     from kept_sets import assert_scores_close, differing_heads
 
     from vllm_kvevict.policies import build_policy
 
-    config = _config(name)
-    policy = build_policy(config, BLOCK)
+    config = _config(name, artifact)
+    policy = build_policy(config, BLOCK, model=prefilled.model)
     reference = [policy.score_layer(layer) for layer in prefilled.layer_inputs(config)]
     assert_scores_close(kept.scores, reference, name)
     replanned = policy.plan_head(kept.scores, prefilled.prompt_len)
     assert differing_heads(kept.indices, replanned.indices) == 0, name
 
 
-def reference_generation(name: str, kept, engine, prefilled) -> list[int]:
+def reference_generation(name: str, kept, engine, prefilled, artifact=None) -> list[int]:
     """The reference engine's greedy tokens over the served kept set."""
-    return list(engine.generate(prefilled, _config(name), NEW_TOKENS, stop_on_eos=False, kept=kept,
+    return list(engine.generate(prefilled, _config(name, artifact), NEW_TOKENS, stop_on_eos=False, kept=kept,
                                 block_size=BLOCK).token_ids)
 
 
 @pytest.fixture(scope="module")
-def tiny_served(tiny_llama_dir):
-    return _serve(tiny_llama_dir, random_prompt(PROMPT_LEN, seed=5), POLICIES, max_model_len=2048,
+def tiny_served(tiny_llama_dir, tiny_lkv_artifact):
+    policies = {name: flat_policy(name, tiny_lkv_artifact) for name in POLICIES}
+    return _serve(tiny_llama_dir, random_prompt(PROMPT_LEN, seed=5), policies, max_model_len=2048,
                   enable_prefix_caching=False)
 
 
@@ -112,14 +128,14 @@ def tiny_reference(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_kept_sets_equal_reference(name, tiny_served, tiny_reference):
-    check_against_reference(name, tiny_served[name][1], *tiny_reference)
+def test_kept_sets_equal_reference(name, tiny_served, tiny_reference, tiny_lkv_artifact):
+    check_against_reference(name, tiny_served[name][1], *tiny_reference, artifact=tiny_lkv_artifact)
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_greedy_output_equals_reference_compacted_generation(name, tiny_served, tiny_reference):
+def test_greedy_output_equals_reference_compacted_generation(name, tiny_served, tiny_reference, tiny_lkv_artifact):
     tokens, kept = tiny_served[name]
-    assert tokens == reference_generation(name, kept, *tiny_reference)
+    assert tokens == reference_generation(name, kept, *tiny_reference, artifact=tiny_lkv_artifact)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_kept_sets_and_outputs_equal_reference(smollm2_dir):
     prompt = random_prompt(1100, seed=11, high=40000)
-    names = ["criticalkv-adakv", "snapkv-adakv"]
+    names = ["criticalkv-adakv", "snapkv-adakv", "lkv-lkv"]  # lkv: the packaged artifact, found by default
     served = _serve(smollm2_dir, prompt, {n: POLICIES[n] for n in names}, max_model_len=2048,
                     kv_cache_memory_bytes=512 << 20)
     reference = _reference(smollm2_dir, prompt)

@@ -49,8 +49,9 @@ def test_summary_accuracy_interval_retention_and_flags():
     assert avg["n"] == 8 and avg["accuracy"] == pytest.approx((0.25 + 0.25) / 2)
     assert avg["retention"] == pytest.approx(0.25 / 0.75)  # vt left out of retention
     assert get[("none", "all", "all")]["retention"] == pytest.approx(1.0)
-    assert set(niah) == {"engine", "policy", "allocation", "granularity", "budget", "task",
+    assert set(niah) == {"engine", "policy", "allocation", "granularity", "budget", "protocol", "task",
                          "context_tokens", "n", "accuracy", "ci_low", "ci_high", "retention"}
+    assert niah["protocol"] == "after"  # the runner's "context" protocol: the question after it
 
 
 def test_writer_resumes_and_report_writes_files(tmp_path):

@@ -1,4 +1,5 @@
-"""What scoring reads of the served model, looked up once per layer: ``o_proj`` weights, RoPE."""
+"""What scoring reads of the served model, looked up once per layer: ``o_proj`` weights, RoPE,
+and the model's identity (``lkv`` policies check their artifact against it)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 from typing import Any, Optional
 
 import torch
+
+from vllm_kvevict.lkv.identity import ModelIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +27,19 @@ class ModelInfo:
     def __init__(self, model: Optional[torch.nn.Module], num_layers: int) -> None:
         self.model = model
         self.num_layers = num_layers
+        #: the HF config the model was built from (vLLM's ``model_config.hf_config``).
+        self.hf_config: Any = getattr(model, "config", None)
         self._o_proj: dict[str, Optional[torch.Tensor]] = {}
+        self._identity: Optional[ModelIdentity] = None
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The served model's :class:`~vllm_kvevict.lkv.identity.ModelIdentity` (from its HF config)."""
+        if self._identity is None:
+            if self.hf_config is None:
+                raise RuntimeError("the served model has no HF config: lkv policies cannot check their artifact")
+            self._identity = ModelIdentity.from_hf_config(self.hf_config)
+        return self._identity
 
     def rotary_of(self, layer_name: str) -> Any:
         """The layer's ``rotary_emb`` (``...self_attn.attn`` -> ``...self_attn.rotary_emb``)."""

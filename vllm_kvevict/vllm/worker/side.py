@@ -76,7 +76,14 @@ class WorkerSide:
     def _make_policy(self, config):
         from vllm_kvevict.policies import build_policy
 
-        return build_policy(config, self.block_size)
+        def model_identity():
+            # resolved when an lkv policy first scores: the first request is admitted before the
+            # step that tells the worker its model (model_of)
+            if self._model is None:
+                raise RuntimeError("the served model is not known yet")
+            return self._model.identity
+
+        return build_policy(config, self.block_size, model=model_identity)
 
     def model_of(self, runner: Any, num_layers: int) -> ModelInfo:
         """The :class:`ModelInfo` of ``runner`` (rebuilt when another runner shows up: tests run
