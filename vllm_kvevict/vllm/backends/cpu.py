@@ -7,8 +7,9 @@
   request attends through the stock kernel, and requests that evicted nothing see exactly the
   stock metadata.
 * The impl runs the stock forward, then reads the step: compacted rows attend their compact
-  region + tail (:mod:`.head_rows`), rows being prefilled are observed and scored
-  (:mod:`.observe`).
+  region + tail (:mod:`.head_rows`; or the GPU path, :mod:`.head_rows_paged`, when
+  ``KVEVICT_CPU_HEAD_DECODE=paged`` asks for that check), rows being prefilled are observed and
+  scored (:mod:`.observe`).
 
 Registered in place of ``CPU_ATTN`` (the CPU platform ignores ``--attention-backend``) and on
 ``CUSTOM``, by :mod:`vllm_kvevict.vllm.compat`.
@@ -28,7 +29,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_kvevict.vllm import block_tables
+from vllm_kvevict.vllm.backends.head_batch import HeadRowBuffers
 from vllm_kvevict.vllm.backends.head_rows import attend_head_rows
+from vllm_kvevict.vllm.backends.head_rows_paged import attend_head_rows_paged, paged_path_selected
 from vllm_kvevict.vllm.backends.observe import observe_rows
 from vllm_kvevict.vllm.layouts import CpuPackedLayout
 from vllm_kvevict.vllm.model_info import layer_index
@@ -73,7 +76,12 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             return out
         layer_name = getattr(layer, "layer_name", "")
         idx, layout = layer_index(layer_name), attn_metadata.layout
-        if step.head_rows:
+        if step.head_rows and paged_path_selected():
+            if getattr(self, "_paged_rows", None) is None:
+                self._paged_rows = HeadRowBuffers(kv_cache.device)
+            attend_head_rows_paged(self._paged_rows, step, idx, query, kv_cache, layout, output, self.num_heads,
+                                   self.scale)
+        elif step.head_rows:
             attend_head_rows(step, idx, query, kv_cache, layout, output, self.num_heads, self.scale)
         if step.observe:
             observe_rows(step, layer_name, idx, query, kv_cache, layout, self.num_heads, self.scale,
