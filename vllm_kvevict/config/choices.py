@@ -64,10 +64,15 @@ WINDOW_SCORERS: frozenset[str] = frozenset(
 #: Sink tokens kept when the user does not say.
 DEFAULT_SINKS: dict[str, int] = {"streamingllm": 4, "expected_attention": 4}
 
+#: Tokens a KV head keeps at least under a fractional budget (``min_tokens``), window and sinks
+#: included; chosen by measurement (benchmarks/quality/FLOOR.md).
+DEFAULT_MIN_TOKENS = 0
+
 #: Flat key (CLI flag / vllm_xargs) -> field name.
 FLAT_KEYS: dict[str, str] = {
     "kv_eviction": "scorer",
     "kv_budget": "budget",
+    "kv_min_tokens": "min_tokens",
     "kv_allocation": "allocation",
     "kv_window": "window",
     "kv_sinks": "sinks",
