@@ -66,7 +66,7 @@ def test_no_flag_leaves_additional_config_untouched(parser, smollm2_dir):
 def test_flags_travel_in_additional_config(parser, smollm2_dir):
     args = engine_args(parser, smollm2_dir, "--kv-eviction", "criticalkv", "--kv-budget", "0.1", "--kv_window", "16")
     assert args.additional_config == {"kv_eviction": {"scorer": "criticalkv", "budget": 0.1, "window": 16}}
-    assert EvictionConfig.from_additional_config(args.additional_config).budget_tokens(1000) == 100
+    assert EvictionConfig.from_additional_config(args.additional_config).budget_tokens(10000) == 1000
 
 
 def test_min_tokens_flag_travels_and_is_checked(parser, smollm2_dir, capsys):
