@@ -173,6 +173,9 @@ def test_stricter_lets_a_request_hold_less_and_tune_scoring():
     floored = STRICT.model_copy(update={"min_tokens": 128})
     assert api.request_config({"kv_min_tokens": 128}, floored).min_tokens == 128
     assert api.request_config({"kv_min_tokens": 64, "kv_budget": 0.1}, floored).budget_tokens(900) == 90
+    tokens = EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_budget": 256, "kv_min_tokens": 0,
+                                       "kv_request_override": "stricter"})
+    assert api.request_config({"kv_budget": 128}, tokens).budget_tokens(900) == 128  # the floor is not read
     assert api.request_config({"other_plugin": 1}, STRICT) is STRICT
 
 

@@ -81,9 +81,10 @@ def check_stricter(config: EvictionConfig, server: EvictionConfig, extra_args: M
                f"a budget of the server's kind no larger than its {server.budget}")
     if not config.keeps_everything and config.budget > server.budget:
         refuse("kv_budget", extra_args.get("kv_budget", config.budget), f"at most the server's {server.budget}")
-    for key, ours, theirs in (("kv_window", config.window, server.window),
-                              ("kv_sinks", config.resolved_sinks, server.resolved_sinks),
-                              ("kv_min_tokens", config.min_tokens, server.min_tokens)):
+    limits = [("kv_window", config.window, server.window), ("kv_sinks", config.resolved_sinks, server.resolved_sinks)]
+    if not config.is_token_budget:  # a token budget does not read the floor
+        limits.append(("kv_min_tokens", config.min_tokens, server.min_tokens))
+    for key, ours, theirs in limits:
         if ours > theirs:
             refuse(key, extra_args.get(key, ours), f"at most the server's {theirs}")
 
