@@ -5,8 +5,11 @@ baseline ``policy="none"`` (``allocation``/``granularity`` ``"none"``); every po
 starts from it. A result row (one JSON line) is::
 
     {"engine", "policy", "allocation", "granularity", "budget", "task", "uid",
-     "context_tokens", "prompt_tokens", "protocol", "question_position",
+     "context_tokens", "prompt_tokens", "protocol", "question_position", "min_tokens",
      "score", "output", "answers", "seconds", "memory_fraction"}
+
+``min_tokens`` is the floor of the fractional budget (``EvictionConfig.min_tokens``; 0 for the
+full cache and for rows written before the floor existed, which had none).
 """
 
 from __future__ import annotations
@@ -22,12 +25,23 @@ FULL = "none"
 
 @dataclass(frozen=True)
 class Point:
-    """One policy setting; ``allocation=None`` means the scorer's default."""
+    """One policy setting; ``allocation=None`` means the scorer's default, ``min_tokens=None``
+    the config's default floor."""
 
     policy: str
     allocation: Optional[str]
     granularity: str
     budget: float
+    min_tokens: Optional[int] = None
+
+    @property
+    def floor(self) -> int:
+        """The floor this point runs with (0 for the full cache)."""
+        if self.is_full_cache:
+            return 0
+        from vllm_kvevict.config import DEFAULT_MIN_TOKENS
+
+        return DEFAULT_MIN_TOKENS if self.min_tokens is None else self.min_tokens
 
     @property
     def is_full_cache(self) -> bool:
@@ -38,22 +52,30 @@ FULL_CACHE = Point(FULL, None, FULL, 1.0)
 
 
 def sweep_points(
-    policies: Iterable[str], budgets: Iterable[float], allocations: Iterable[Optional[str]], granularities: Iterable[str]
+    policies: Iterable[str],
+    budgets: Iterable[float],
+    allocations: Iterable[Optional[str]],
+    granularities: Iterable[str],
+    floors: Iterable[Optional[int]] = (None,),
 ) -> list[Point]:
-    """The full-cache point first, then every policy x allocation x granularity x budget < 1."""
+    """The full-cache point first, then every policy x allocation x granularity x budget < 1 x
+    floor (``None``: the config's default)."""
     points = [FULL_CACHE]
+    floors = list(floors)
     for policy in policies:
         if policy == FULL:
             continue
         for allocation in allocations:
             for granularity in granularities:
-                points += [Point(policy, allocation, granularity, float(b)) for b in budgets if float(b) < 1.0]
+                points += [Point(policy, allocation, granularity, float(b), floor)
+                           for b in budgets if float(b) < 1.0 for floor in floors]
     return points
 
 
 def result_key(row: dict) -> tuple:
     """Identity of a result: a resumed run skips rows already written."""
-    return (row["engine"], row["uid"], row["policy"], row["allocation"], row["granularity"], float(row["budget"]), row["protocol"])
+    return (row["engine"], row["uid"], row["policy"], row["allocation"], row["granularity"], float(row["budget"]),
+            row["protocol"], int(row.get("min_tokens", 0)))
 
 
 def read_rows(paths: Iterable[Path]) -> Iterator[dict]:
@@ -103,4 +125,5 @@ def base_row(engine: str, task, point: Point, protocol: str, allocation: str) ->
         "prompt_tokens": len(task.prompt_ids),
         "protocol": protocol,
         "question_position": task.question_position,
+        "min_tokens": point.floor,
     }

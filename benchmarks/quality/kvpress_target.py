@@ -43,6 +43,8 @@ def press_spec(point: Point) -> tuple[Optional[dict], str]:
     """
     if point.is_full_cache:
         return None, "none"
+    if point.min_tokens:
+        raise KeyError(f"kvpress has no floor (min_tokens={point.min_tokens})")
     from benchmarks.quality.reference_target import point_config
 
     allocation = point_config(point).resolved_allocation
@@ -80,7 +82,8 @@ def run_kvpress(tasks, points: list[Point], writer, *, model_dir, threads: int, 
             print(f"[kvpress] skipping {point}: {exc}", file=sys.stderr)
             progress(len(tasks))
             continue
-        point = Point(point.policy, point.allocation, "none" if point.is_full_cache else "head", point.budget)
+        # kvpress keeps int(L * (1 - compression_ratio)) tokens: it has no floor
+        point = Point(point.policy, point.allocation, "none" if point.is_full_cache else "head", point.budget, 0)
         runs.append({"id": len(runs), "press": spec, "point": point, "allocation": allocation})
     todo = []
     for task in tasks:

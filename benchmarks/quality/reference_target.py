@@ -38,6 +38,8 @@ def point_config(point: Point, overrides: Optional[dict] = None):
     if point.is_full_cache:
         return EvictionConfig()
     extra = dict((overrides or {}).get(point.policy, {}))
+    if point.min_tokens is not None:
+        extra["min_tokens"] = point.min_tokens
     granularity = point.granularity
     if granularity in HEAD_SELECTION_LABELS:  # head granularity, one way of choosing per head
         granularity, extra["head_selection"] = "head", HEAD_SELECTION_LABELS[point.granularity]

@@ -2,7 +2,7 @@
 
     python benchmarks/quality/report.py RESULTS_DIR_OR_JSONL [...] [--out DIR]
 
-Per (engine, policy, allocation, granularity, budget, task, context_tokens): ``n``, accuracy
+Per (engine, policy, allocation, granularity, budget, min_tokens, task, context_tokens): ``n``, accuracy
 (mean score), its 95% Wilson interval, and retention = accuracy / full-cache accuracy of the
 same engine, task and length. A (task, length) whose full-cache accuracy is below
 ``--min-full-accuracy`` gets no retention and is flagged; the average rows (``task="all"``)
@@ -26,7 +26,8 @@ if __package__ in (None, ""):
 from benchmarks.quality.grid import FULL, read_rows  # noqa: E402
 from vllm_kvevict.evaluation.scoring import wilson_interval  # noqa: E402
 
-SETTING = ("engine", "policy", "allocation", "granularity", "budget")
+SETTING = ("engine", "policy", "allocation", "granularity", "budget", "min_tokens")
+_N = len(SETTING)
 ALL = "all"
 #: The runners' protocol names -> the summary's.
 PROTOCOL_NAMES = {"context": "after", "prompt": "inside"}
@@ -44,17 +45,22 @@ def label_protocols(rows: list[dict]) -> list[dict]:
     return [dict(r, engine=f"{r['engine']}/{r['protocol']}") if len(protocols[r["engine"]]) > 1 else r for r in rows]
 
 
+def setting_of(r: dict) -> tuple:
+    """A row's setting; ``min_tokens`` 0 for rows written before the floor existed (they had none)."""
+    return tuple(r.get(k, 0) if k == "min_tokens" else r[k] for k in SETTING)
+
+
 def summarize(rows: list[dict], min_full_accuracy: float = 0.1) -> tuple[list[dict], list[dict]]:
     """Return (summary rows, flagged (engine, task, context_tokens, full accuracy) cells)."""
     rows = label_protocols(rows)
     protocol_of = {r["engine"]: PROTOCOL_NAMES.get(r.get("protocol"), r.get("protocol")) for r in rows}
     cells: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        setting = tuple(r[k] for k in SETTING)
+        setting = setting_of(r)
         for length in (r["context_tokens"], ALL):
             cells[setting + (r["task"], length)].append(float(r["score"]))
 
-    full = {(s[0], s[5], s[6]): _mean(v) for s, v in cells.items() if s[1] == FULL}
+    full = {(s[0], s[_N], s[_N + 1]): _mean(v) for s, v in cells.items() if s[1] == FULL}
     flagged = [
         {"engine": e, "task": t, "context_tokens": c, "full_accuracy": acc}
         for (e, t, c), acc in sorted(full.items(), key=str)
@@ -71,7 +77,7 @@ def summarize(rows: list[dict], min_full_accuracy: float = 0.1) -> tuple[list[di
 
     by_setting_length: dict[tuple, list[tuple]] = defaultdict(list)
     for key, scores in sorted(cells.items(), key=str):
-        setting, task, length = key[:5], key[5], key[6]
+        setting, task, length = key[:_N], key[_N], key[_N + 1]
         base = full.get((setting[0], task, length))
         ok = (setting[0], task, length) not in excluded and base is not None and base > 0
         row(setting, task, length, scores, _mean(scores) / base if ok else None)
@@ -95,18 +101,20 @@ def _fmt(x, digits=3) -> str:
 
 def table(summary: list[dict], flagged: list[dict]) -> str:
     """Markdown: the average over tasks per setting, then accuracy per task."""
-    lines = ["| engine | policy | allocation | granularity | budget | n | accuracy | 95% CI | retention |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| engine | policy | allocation | granularity | budget | min_tokens | n | accuracy | 95% CI | retention |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     avg = [r for r in summary if r["task"] == ALL and r["context_tokens"] == ALL]
-    for r in sorted(avg, key=lambda r: (r["engine"], r["policy"] != FULL, r["policy"], r["allocation"], r["granularity"], -r["budget"])):
+    order = lambda s: (s[0], s[1] != FULL, s[1], s[2], s[3], -s[4], s[5])  # noqa: E731
+    for r in sorted(avg, key=lambda r: order(setting_of(r))):
         lines.append(f"| {r['engine']} | {r['policy']} | {r['allocation']} | {r['granularity']} | {r['budget']:g} | "
-                     f"{r['n']} | {_fmt(r['accuracy'])} | [{_fmt(r['ci_low'], 2)}, {_fmt(r['ci_high'], 2)}] | {_fmt(r['retention'])} |")
+                     f"{r['min_tokens']} | {r['n']} | {_fmt(r['accuracy'])} | [{_fmt(r['ci_low'], 2)}, "
+                     f"{_fmt(r['ci_high'], 2)}] | {_fmt(r['retention'])} |")
     tasks = sorted({r["task"] for r in summary if r["task"] != ALL})
     lines += ["", "Accuracy per task (all lengths):", "",
-              "| engine | policy | allocation | granularity | budget | " + " | ".join(tasks) + " |",
-              "|---" * (5 + len(tasks)) + "|"]
-    per = {(tuple(r[k] for k in SETTING), r["task"]): r for r in summary if r["context_tokens"] == ALL}
-    for setting in sorted({tuple(r[k] for k in SETTING) for r in avg}, key=lambda s: (s[0], s[1] != FULL, s[1], s[2], s[3], -s[4])):
+              "| engine | policy | allocation | granularity | budget | min_tokens | " + " | ".join(tasks) + " |",
+              "|---" * (_N + len(tasks)) + "|"]
+    per = {(setting_of(r), r["task"]): r for r in summary if r["context_tokens"] == ALL}
+    for setting in sorted({setting_of(r) for r in avg}, key=order):
         cols = [_fmt(per[(setting, t)]["accuracy"], 2) if (setting, t) in per else "" for t in tasks]
         lines.append("| " + " | ".join(str(x) if not isinstance(x, float) else f"{x:g}" for x in setting) + " | " + " | ".join(cols) + " |")
     if flagged:
@@ -126,15 +134,16 @@ def compare(rows: list[dict], engine_a: str, engine_b: str) -> str:
     from vllm_kvevict.evaluation.scoring import wilson_interval
 
     rows = label_protocols(rows)
-    key = lambda r: (r["policy"], r["allocation"], float(r["budget"]), r["uid"])  # noqa: E731
+    key = lambda r: (r["policy"], r["allocation"], float(r["budget"]), r.get("min_tokens", 0), r["uid"])  # noqa: E731
     a = {key(r): r for r in rows if r["engine"] == engine_a}
     b = {key(r): r for r in rows if r["engine"] == engine_b}
     cells: dict[tuple, list[tuple]] = defaultdict(list)
     for k in sorted(set(a) & set(b)):
-        cells[k[:3]].append((a[k], b[k]))
-    lines = [f"| policy | allocation | budget | n | {engine_a} | {engine_a} 95% CI | {engine_b} | {engine_b} 95% CI | "
-             "differs | same score | same output |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (policy, allocation, budget), pairs in sorted(cells.items(), key=lambda kv: (kv[0][0] != FULL, kv[0][0], kv[0][1], -kv[0][2])):
+        cells[k[:4]].append((a[k], b[k]))
+    lines = [f"| policy | allocation | budget | min_tokens | n | {engine_a} | {engine_a} 95% CI | {engine_b} | {engine_b} 95% CI | "
+             "differs | same score | same output |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (policy, allocation, budget, floor), pairs in sorted(
+            cells.items(), key=lambda kv: (kv[0][0] != FULL, kv[0][0], kv[0][1], -kv[0][2], kv[0][3])):
         n = len(pairs)
         sa, sb = [p[0]["score"] for p in pairs], [p[1]["score"] for p in pairs]
         acc_a, acc_b = _mean(sa), _mean(sb)
@@ -142,7 +151,7 @@ def compare(rows: list[dict], engine_a: str, engine_b: str) -> str:
         differs = not (ci_a[0] <= acc_b <= ci_a[1] or ci_b[0] <= acc_a <= ci_b[1])
         same_score = sum(x == y for x, y in zip(sa, sb))
         same_text = sum(p[0]["output"].strip() == p[1]["output"].strip() for p in pairs)
-        lines.append(f"| {policy} | {allocation} | {budget:g} | {n} | {acc_a:.3f} | [{ci_a[0]:.2f}, {ci_a[1]:.2f}] | "
+        lines.append(f"| {policy} | {allocation} | {budget:g} | {floor} | {n} | {acc_a:.3f} | [{ci_a[0]:.2f}, {ci_a[1]:.2f}] | "
                      f"{acc_b:.3f} | [{ci_b[0]:.2f}, {ci_b[1]:.2f}] | {'**yes**' if differs else 'no'} | "
                      f"{same_score}/{n} | {same_text}/{n} |")
     return "\n".join(lines)
@@ -158,23 +167,22 @@ def plot(summary: list[dict], path: Path) -> None:
     avg = [r for r in summary if r["task"] == ALL and r["context_tokens"] == ALL]
     engines = sorted({r["engine"] for r in avg})
     # one style per (policy, allocation, granularity) across every panel
-    styles = {line: i for i, line in enumerate(sorted({(r["policy"], r["allocation"], r["granularity"]) for r in avg
-                                                          if r["policy"] != FULL}))}
+    line_of = lambda r: (r["policy"], r["allocation"], r["granularity"], r.get("min_tokens", 0))  # noqa: E731
+    styles = {line: i for i, line in enumerate(sorted({line_of(r) for r in avg if r["policy"] != FULL}))}
     fig, axes = plt.subplots(1, len(engines), figsize=(7 * len(engines), 5), squeeze=False)
     for ax, engine in zip(axes[0], engines):
         rows = [r for r in avg if r["engine"] == engine]
         full = next((r for r in rows if r["policy"] == FULL), None)
-        lines = sorted({(r["policy"], r["allocation"], r["granularity"]) for r in rows if r["policy"] != FULL})
-        for policy, allocation, granularity in lines:
-            i = styles[(policy, allocation, granularity)]
-            pts = sorted((r["budget"], r["accuracy"]) for r in rows
-                         if (r["policy"], r["allocation"], r["granularity"]) == (policy, allocation, granularity))
+        lines = sorted({line_of(r) for r in rows if r["policy"] != FULL})
+        for policy, allocation, granularity, floor in lines:
+            i = styles[(policy, allocation, granularity, floor)]
+            pts = sorted((r["budget"], r["accuracy"]) for r in rows if line_of(r) == (policy, allocation, granularity, floor))
             if full:
                 pts.append((1.0, full["accuracy"]))
             xs, ys = zip(*pts)
             # 20 distinct colours, and marker/line style varying too, so no two lines look alike
             ax.plot(xs, ys, color=plt.cm.tab20(i % 20), marker="osv^D<>p"[i % 8], linestyle=("-", "--", ":")[i % 3],
-                    label=f"{policy} ({allocation}, {granularity})")
+                    label=f"{policy} ({allocation}, {granularity}" + (f", floor {floor})" if floor else ")"))
         if full:
             ax.axhline(full["accuracy"], color="gray", linestyle="--", linewidth=1, label="full cache")
         ax.set_xscale("log")

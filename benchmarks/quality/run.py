@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="reference: compress the context only (question fed after eviction) or the whole prompt")
     ap.add_argument("--policies", default="all", help="scorers, or 'all' (every scorer in vllm_kvevict.policies.SCORERS)")
     ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS))
+    ap.add_argument("--min-tokens", default="default",
+                    help="floors of the fractional budget (EvictionConfig.min_tokens), comma-separated; 'default' "
+                         "the config's (0 with --kvpress-settings and the kvpress target: kvpress has no floor)")
     ap.add_argument("--allocations", default="default", help="'default' (per scorer) or allocator names")
     ap.add_argument("--granularities", default="head",
                     help="head (the plugin's default per head), head-token (single tokens per head, as "
@@ -97,7 +100,8 @@ def main(argv=None) -> None:
     else:
         policies = _csv(args.policies)
     allocations = [None if a == "default" else a for a in _csv(args.allocations)]
-    points = sweep_points(policies, [float(b) for b in _csv(args.budgets)], allocations, _csv(args.granularities))
+    points = sweep_points(policies, [float(b) for b in _csv(args.budgets)], allocations, _csv(args.granularities),
+                          floors(args))
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     tasks = make_suite(_csv(args.kinds), tokenizer, [int(x) for x in _csv(args.lengths)], args.n_per, args.seed,
@@ -138,6 +142,17 @@ def main(argv=None) -> None:
     writer.close()
     if not args.shard:
         finish(args, out, start)
+
+
+def floors(args: argparse.Namespace) -> list:
+    """``--min-tokens`` as ints (``None``: the config's default); kvpress's definitions have none."""
+    kvpress = args.target == "kvpress" or args.kvpress_settings
+    if args.min_tokens == "default":
+        return [0] if kvpress else [None]
+    values = [int(x) for x in _csv(args.min_tokens)]
+    if kvpress and any(values):
+        raise SystemExit("--min-tokens: kvpress has no floor (only 0 with --target kvpress or --kvpress-settings)")
+    return values
 
 
 def run_shards(argv: list[str], out: Path, workers: int) -> None:

@@ -25,6 +25,8 @@ def vllm_xargs(point: Point) -> Optional[dict]:
         xargs.update(kv_granularity="head", kv_head_selection=HEAD_SELECTION_LABELS[point.granularity])
     if point.allocation:
         xargs["kv_allocation"] = point.allocation
+    if point.min_tokens is not None:
+        xargs["kv_min_tokens"] = point.min_tokens
     return xargs
 
 

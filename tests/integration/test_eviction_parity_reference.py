@@ -19,11 +19,16 @@ from vllm_kvevict.vllm.inprocess import open_llm, random_prompt
 pytestmark = pytest.mark.slow
 
 BLOCK, BUDGET, PROMPT_LEN = 32, 0.25, 700
-POLICIES = [s for s in SCORERS if s != "none"]
+#: Floors above the budget's int(700 * 0.25) = 175 tokens (6 pages): 320 tokens keep 10 pages.
+FLOORED = {"snapkv+floor": {"kv_eviction": "snapkv", "kv_min_tokens": 320},
+           "streamingllm+floor": {"kv_eviction": "streamingllm", "kv_min_tokens": 320}}
+POLICIES = [s for s in SCORERS if s != "none"] + list(FLOORED)
 
 
 def flat(policy: str, artifact) -> dict:
     """The request's policy; ``lkv`` reads the random artifact made for the tiny Llama."""
+    if policy in FLOORED:
+        return FLOORED[policy]
     return {"kv_eviction": policy, **({"kv_lkv_artifact": str(artifact)} if policy == "lkv" else {})}
 
 
@@ -86,6 +91,15 @@ def test_evicted_pages_are_the_page_selection_of_the_scores(policy, vllm_evicted
     evicted, scores = vllm_evicted[policy]
     assert evicted, f"{policy}: nothing evicted"
     assert evicted == build_policy(config, BLOCK).evicted_blocks(scores, PROMPT_LEN)
+
+
+@pytest.mark.parametrize("policy", list(FLOORED))
+def test_the_floor_keeps_its_pages(policy, vllm_evicted, tiny_lkv_artifact):
+    """With the floor the request keeps ceil(320 / 32) = 10 of its 22 pages (6 without)."""
+    config = page_config(policy, tiny_lkv_artifact)
+    assert config.budget_tokens(PROMPT_LEN) == 320
+    evicted, _ = vllm_evicted[policy]
+    assert len(evicted) == PROMPT_LEN // BLOCK + 1 - 10
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,17 @@ LKV_POLICIES = {
     "lkv-lkv-tokens": {"kv_eviction": "lkv", "kv_head_selection": "token"},
     "snapkv-lkv": {"kv_eviction": "snapkv", "kv_allocation": "lkv"},
 }
+#: A floor of 256 tokens above the budget's int(700 * 0.25) = 175: the plugin's K, kept sets and
+#: outputs must follow the floor exactly as the reference does (whole pages and single tokens per
+#: head, CriticalKV's uniform stage 1, the pyramid schedule).
+FLOOR = 256
+FLOOR_POLICIES = {
+    "snapkv-adakv-floor": {"kv_eviction": "snapkv", "kv_min_tokens": FLOOR},
+    "snapkv-adakv-tokens-floor": {"kv_eviction": "snapkv", "kv_head_selection": "token", "kv_min_tokens": FLOOR},
+    "criticalkv-uniform-floor": {"kv_eviction": "criticalkv", "kv_allocation": "uniform", "kv_granularity": "head",
+                                 "kv_min_tokens": FLOOR},
+    "pyramidkv-pyramid-floor": {"kv_eviction": "pyramidkv", "kv_min_tokens": FLOOR},
+}
 #: adakv (snapkv's default), criticalkv, defensivekv, snapkv with uniform allocation (whole pages
 #: per head, the default for these), adakv selecting single tokens, the allocations across
 #: layers (single tokens), and the lkv policies.
@@ -42,6 +53,7 @@ POLICIES = {
     "laprox-global": {"kv_eviction": "laprox"},
     "pyramidkv-pyramid": {"kv_eviction": "pyramidkv"},
     **LKV_POLICIES,
+    **FLOOR_POLICIES,
 }
 
 
@@ -136,6 +148,20 @@ def test_kept_sets_equal_reference(name, tiny_served, tiny_reference, tiny_lkv_a
 def test_greedy_output_equals_reference_compacted_generation(name, tiny_served, tiny_reference, tiny_lkv_artifact):
     tokens, kept = tiny_served[name]
     assert tokens == reference_generation(name, kept, *tiny_reference, artifact=tiny_lkv_artifact)
+
+
+@pytest.mark.parametrize("name", list(FLOOR_POLICIES))
+def test_the_floor_binds_in_the_served_kept_sets(name, tiny_served):
+    """The floored policies keep 256 tokens per head on average (175 without the floor): exactly
+    with single tokens per head, 8 pages per head (the prompt's last page holds 28 tokens) with
+    whole pages (snapkv and criticalkv here)."""
+    kept, config = tiny_served[name][1], _config(name)
+    assert config.budget_tokens(PROMPT_LEN) == FLOOR > int(PROMPT_LEN * BUDGET)
+    mean = float(kept.head_budgets.float().mean())
+    if config.head_selection_for(BLOCK) == "page":
+        assert FLOOR - BLOCK < mean <= FLOOR, (name, mean)
+    else:
+        assert mean == FLOOR, (name, mean)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ CLI_RUNS = {
     "bad_additional_config": ["serve", "{model}", "--additional-config", '{"kv_eviction": {"scorer": "snapkv", "budget": 7.5}}'],
     "flags_that_do_not_fit": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-budget", "64", "--kv-window", "100"],
     "decode_interval_flag": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-decode-interval", "10"],
+    "floor_with_token_budget": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-budget", "64", "--kv-min-tokens", "32"],
 }
 
 
@@ -104,6 +105,7 @@ def test_help_lists_the_flags_with_defaults(cli_runs):
     for option, default in [
         ("--kv-eviction", "none"),
         ("--kv-budget", "1.0"),
+        ("--kv-min-tokens", "192"),
         ("--kv-allocation", "per scorer"),
         ("--kv-window", "32"),
         ("--kv-sinks", "per scorer"),
@@ -148,6 +150,12 @@ def test_decode_interval_flag_is_refused_until_it_works(cli_runs):
     assert "argument --kv-decode-interval: invalid kv_decode_interval=10" in output
 
 
+def test_a_floor_with_a_token_budget_is_refused_not_ignored(cli_runs):
+    code, output = finished(cli_runs["floor_with_token_budget"])
+    assert code == 2, output
+    assert "--kv-min-tokens" in output and "invalid kv_min_tokens=32" in output and "fractional budgets" in output
+
+
 def test_bad_additional_config_stops_the_server_at_start(cli_runs):
     code, output = finished(cli_runs["bad_additional_config"])
     assert code != 0, output
@@ -160,6 +168,8 @@ def test_valid_requests_pass(client):
     assert plain.choices[0].text
     opted_in = complete(client, {"kv_eviction": "snapkv", "kv_budget": 0.2, "my_tag": "passes through"})
     assert opted_in.usage.completion_tokens == 4
+    floored = complete(client, {"kv_eviction": "snapkv", "kv_budget": 0.1, "kv_min_tokens": 64})
+    assert floored.usage.completion_tokens == 4
     opted_out = complete(client, {"kv_eviction": "none"})
     assert opted_out.usage.completion_tokens == 4
     chat = client.chat.completions.create(
@@ -184,9 +194,13 @@ def test_valid_requests_pass(client):
         ({"kv_window": True}, "kv_window"),
         ({"kv_decode_interval": 10}, "kv_decode_interval"),
         ({"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_rho": 0.3}, "kv_rho"),
+        ({"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_min_tokens": -1}, "kv_min_tokens"),
+        ({"kv_eviction": "snapkv", "kv_budget": 64, "kv_min_tokens": 32}, "kv_min_tokens"),
+        ({"kv_min_tokens": True}, "kv_min_tokens"),
     ],
     ids=["unknown-policy", "budget-above-1", "budget-negative", "budget-text", "window-list", "unknown-kv-key",
-         "budget-boolean", "window-boolean", "decode-interval", "setting-not-read"],
+         "budget-boolean", "window-boolean", "decode-interval", "setting-not-read", "floor-negative",
+         "floor-with-token-budget", "floor-boolean"],
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])
 def test_bad_xargs_are_400_naming_the_field_and_server_keeps_serving(client, server, xargs, field, stream):

@@ -7,7 +7,9 @@ the positions it kept. Here those tensors become :class:`LayerInputs`, the equiv
 :class:`EvictionConfig` goes through :func:`compute_kept`, and the kept sets must be EQUAL.
 
 Budgets: kvpress's ``compression_ratio = c`` keeps ``int(L * (1 - c))`` tokens per head; ours is
-given ``budget = 1 - c`` (the same float), so ``int(L * budget)`` is the same count — asserted.
+given ``budget = 1 - c`` (the same float) and ``min_tokens=0`` (kvpress has no floor; at L = 700
+and budget 0.1 our default floor of 192 would keep more), so ``int(L * budget)`` is the same
+count — asserted.
 
 Exactness: both sides run the same ops on the same shapes (checked against kvpress 0.5.5's
 source), with the same torch build (asserted) and one thread each, on the same machine; so the
@@ -245,7 +247,7 @@ def test_kept_sets_equal_kvpress(kvpress_capture, model, case_id, ratio):
     capture = kvpress_capture(model)
     seq_len = capture["meta"]["seq_len"]
     kvpress = capture["cases"][case_id]["ratios"][ratio]
-    config = EvictionConfig.from_fields(**case.config, budget=1 - ratio)
+    config = EvictionConfig.from_fields(**case.config, budget=1 - ratio, min_tokens=0)
     # Same per-head token count as kvpress's compute_n_kept (int(L * (1 - c))).
     assert config.budget_tokens(seq_len) == max(1, int(seq_len * (1 - ratio)))
 
@@ -279,7 +281,7 @@ def test_parity_check_detects_another_policy(kvpress_capture):
     """Negative control: our default SnapKV window (32) against kvpress's (64) must differ."""
     capture = kvpress_capture("tiny_llama")
     kvpress = capture["cases"]["snapkv"]["ratios"][0.5]
-    config = EvictionConfig.from_fields(**{**CASE_BY_ID["snapkv"].config, "window": 32}, budget=0.5)
+    config = EvictionConfig.from_fields(**{**CASE_BY_ID["snapkv"].config, "window": 32}, budget=0.5, min_tokens=0)
     ours = compute_kept(layer_inputs(capture, KVPRESS_WINDOW), config)
     assert describe_mismatches(kvpress["kept"], ours, kvpress["scores"])
 

@@ -157,6 +157,7 @@ STRICT = EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_budget": 0.2
     ({"kv_allocation": "uniform"}, "kv_allocation"),
     ({"kv_granularity": "page"}, "kv_granularity"),
     ({"kv_window": 64}, "kv_window"),
+    ({"kv_min_tokens": STRICT.min_tokens + 1}, "kv_min_tokens"),
     ({"kv_request_override": "any"}, "kv_request_override"),
 ])
 def test_stricter_refuses_what_would_hold_more_naming_the_field(xargs, field):
@@ -168,6 +169,13 @@ def test_stricter_refuses_what_would_hold_more_naming_the_field(xargs, field):
 def test_stricter_lets_a_request_hold_less_and_tune_scoring():
     assert api.request_config({"kv_budget": 0.1}, STRICT).budget == 0.1
     assert api.request_config({"kv_rho": 0.3, "kv_window": 16}, STRICT).rho == 0.3
+    assert api.request_config({"kv_min_tokens": 0}, STRICT).min_tokens == 0  # a lower floor holds less
+    floored = STRICT.model_copy(update={"min_tokens": 128})
+    assert api.request_config({"kv_min_tokens": 128}, floored).min_tokens == 128
+    assert api.request_config({"kv_min_tokens": 64, "kv_budget": 0.1}, floored).budget_tokens(900) == 90
+    tokens = EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_budget": 256, "kv_min_tokens": 0,
+                                       "kv_request_override": "stricter"})
+    assert api.request_config({"kv_budget": 128}, tokens).budget_tokens(900) == 128  # the floor is not read
     assert api.request_config({"other_plugin": 1}, STRICT) is STRICT
 
 

@@ -14,6 +14,8 @@ from vllm_kvevict.vllm.api_types import XargsTypeMiddleware, wrong_type
 @pytest.mark.parametrize("xargs,key", [
     ({"kv_budget": True}, "kv_budget"),
     ({"kv_window": True}, "kv_window"),
+    ({"kv_min_tokens": True}, "kv_min_tokens"),
+    ({"kv_min_tokens": [128]}, "kv_min_tokens"),
     ({"kv_budget": None}, "kv_budget"),
     ({"kv_sinks": [1]}, "kv_sinks"),
     ({"kv_alpha": {"x": 1}}, "kv_alpha"),

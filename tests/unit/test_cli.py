@@ -66,7 +66,23 @@ def test_no_flag_leaves_additional_config_untouched(parser, smollm2_dir):
 def test_flags_travel_in_additional_config(parser, smollm2_dir):
     args = engine_args(parser, smollm2_dir, "--kv-eviction", "criticalkv", "--kv-budget", "0.1", "--kv_window", "16")
     assert args.additional_config == {"kv_eviction": {"scorer": "criticalkv", "budget": 0.1, "window": 16}}
-    assert EvictionConfig.from_additional_config(args.additional_config).budget_tokens(1000) == 100
+    assert EvictionConfig.from_additional_config(args.additional_config).budget_tokens(10000) == 1000
+
+
+def test_min_tokens_flag_travels_and_is_checked(parser, smollm2_dir, capsys):
+    args = engine_args(parser, smollm2_dir, "--kv-eviction", "snapkv", "--kv-budget", "0.1", "--kv-min-tokens", "200")
+    assert args.additional_config["kv_eviction"]["min_tokens"] == 200
+    assert EvictionConfig.from_additional_config(args.additional_config).budget_tokens(900) == 200
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["--kv-min-tokens", "-5"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --kv-min-tokens: invalid kv_min_tokens=-5: a whole token count" in err
+    with pytest.raises(SystemExit) as info:  # a floor with a token budget would be ignored: refused
+        engine_args(parser, smollm2_dir, "--kv-eviction", "snapkv", "--kv-budget", "256", "--kv-min-tokens", "64")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--kv-min-tokens" in err and "invalid kv_min_tokens=64" in err
+    help_text = next(s.help for s in cli.flag_specs() if s.key == "kv_min_tokens")
+    assert "max(int(L * budget), min_tokens)" in help_text and "(default: " in help_text
 
 
 def test_flags_merge_over_user_additional_config(parser, smollm2_dir):

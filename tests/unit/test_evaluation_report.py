@@ -49,7 +49,7 @@ def test_summary_accuracy_interval_retention_and_flags():
     assert avg["n"] == 8 and avg["accuracy"] == pytest.approx((0.25 + 0.25) / 2)
     assert avg["retention"] == pytest.approx(0.25 / 0.75)  # vt left out of retention
     assert get[("none", "all", "all")]["retention"] == pytest.approx(1.0)
-    assert set(niah) == {"engine", "policy", "allocation", "granularity", "budget", "protocol", "task",
+    assert set(niah) == {"engine", "policy", "allocation", "granularity", "budget", "min_tokens", "protocol", "task",
                          "context_tokens", "n", "accuracy", "ci_low", "ci_high", "retention"}
     assert niah["protocol"] == "after"  # the runner's "context" protocol: the question after it
 
@@ -196,5 +196,5 @@ def test_compare_pairs_engines_on_shared_prompts_and_flags_differences():
         rows.append(dict(_row("knorm", 0.1, "niah", 0.0, engine="reference", uid=f"u{i}"), output="7"))
     rows.append(dict(_row("knorm", 0.1, "niah", 1.0, engine="reference", uid="only-ours"), output="42"))
     text = compare(rows, "kvpress", "reference")
-    assert "| knorm | adakv | 0.5 | 10 | 1.000 | [0.72, 1.00] | 0.900 |" in text and "| no | 9/10 | 9/10 |" in text
-    assert "| knorm | adakv | 0.1 | 10 | 1.000 |" in text and "| **yes** | 0/10 | 0/10 |" in text
+    assert "| knorm | adakv | 0.5 | 0 | 10 | 1.000 | [0.72, 1.00] | 0.900 |" in text and "| no | 9/10 | 9/10 |" in text
+    assert "| knorm | adakv | 0.1 | 0 | 10 | 1.000 |" in text and "| **yes** | 0/10 | 0/10 |" in text

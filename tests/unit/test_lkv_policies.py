@@ -44,7 +44,7 @@ def layers() -> list[LayerInputs]:
 
 
 def config(artifact_path, scorer="lkv", allocation=None, budget=0.2, **extra) -> EvictionConfig:
-    return EvictionConfig(scorer=scorer, allocation=allocation, budget=budget, window=WINDOW,
+    return EvictionConfig(scorer=scorer, allocation=allocation, budget=budget, min_tokens=0, window=WINDOW,
                           lkv_artifact=str(artifact_path), **extra)
 
 
@@ -164,11 +164,11 @@ def test_without_the_model_or_for_another_model_lkv_fails_when_it_first_scores(a
 def test_the_allocation_without_shares_is_a_clear_error(layers):
     scores = [LayerScores.unprotected(torch.rand(HKV, LENGTH))]
     with pytest.raises(ValueError, match="head_shares"):
-        ALLOCATORS["lkv"](scores, 40, EvictionConfig(scorer="snapkv", allocation="lkv", budget=0.2))
+        ALLOCATORS["lkv"](scores, 40, EvictionConfig(scorer="snapkv", allocation="lkv", budget=0.2, min_tokens=0))
 
 
 def test_the_artifact_setting_is_read_only_by_lkv_and_must_exist(artifact_path):
-    flat = {"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_lkv_artifact": str(artifact_path)}
+    flat = {"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_min_tokens": 0, "kv_lkv_artifact": str(artifact_path)}
     with pytest.raises(EvictionConfigError) as info:
         EvictionConfig.from_flat(flat)
     assert info.value.field == "kv_lkv_artifact" and "lkv scorer and the lkv allocation" in str(info.value)

@@ -51,7 +51,7 @@ def test_adakv_floor_is_kvpress_safeguard_then_topk():
 def test_pyramid_linear_schedule():
     # L = 1000, W = 8, budget 0.4: target 400, min = 400/20 = 20, max = 800 - 20 = 780,
     # 5 layers: step (780 - 20) / 4 = 190.
-    config = EvictionConfig(scorer="pyramidkv", budget=0.4, window=8)
+    config = EvictionConfig(scorer="pyramidkv", budget=0.4, min_tokens=0, window=8)
     budgets = [pyramid_layer_budget(layer, 5, 1000, config) for layer in range(5)]
     assert budgets == [780, 590, 400, 210, 20]
     scores = [LayerScores.unprotected(torch.zeros(2, 1000))] * 5
@@ -60,13 +60,13 @@ def test_pyramid_linear_schedule():
 
 def test_pyramid_short_prompt_falls_back_to_uniform():
     # target 40 / 20 = 2 < window 8: every layer keeps round(40) (kvpress fallback)
-    config = EvictionConfig(scorer="pyramidkv", budget=0.4, window=8)
+    config = EvictionConfig(scorer="pyramidkv", budget=0.4, min_tokens=0, window=8)
     assert [pyramid_layer_budget(layer, 4, 100, config) for layer in range(4)] == [40] * 4
 
 
 def test_pyramid_caps_the_first_layer_at_the_candidates():
     # target 0.8 * 100 = 80: max = 160 - 4 = 156 > L - W = 92 -> max 92, min = 160 - 92 = 68
-    config = EvictionConfig(scorer="pyramidkv", budget=0.8, window=8)
+    config = EvictionConfig(scorer="pyramidkv", budget=0.8, min_tokens=0, window=8)
     assert [pyramid_layer_budget(layer, 2, 100, config) for layer in range(2)] == [92, 68]
 
 

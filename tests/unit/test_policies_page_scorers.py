@@ -30,7 +30,7 @@ def _needle_layer() -> LayerInputs:
 
 
 def _config(scorer: str) -> EvictionConfig:
-    return EvictionConfig(scorer=scorer, budget=0.25, window=WINDOW, granularity="page")
+    return EvictionConfig(scorer=scorer, budget=0.25, min_tokens=0, window=WINDOW, granularity="page")
 
 
 def test_criticalkv_page_scores_are_its_stage2_criterion_without_a_first_stage():

@@ -42,11 +42,11 @@ def test_partial_last_block_is_a_mean_over_its_tokens():
 def test_select_pages_keeps_window_blocks_then_the_best():
     # 100 tokens, blocks of 16: 7 blocks, the last holds 96..99; window 8 -> blocks 5, 6.
     blocks = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.3, 0.0, 0.0])
-    tight = EvictionConfig(scorer="snapkv", budget=0.3, window=8)  # B = 30 -> 2 blocks
+    tight = EvictionConfig(scorer="snapkv", budget=0.3, min_tokens=0, window=8)  # B = 30 -> 2 blocks
     assert select_pages(blocks, 100, 16, tight).tolist() == [5, 6]
-    half = EvictionConfig(scorer="snapkv", budget=0.5, window=8)  # B = 50 -> 4 blocks
+    half = EvictionConfig(scorer="snapkv", budget=0.5, min_tokens=0, window=8)  # B = 50 -> 4 blocks
     assert select_pages(blocks, 100, 16, half).tolist() == [1, 3, 5, 6]
-    sinks = EvictionConfig(scorer="streamingllm", budget=0.5, window=8)  # 4 sinks -> block 0
+    sinks = EvictionConfig(scorer="streamingllm", budget=0.5, min_tokens=0, window=8)  # 4 sinks -> block 0
     assert select_pages(blocks, 100, 16, sinks).tolist() == [0, 1, 5, 6]
 
 
@@ -64,7 +64,7 @@ def test_select_pages_count_rule_and_plugin_bound():
         budget = rng.choice([0.1, 0.25, 0.5, 0.9, rng.randint(window + sinks + 1, 800)])
         if isinstance(budget, float) and int(seq_len * budget) < window + sinks:
             budget = 0.5
-        config = EvictionConfig(scorer="snapkv", budget=budget, window=window, sinks=sinks)
+        config = EvictionConfig(scorer="snapkv", budget=budget, min_tokens=0, window=window, sinks=sinks)
         num_blocks = math.ceil(seq_len / block_size)
         kept = select_pages(torch.rand(num_blocks), seq_len, block_size, config)
         assert torch.all(kept[1:] > kept[:-1])
@@ -84,7 +84,7 @@ def test_select_pages_count_rule_and_plugin_bound():
 
 def test_evicted_blocks_are_the_full_blocks_not_kept_before_the_last_one():
     # 100 tokens, blocks of 16: block 6 holds 96..99; window 8 (blocks 5, 6), B = 50 -> 4 blocks.
-    config = EvictionConfig(scorer="snapkv", budget=0.5, window=8)
+    config = EvictionConfig(scorer="snapkv", budget=0.5, min_tokens=0, window=8)
     values = torch.zeros(1, 100)
     values[0, 16:32], values[0, 48:64] = 2.0, 1.0  # blocks 1 and 3 score highest
     scores = [LayerScores.unprotected(values).protect(torch.arange(100) >= 92)]

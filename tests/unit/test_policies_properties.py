@@ -64,7 +64,7 @@ NO_ARTIFACT_ALLOCATORS = sorted(set(ALLOCATORS) - {"lkv"})
 
 
 def config_for(scorer: str, allocation: str, budget) -> EvictionConfig:
-    return EvictionConfig(scorer=scorer, allocation=allocation, budget=budget, window=WINDOW, sinks=SINKS)
+    return EvictionConfig(scorer=scorer, allocation=allocation, budget=budget, min_tokens=0, window=WINDOW, sinks=SINKS)
 
 
 def assert_kept_first(scores: LayerScores, head: int, kept: torch.Tensor) -> None:
@@ -137,7 +137,7 @@ def test_pyramid_budgets_shrink_with_depth_and_average_to_the_budget():
     layers = [random_layer(layer, generator, length) for layer in range(num_layers)]
     for layer in layers:
         layer.num_layers = num_layers
-    config = EvictionConfig(scorer="knorm", allocation="pyramid", budget=0.4, window=WINDOW)
+    config = EvictionConfig(scorer="knorm", allocation="pyramid", budget=0.4, min_tokens=0, window=WINDOW)
     budgets = compute_kept(layers, config).head_budgets[:, 0]
     assert torch.all(budgets[1:] < budgets[:-1])
     assert abs(int(budgets.sum()) - num_layers * 400) <= num_layers
@@ -169,10 +169,10 @@ def test_plan_rejects_scores_of_another_length(layers):
 def test_window_covers_the_whole_prompt_keeps_everything():
     generator = torch.Generator().manual_seed(1)
     layer = random_layer(0, generator, length=WINDOW)
-    kept = compute_kept([layer], EvictionConfig(scorer="snapkv", budget=0.5, window=WINDOW))
+    kept = compute_kept([layer], EvictionConfig(scorer="snapkv", budget=0.5, min_tokens=0, window=WINDOW))
     assert all(len(idx) == WINDOW for idx in kept.indices[0])
 
 
 def test_fraction_budget_rounds_down_like_kvpress():
-    config = EvictionConfig(scorer="snapkv", budget=0.3, window=4)
+    config = EvictionConfig(scorer="snapkv", budget=0.3, min_tokens=0, window=4)
     assert config.budget_tokens(97) == math.floor(97 * 0.3)

@@ -253,7 +253,7 @@ def test_criticalkv_wraps_the_base_the_config_names():
         keys=torch.randn(2, 40, 4, generator=generator), values=torch.randn(2, 40, 4, generator=generator),
         queries=torch.randn(4, 2, 4, generator=generator), o_proj=torch.randn(6, 16, generator=generator),
     )
-    fields = dict(scorer="criticalkv", criticalkv_base="knorm", budget=0.5, window=2)
+    fields = dict(scorer="criticalkv", criticalkv_base="knorm", budget=0.5, min_tokens=0, window=2)  # floor off: 40 tokens
     uniform = build_scorer(EvictionConfig(**fields, allocation="uniform"))
     assert isinstance(uniform.inner, CriticalKV) and isinstance(uniform.inner.base.inner, KNorm)
     base = build_scorer(EvictionConfig(**fields), "knorm").score(layer)

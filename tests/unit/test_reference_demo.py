@@ -18,14 +18,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one torch thread: se
 def test_run_task_compresses_what_each_protocol_says(tiny_llama_dir):
     engine = ReferenceEngine(tiny_llama_dir)
     task = make_task("niah_single", engine.tokenizer, 400, seed=3)
-    tokens = EvictionConfig(scorer="snapkv", budget=0.5, granularity="head", head_selection="token")
+    tokens = EvictionConfig(scorer="snapkv", budget=0.5, min_tokens=0, granularity="head", head_selection="token")
     configs = [EvictionConfig(), tokens]
     runs = study.run_task(engine, task, configs, ["inside", "after"])
     assert [(r.protocol, r.policy) for r in runs] == [
         ("inside", "full"),
-        ("inside", "snapkv/adakv/head/head_selection=token"),
+        ("inside", "snapkv/adakv/head/head_selection=token/min_tokens=0"),
         ("after", "full"),
-        ("after", "snapkv/adakv/head/head_selection=token"),
+        ("after", "snapkv/adakv/head/head_selection=token/min_tokens=0"),
     ]
     inside, after = runs[1], runs[3]
     assert inside.compressed_tokens == len(task.prompt_ids)
@@ -41,13 +41,14 @@ def test_run_task_compresses_what_each_protocol_says(tiny_llama_dir):
 
 def test_demo_prints_accuracy_and_memory(tiny_llama_dir, capsys):
     code = demo.main(["--model", str(tiny_llama_dir), "--policy", "snapkv", "--budget", "0.5", "--n", "1",
-                      "--length", "300", "--block-size", "32"])
+                      "--length", "500", "--block-size", "32"])
     assert code == 0
     out = capsys.readouterr().out
     assert "snapkv/adakv/head" in out and "accuracy" in out
     row = next(line for line in out.splitlines() if line.startswith("inside   snapkv"))
-    # whole 32-token pages per head: the budget rounds up to a page (and the prompt's tokens vary)
-    assert 0.45 <= float(row.split()[-1]) <= 0.5 + 32 / 250
+    # whole 32-token pages per head: the budget rounds up to a page (and the prompt's tokens vary);
+    # 500 tokens: half of them is above the default floor of 192
+    assert 0.45 <= float(row.split()[-1]) <= 0.5 + 32 / 450
 
 
 def test_demo_rejects_a_bad_budget(tiny_llama_dir, capsys):
@@ -62,8 +63,8 @@ def test_study_policy_specs_and_names():
     assert parse_policy("snapkv") == ("snapkv", {})
     scorer, overrides = parse_policy("criticalkv:allocation=uniform, rho=0.8")
     assert (scorer, overrides) == ("criticalkv", {"allocation": "uniform", "rho": "0.8"})
-    config = EvictionConfig(scorer=scorer, budget=0.25, granularity="head", **overrides)
-    assert policy_name(config) == "criticalkv/uniform/head/rho=0.8"
+    config = EvictionConfig(scorer=scorer, budget=0.25, min_tokens=0, granularity="head", **overrides)
+    assert policy_name(config) == "criticalkv/uniform/head/min_tokens=0/rho=0.8"
     assert policy_name(EvictionConfig(scorer="snapkv", budget=0.25)) == "snapkv/adakv/head"
     assert policy_name(EvictionConfig(scorer="snapkv", budget=1.0)) == "full"
     with pytest.raises(ValueError, match="key=value"):

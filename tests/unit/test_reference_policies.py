@@ -31,7 +31,7 @@ def prefilled(tiny_engine, prompt_ids):
 
 @pytest.mark.parametrize("scorer", SCORERS)
 def test_head_mode_cache_is_the_policys_kept_set(tiny_engine, prefilled, scorer):
-    config = EvictionConfig(scorer=scorer, budget=0.3, granularity="head", head_selection="token", window=16)
+    config = EvictionConfig(scorer=scorer, budget=0.3, min_tokens=0, granularity="head", head_selection="token", window=16)
     expected = policies.compute_kept(tiny_engine.layer_inputs(prefilled, config), config)
     out = tiny_engine.generate(prefilled, config, 3, stop_on_eos=False, return_cache=True)
     assert torch.equal(out.kept_per_head, expected.head_budgets)
@@ -52,7 +52,7 @@ def test_head_mode_cache_is_the_policys_kept_set(tiny_engine, prefilled, scorer)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("scorer", ["snapkv", "criticalkv", "streamingllm"])
 def test_page_mode_keeps_whole_blocks_for_every_head(tiny_engine, prefilled, scorer, block_size):
-    config = EvictionConfig(scorer=scorer, budget=0.3, granularity="page", window=16)
+    config = EvictionConfig(scorer=scorer, budget=0.3, min_tokens=0, granularity="page", window=16)
     out = tiny_engine.generate(prefilled, config, 2, stop_on_eos=False, block_size=block_size, return_cache=True)
     blocks = kept_blocks(prefilled, config, block_size)
     tokens = out.kept[0][0]
@@ -72,7 +72,7 @@ def test_page_mode_keeps_whole_blocks_for_every_head(tiny_engine, prefilled, sco
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("scorer", ["snapkv", "criticalkv", "defensivekv"])
 def test_head_mode_with_whole_pages_keeps_block_aligned_runs_per_head(tiny_engine, prefilled, scorer, block_size):
-    config = EvictionConfig(scorer=scorer, budget=0.3, granularity="head", window=16)
+    config = EvictionConfig(scorer=scorer, budget=0.3, min_tokens=0, granularity="head", window=16)
     assert config.head_selection_for(block_size) == "page"  # the default for adakv at 16 and 32
     out = tiny_engine.generate(prefilled, config, 2, stop_on_eos=False, block_size=block_size, return_cache=True)
     pages = pages_per_head(config, PROMPT_LEN, block_size)
@@ -98,7 +98,7 @@ def test_question_after_eviction_from_a_sliced_prefill(tiny_engine, prompt_ids, 
     full = tiny_engine.generate(prefilled, EvictionConfig(), 12, stop_on_eos=False)
     split = tiny_engine.generate(prefilled.prefix(n), EvictionConfig(), 12, stop_on_eos=False, suffix_ids=prompt_ids[n:])
     assert split.token_ids == full.token_ids
-    config = EvictionConfig(scorer="snapkv", budget=0.5, granularity="head", head_selection="token", window=16)
+    config = EvictionConfig(scorer="snapkv", budget=0.5, min_tokens=0, granularity="head", head_selection="token", window=16)
     evicted = tiny_engine.generate(prefilled.prefix(n), config, 2, stop_on_eos=False, suffix_ids=prompt_ids[n:], return_cache=True)
     assert evicted.prompt_len == n
     assert int(evicted.kept_per_head.sum()) == config.budget_tokens(n) * evicted.kept_per_head.numel()
@@ -109,8 +109,8 @@ def test_question_after_eviction_from_a_sliced_prefill(tiny_engine, prompt_ids, 
 
 
 def test_a_given_kept_set_replaces_the_policys_choice(tiny_engine, prefilled):
-    config = EvictionConfig(scorer="snapkv", budget=0.3, granularity="head", window=16)
-    other = EvictionConfig(scorer="knorm", budget=0.3, granularity="head", head_selection="token", window=16)
+    config = EvictionConfig(scorer="snapkv", budget=0.3, min_tokens=0, granularity="head", window=16)
+    other = EvictionConfig(scorer="knorm", budget=0.3, min_tokens=0, granularity="head", head_selection="token", window=16)
     kept = policies.compute_kept(tiny_engine.layer_inputs(prefilled, other), other)
     out = tiny_engine.generate(prefilled, config, 4, stop_on_eos=False, kept=kept)
     assert torch.equal(out.kept_per_head, kept.head_budgets)

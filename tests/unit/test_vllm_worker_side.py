@@ -17,8 +17,11 @@ from vllm_kvevict.vllm.worker.requests import HEAD, OBSERVING, PAGE, WHOLE
 from vllm_kvevict.vllm.worker.side import EvictionRecorder, WorkerSide
 
 PROMPT, LAYERS = 320, 2
-PAGE_CFG = EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_budget": 0.25, "kv_window": 8, "kv_granularity": "page"})
-HEAD_CFG = EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_budget": 0.25, "kv_window": 8})
+# floor off: the 100-token prompts here would keep everything under the default floor
+PAGE_CFG = EvictionConfig.from_flat(
+    {"kv_eviction": "snapkv", "kv_budget": 0.25, "kv_min_tokens": 0, "kv_window": 8, "kv_granularity": "page"}
+)
+HEAD_CFG = EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_budget": 0.25, "kv_min_tokens": 0, "kv_window": 8})
 
 
 def _side(caches: dict | None = None) -> WorkerSide:

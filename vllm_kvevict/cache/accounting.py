@@ -3,7 +3,7 @@
 Held: ``K`` compact blocks (:func:`~vllm_kvevict.cache.blocks.compact_blocks_needed`) plus its
 positional tail blocks (:meth:`~vllm_kvevict.cache.blocks.TailLayout.tail_blocks`). Ideal
 (EVALUATION.md, same rule as the page-granular manager): ``ceil(budget * prompt_blocks)``, with
-``budget`` the kept fraction of the prompt, plus the blocks the generated tokens need on their
+``budget`` the kept fraction of the prompt (raised to ``min_tokens`` where the floor binds), plus the blocks the generated tokens need on their
 own. Memory efficiency = ideal / held.
 """
 

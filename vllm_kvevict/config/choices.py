@@ -64,10 +64,17 @@ WINDOW_SCORERS: frozenset[str] = frozenset(
 #: Sink tokens kept when the user does not say.
 DEFAULT_SINKS: dict[str, int] = {"streamingllm": 4, "expected_attention": 4}
 
+#: Tokens a KV head keeps at least under a fractional budget (``min_tokens``), window and sinks
+#: included: the smallest floor measured past the short-prompt cliff (at ~900 tokens and budget
+#: 0.1 criticalkv and snapkv score 0.00 without it, 0.67 with it, as at 0.2;
+#: benchmarks/quality/FLOOR.md).
+DEFAULT_MIN_TOKENS = 192
+
 #: Flat key (CLI flag / vllm_xargs) -> field name.
 FLAT_KEYS: dict[str, str] = {
     "kv_eviction": "scorer",
     "kv_budget": "budget",
+    "kv_min_tokens": "min_tokens",
     "kv_allocation": "allocation",
     "kv_window": "window",
     "kv_sinks": "sinks",

@@ -13,6 +13,7 @@ from vllm_kvevict.config.choices import (
     ALLOCATIONS,
     CRITICALKV_BASES,
     DEFAULT_ALLOCATION,
+    DEFAULT_MIN_TOKENS,
     DEFAULT_SINKS,
     FIELD_TO_FLAT,
     FLAT_KEYS,
@@ -40,6 +41,13 @@ class EvictionConfig(BaseModel):
         1.0,
         description="tokens kept per KV head, window included: a fraction of the prompt in "
         "(0, 1), 1 to keep everything, or a whole token count > 1",
+    )
+    min_tokens: int = Field(
+        DEFAULT_MIN_TOKENS,
+        ge=0,
+        description="floor of a fractional budget: each KV head keeps max(int(L * budget), "
+        "min_tokens) tokens (window and sinks included), never more than the prompt; 0 turns it "
+        "off; not read by token-count budgets (benchmarks/quality/FLOOR.md)",
     )
     allocation: Optional[Literal[ALLOCATIONS]] = Field(  # type: ignore[valid-type]
         None, description="how a layer's budget is split across KV heads (default: per scorer)"
@@ -85,7 +93,7 @@ class EvictionConfig(BaseModel):
     )
 
     @field_validator(
-        "budget", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", "epsilon", mode="before"
+        "budget", "min_tokens", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", "epsilon", mode="before"
     )
     @classmethod
     def _no_bools(cls, value: Any, info) -> Any:
@@ -101,6 +109,13 @@ class EvictionConfig(BaseModel):
             raise EvictionConfigError("budget", b, _BUDGET_ALLOWED)
         if b <= 0 or (b > 1 and float(b) != int(b)):
             raise EvictionConfigError("budget", b, _BUDGET_ALLOWED)
+        if self.is_token_budget and "min_tokens" in self.model_fields_set and self.min_tokens != 0:
+            raise EvictionConfigError(
+                "min_tokens",
+                self.min_tokens,
+                f"0 with a token-count budget ({int(b)} tokens is already the count each head keeps); "
+                "the floor applies to fractional budgets",
+            )
         if self.window == 0 and self.scorer in WINDOW_SCORERS:
             raise EvictionConfigError("window", 0, f"an integer >= 1 ({self.scorer} scores with the window's queries)")
         if self.head_selection == "page" and self.resolved_allocation not in HEAD_PAGE_ALLOCATIONS:
@@ -172,14 +187,28 @@ class EvictionConfig(BaseModel):
     def budget_tokens(self, prompt_len: int) -> int:
         """Tokens kept per KV head for a prompt of ``prompt_len`` tokens (window+sinks at least).
 
-        Fractions round down like kvpress (``int(L * budget)``); the result is clamped to
-        ``[min(L, window + sinks), L]``.
+        Every budget becomes a token count here and nowhere else. Fractions round down like
+        kvpress (``int(L * budget)``) and are raised to ``min_tokens``; the result is clamped to
+        ``[min(L, window + sinks), L]``. A token-count budget is its count (no floor).
         """
         if self.keeps_everything:
             return prompt_len
-        raw = int(self.budget) if self.is_token_budget else int(prompt_len * float(self.budget))
+        if self.is_token_budget:
+            raw = int(self.budget)
+        else:
+            raw = max(int(prompt_len * float(self.budget)), self.min_tokens)
         floor = min(prompt_len, self.window + self.resolved_sinks)
         return max(floor, min(raw, prompt_len))
+
+    def budget_target(self, prompt_len: int) -> float:
+        """Unrounded tokens per head (PyramidKV's schedule and CriticalKV's uniform stage 1 read
+        it): ``L * budget`` raised to ``min_tokens`` for a fraction, never above ``L``; the count
+        of a token budget; ``L`` when everything is kept."""
+        if self.keeps_everything:
+            return float(prompt_len)
+        if self.is_token_budget:
+            return float(int(self.budget))
+        return min(float(prompt_len), max(prompt_len * float(self.budget), float(self.min_tokens)))
 
     # ----------------------------------------------------------------- the three doors
     @classmethod
@@ -231,8 +260,9 @@ class EvictionConfig(BaseModel):
     def describe(self) -> str:
         if not self.enabled:
             return "none"
+        floor = f" min_tokens={self.min_tokens}" if not self.is_token_budget else ""
         return (
-            f"{self.scorer} budget={self.budget} allocation={self.resolved_allocation} "
+            f"{self.scorer} budget={self.budget}{floor} allocation={self.resolved_allocation} "
             f"granularity={self.resolved_granularity} window={self.window} sinks={self.resolved_sinks}"
         )
 
@@ -261,6 +291,9 @@ def _merge(base: Optional[EvictionConfig], fields: dict[str, Any]) -> dict[str, 
     merged = base.model_dump(exclude_defaults=True)
     # A request that changes the scorer gets that scorer's default allocation and sinks, and
     # none of the base's settings its new scorer does not read, unless it names them too.
+    # The server's floor is not read by a request's token-count budget (refused if named).
+    if _is_token_count(fields.get("budget")) and "min_tokens" not in fields:
+        merged.pop("min_tokens", None)
     if "scorer" in fields and fields["scorer"] != base.scorer:
         merged.pop("allocation", None)
         merged.pop("sinks", None)
@@ -270,6 +303,10 @@ def _merge(base: Optional[EvictionConfig], fields: dict[str, Any]) -> dict[str, 
                 merged.pop(name)
     merged.update(fields)
     return merged
+
+
+def _is_token_count(budget: Any) -> bool:
+    return isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 1
 
 
 def _validate(fields: dict[str, Any], naming) -> EvictionConfig:
@@ -302,4 +339,6 @@ def _allowed_text(field: str, err: dict) -> str:
         return "allowed: " + ", ".join(choices[field])
     if field == "budget":
         return _BUDGET_ALLOWED
+    if field == "min_tokens":
+        return "a whole token count >= 0 (0 turns the floor off)"
     return err.get("msg", "invalid value")

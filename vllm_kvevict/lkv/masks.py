@@ -32,8 +32,10 @@ from vllm_kvevict.policies.select import KeptSet, plan_kept
 
 
 def train_config(budget: float, window: int) -> EvictionConfig:
-    """The policy a training budget stands for (scorer and allocation ``lkv``)."""
-    return EvictionConfig(scorer="lkv", budget=budget, window=window)
+    """The policy a training budget stands for (scorer and allocation ``lkv``); the floor off, so
+    a sampled fraction of the 768-1024-token examples is that fraction (as the packaged artifact
+    was trained)."""
+    return EvictionConfig(scorer="lkv", budget=budget, window=window, min_tokens=0)
 
 
 def example_features(scorer: TokenScorer, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:

@@ -75,7 +75,7 @@ class Validator:
                       for i, (k, v) in enumerate(zip(example.keys, example.values))]
             out = {}
             for budget in budgets:
-                config = EvictionConfig(scorer="keydiff", budget=budget, window=self.window)
+                config = EvictionConfig(scorer="keydiff", budget=budget, window=self.window, min_tokens=0)
                 out[f"keydiff/token/{budget:g}"] = kept_masks(compute_kept(layers, config), example.length)
                 scorer = build_scorer(config)
                 pages = plan_head_pages([scorer.page_score(x) for x in layers], config, example.length, PAGE)

@@ -12,7 +12,8 @@ blocks (those holding a sink, a window position, and the last block),
 ``n = min(num_blocks, max(ceil(B / block_size), len(required)))`` blocks are kept: all required
 ones plus the best-scored others. Because ``B >= W + S``, ``len(required) <=
 ceil((W + S - 1) / block_size) + 2``, so ``n <= ceil(B / block_size) + 2 <=
-ceil(budget * prompt_blocks) + 2`` for a fractional budget.
+ceil(budget * prompt_blocks) + 2`` for a fractional budget whose floor (``min_tokens``) does not
+bind, and ``ceil(min_tokens / block_size) + 2`` when it does.
 
 Evicted blocks (:func:`evicted_blocks`, what the vLLM plugin frees): the blocks not kept, all
 full blocks before the one holding the prompt's last token (always kept: decode appends to it).

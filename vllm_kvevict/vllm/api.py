@@ -65,7 +65,8 @@ def request_config(extra_args: Optional[Mapping[str, Any]], server_default: Evic
 def check_stricter(config: EvictionConfig, server: EvictionConfig, extra_args: Mapping[str, Any]) -> None:
     """Under ``--kv-request-override stricter`` a request may only hold less: the server's
     scorer, allocation and granularity, a budget of the same kind no larger than the server's,
-    no larger window or sinks (they set the budget's floor); scoring settings are free."""
+    no larger window or sinks (they set the budget's floor), no larger ``min_tokens`` (the
+    floor of a fractional budget); scoring settings are free."""
 
     def refuse(key: str, value: Any, why: str) -> None:
         raise EvictionConfigError(key, value, f"{why} (--kv-request-override stricter)")
@@ -80,8 +81,10 @@ def check_stricter(config: EvictionConfig, server: EvictionConfig, extra_args: M
                f"a budget of the server's kind no larger than its {server.budget}")
     if not config.keeps_everything and config.budget > server.budget:
         refuse("kv_budget", extra_args.get("kv_budget", config.budget), f"at most the server's {server.budget}")
-    for key, ours, theirs in (("kv_window", config.window, server.window),
-                              ("kv_sinks", config.resolved_sinks, server.resolved_sinks)):
+    limits = [("kv_window", config.window, server.window), ("kv_sinks", config.resolved_sinks, server.resolved_sinks)]
+    if not config.is_token_budget:  # a token budget does not read the floor
+        limits.append(("kv_min_tokens", config.min_tokens, server.min_tokens))
+    for key, ours, theirs in limits:
         if ours > theirs:
             refuse(key, extra_args.get(key, ours), f"at most the server's {theirs}")
 

@@ -3,7 +3,8 @@
 Layer 0 keeps about ``2B - B/beta`` tokens per head and the last layer ``B/beta`` (``beta = 20``),
 so the mean over layers stays ``B``. Formula, caps and fallback follow kvpress 0.5.5's
 ``PyramidKVPress.get_layer_budget`` (itself from KVCache-Factory) exactly, with ``B`` the
-*unrounded* target ``L * budget`` for fractional budgets:
+*unrounded* target ``config.budget_target(L)`` (``L * budget`` raised to ``min_tokens``) for
+fractional budgets:
 
 * ``max = 2B - B/beta`` capped at ``L - W`` (then ``min = 2B - max``);
 * if not ``L >= max >= min >= W`` (short prompts), every layer gets ``round(B)``;
@@ -25,16 +26,9 @@ from vllm_kvevict.policies.registry import register_allocator
 PYRAMID_BETA = 20
 
 
-def budget_target(seq_len: int, config: EvictionConfig) -> float:
-    """Unrounded tokens per head: ``L * budget`` (fraction) or the token count."""
-    if config.keeps_everything:
-        return float(seq_len)
-    return float(int(config.budget)) if config.is_token_budget else seq_len * float(config.budget)
-
-
 def pyramid_layer_budget(layer_idx: int, num_layers: int, seq_len: int, config: EvictionConfig) -> int:
     """Tokens per KV head kept by layer ``layer_idx`` (kvpress ``get_layer_budget``, then clamped)."""
-    window, target = config.window, budget_target(seq_len, config)
+    window, target = config.window, config.budget_target(seq_len)
     max_capacity = window + target
     min_num = (max_capacity - window) / PYRAMID_BETA
     max_num = (max_capacity - window) * 2 - min_num

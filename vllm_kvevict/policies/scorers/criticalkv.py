@@ -5,7 +5,8 @@ Stage 1 keeps each head's top ``n1`` by the base score ``a``; stage 2 ranks the 
 budget. Which ``n1``, following kvpress 0.5.5:
 
 * ``uniform``: ``int(budget * L * rho)`` for a fractional budget (``int(B * rho)`` for a token
-  budget), at least 1 — kvpress ``CriticalKVPress``;
+  budget), at least 1 — kvpress ``CriticalKVPress``; ``budget * L`` is
+  ``config.budget_target(L)``, raised to ``min_tokens`` (kvpress has no floor);
 * ``adakv_floor``: ``int(B[g] * rho)`` with ``B[g]`` the ``adakv_floor`` budgets of the base
   scores, and the Ada-KV safeguard tokens kept too — kvpress ``CriticalAdaKVPress``;
 * ``adakv`` (our rounding) and ``pyramid``: ``int(B[g] * rho)`` on that allocator's budgets.
@@ -37,7 +38,6 @@ import torch
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies.allocation import Allocation
 from vllm_kvevict.policies.allocators.adakv_floor import safe_count
-from vllm_kvevict.policies.allocators.pyramid import budget_target
 from vllm_kvevict.policies.base import LayerInputs, LayerScores, Needs, Scorer
 from vllm_kvevict.policies.ops import value_l1_norm
 from vllm_kvevict.policies.ranking import rank
@@ -88,7 +88,7 @@ class CriticalKV(Scorer):
         """``[Hkv]`` int64 ``n1`` per head from the head budgets (rules in the module docstring)."""
         config = self.allocation.config
         if self.allocation.name in ("uniform", "global"):
-            count = int(budget_target(seq_len, config) * self.rho)
+            count = int(config.budget_target(seq_len) * self.rho)
             return torch.full_like(budgets, max(1, count) if self.rho > 0 else 0)
         counts = (budgets * self.rho).to(torch.int64)
         if self.allocation.name == "adakv_floor":
