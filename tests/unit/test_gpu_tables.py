@@ -61,10 +61,11 @@ def test_rewrite_into_persistent_buffers_equals_the_cpu_rewrite_and_reuses_them(
     assert tables.rewrite(cm, {}) is cm
 
 
-def _kept(length: int, gen: torch.Generator) -> KeptSet:
+def _kept(length: int, gen: torch.Generator, most: int) -> KeptSet:
+    """Random kept sets of 1 .. min(length / 2, most) tokens per head."""
     indices = []
     for _ in range(LAYERS):
-        counts = torch.randint(1, length // 2, (HKV,), generator=gen)
+        counts = torch.randint(1, min(length // 2, most + 1), (HKV,), generator=gen)
         indices.append([torch.randperm(length, generator=gen)[: int(c)].sort().values for c in counts])
     return KeptSet(indices=indices, head_budgets=torch.tensor([[len(i) for i in r] for r in indices]), scores=[])
 
@@ -76,7 +77,9 @@ def _request(gen, cache, layout, prompt_len: int, seq_len: int, compact_blocks: 
     pos = torch.arange(seq_len)
     for layer in range(LAYERS):
         cache[layer][blocks[pos // BS], :, pos % BS] = torch.randn(seq_len, HKV, 2 * D, generator=gen)
-    plan = plan_compaction(_kept(prompt_len, gen), compact_blocks, BS, HKV)
+    # at most as many tokens per head as the compact blocks' head-pages hold spread evenly
+    # (more could overflow the region: CompactRegionOverflow, a random failure of the set-up)
+    plan = plan_compaction(_kept(prompt_len, gen, len(compact_blocks) * BS), compact_blocks, BS, HKV)
     for layer in range(LAYERS):
         layout.compact(cache[layer], blocks, plan, layer)
     return blocks, plan, CompactRegion.from_plan(plan, prompt_len)
