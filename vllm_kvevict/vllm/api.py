@@ -65,7 +65,8 @@ def request_config(extra_args: Optional[Mapping[str, Any]], server_default: Evic
 def check_stricter(config: EvictionConfig, server: EvictionConfig, extra_args: Mapping[str, Any]) -> None:
     """Under ``--kv-request-override stricter`` a request may only hold less: the server's
     scorer, allocation and granularity, a budget of the same kind no larger than the server's,
-    no larger window or sinks (they set the budget's floor); scoring settings are free."""
+    no larger window or sinks (they set the budget's floor), the prompt evicted if the server
+    evicts it, decode-time eviction no rarer than the server's; scoring settings are free."""
 
     def refuse(key: str, value: Any, why: str) -> None:
         raise EvictionConfigError(key, value, f"{why} (--kv-request-override stricter)")
@@ -84,6 +85,11 @@ def check_stricter(config: EvictionConfig, server: EvictionConfig, extra_args: M
                               ("kv_sinks", config.resolved_sinks, server.resolved_sinks)):
         if ours > theirs:
             refuse(key, extra_args.get(key, ours), f"at most the server's {theirs}")
+    if config.prompt_eviction == "off" and server.prompt_eviction == "on":
+        refuse("kv_prompt_eviction", extra_args.get("kv_prompt_eviction", "off"), "only the server's 'on' here")
+    if server.decode_interval and not 0 < config.decode_interval <= server.decode_interval:
+        refuse("kv_decode_interval", extra_args.get("kv_decode_interval", config.decode_interval),
+               f"between 1 and the server's {server.decode_interval}")
 
 
 def has_eviction_keys(extra_args: Optional[Mapping[str, Any]]) -> bool:
