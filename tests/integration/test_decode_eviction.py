@@ -89,8 +89,8 @@ def served(llm, prompt):
         return got
 
     stats.take = keep_taken
-    outs = llm.generate([{"prompt_token_ids": prompt}] * len(POLICIES), [_greedy(MAX_TOKENS, x) for x in POLICIES.values()],
-                        use_tqdm=False)
+    params = [_greedy(MAX_TOKENS, x) for x in POLICIES.values()]
+    outs = llm.generate([{"prompt_token_ids": prompt}] * len(POLICIES), params, use_tqdm=False)
     assert not recorder.failures, recorder.failures
     result = {}
     for name, out in zip(POLICIES, outs):

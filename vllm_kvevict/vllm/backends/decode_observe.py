@@ -60,5 +60,6 @@ def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layou
     )
     scores = row.policy.score_layer(inputs)
     if tuple(scores.values.shape) != (layout.num_kv_heads, row.held_len):
-        raise RuntimeError(f"scorer returned {tuple(scores.values.shape)}, expected {(layout.num_kv_heads, row.held_len)}")
+        expected = (layout.num_kv_heads, row.held_len)
+        raise RuntimeError(f"scorer returned {tuple(scores.values.shape)}, expected {expected}")
     sink.scores[layer_idx] = scores

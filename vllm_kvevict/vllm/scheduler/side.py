@@ -4,8 +4,9 @@
   policy of every request admitted this step (new or resumed), and, for head-granular requests
   whose prompt completes this step, their ``K`` compact blocks taken from the pool (an order).
 * :meth:`SchedulerSide.apply_report` (every model output): page evictions (after the prompt, and
-  decode-time ones every ``decode_interval`` tokens) null and free the evicted blocks; compactions swap the compact blocks in and free the positional ones; failed
-  orders give their blocks back. Reports about an earlier admission are stale and dropped.
+  decode-time ones every ``decode_interval`` tokens) null and free the evicted blocks;
+  compactions swap the compact blocks in and free the positional ones; failed orders give their
+  blocks back. Reports about an earlier admission are stale and dropped.
 * Metrics of what reached vLLM's pool are recorded here, once per request eviction.
 """
 

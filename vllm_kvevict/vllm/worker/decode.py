@@ -50,7 +50,8 @@ def finish_decode(step: Optional[EvictionStep], table: RequestTable, num_layers:
                 raise EvictionFailure("selection", f"{type(exc).__name__}: {exc}") from exc
             last = row.held_index.numel() - 1
             if sorted(set(chosen)) != list(chosen) or (chosen and not 0 <= chosen[0] <= chosen[-1] < last):
-                raise EvictionFailure("invariant", f"evicted held blocks {chosen} are not sorted full blocks before {last}")
+                raise EvictionFailure("invariant",
+                                      f"evicted held blocks {chosen} are not sorted full blocks before {last}")
             evicted = row.held_index[torch.tensor(chosen, dtype=torch.long)].tolist() if chosen else []
             if recorder is not None:
                 recorder.decode.setdefault(row.req_id, []).append(

@@ -4,8 +4,9 @@ Per batch row: a compacted request attends its compact region + tail (and the st
 gets its tail only); a page-evicted request's table drops its evicted blocks; a request whose
 prompt is being prefilled is observed (window queries, statistics) and, in the chunk that
 completes the prompt, scored; a page-evicted request with decode-time eviction adds its queries
-to its window and, every ``decode_interval`` tokens, has its held tokens scored. Everything is read from the runner's CPU-side batch (block
-table, offsets), so nothing here reads a device tensor.
+to its window and, every ``decode_interval`` tokens, has its held tokens scored. Everything is
+read from the runner's CPU-side batch (block table, offsets), so nothing here reads a device
+tensor.
 """
 
 from __future__ import annotations
