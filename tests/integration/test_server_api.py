@@ -31,7 +31,7 @@ CLI_RUNS = {
     "bad_flag": ["serve", "{model}", "--kv-budget", "2.5"],
     "bad_additional_config": ["serve", "{model}", "--additional-config", '{"kv_eviction": {"scorer": "snapkv", "budget": 7.5}}'],
     "flags_that_do_not_fit": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-budget", "64", "--kv-window", "100"],
-    "decode_interval_flag": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-decode-interval", "10"],
+    "decode_interval_flag": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-decode-interval", "64"],
     "floor_with_token_budget": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-budget", "64", "--kv-min-tokens", "32"],
 }
 
@@ -114,6 +114,7 @@ def test_help_lists_the_flags_with_defaults(cli_runs):
         ("--kv-granularity", "per scorer"),
         ("--kv-head-selection", "per scorer"),
         ("--kv-decode-interval", "0"),
+        ("--kv-prompt-eviction", "on"),
         ("--kv-alpha", "0.2"),
         ("--kv-rho", "0.5"),
         ("--kv-epsilon", "0.0"),
@@ -144,10 +145,12 @@ def test_flags_that_do_not_fit_together_are_a_usage_error_not_a_traceback(cli_ru
     assert "Traceback" not in output
 
 
-def test_decode_interval_flag_is_refused_until_it_works(cli_runs):
+def test_decode_interval_at_head_granularity_is_a_usage_error(cli_runs):
     code, output = finished(cli_runs["decode_interval_flag"])
     assert code == 2, output
-    assert "argument --kv-decode-interval: invalid kv_decode_interval=10" in output
+    assert "do not fit together" in output
+    assert "invalid kv_decode_interval=64: 0 at granularity 'head'" in output
+    assert "Traceback" not in output
 
 
 def test_a_floor_with_a_token_budget_is_refused_not_ignored(cli_runs):
@@ -172,6 +175,9 @@ def test_valid_requests_pass(client):
     assert floored.usage.completion_tokens == 4
     opted_out = complete(client, {"kv_eviction": "none"})
     assert opted_out.usage.completion_tokens == 4
+    decoding = complete(client, {"kv_eviction": "snapkv", "kv_granularity": "page", "kv_budget": 64,
+                                 "kv_decode_interval": 32, "kv_prompt_eviction": "off"})
+    assert decoding.usage.completion_tokens == 4
     chat = client.chat.completions.create(
         model=MODEL_NAME,
         messages=[{"role": "user", "content": "Hi"}],
@@ -193,14 +199,16 @@ def test_valid_requests_pass(client):
         ({"kv_budget": True}, "kv_budget"),
         ({"kv_window": True}, "kv_window"),
         ({"kv_decode_interval": 10}, "kv_decode_interval"),
+        ({"kv_eviction": "h2o", "kv_granularity": "page", "kv_decode_interval": 64}, "kv_decode_interval"),
+        ({"kv_eviction": "snapkv", "kv_prompt_eviction": "off"}, "kv_prompt_eviction"),
         ({"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_rho": 0.3}, "kv_rho"),
         ({"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_min_tokens": -1}, "kv_min_tokens"),
         ({"kv_eviction": "snapkv", "kv_budget": 64, "kv_min_tokens": 32}, "kv_min_tokens"),
         ({"kv_min_tokens": True}, "kv_min_tokens"),
     ],
     ids=["unknown-policy", "budget-above-1", "budget-negative", "budget-text", "window-list", "unknown-kv-key",
-         "budget-boolean", "window-boolean", "decode-interval", "setting-not-read", "floor-negative",
-         "floor-with-token-budget", "floor-boolean"],
+         "budget-boolean", "window-boolean", "decode-interval-head", "decode-interval-h2o", "prompt-off-no-decode",
+         "setting-not-read", "floor-negative", "floor-with-token-budget", "floor-boolean"],
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])
 def test_bad_xargs_are_400_naming_the_field_and_server_keeps_serving(client, server, xargs, field, stream):

@@ -34,6 +34,7 @@ def sample_stats() -> EvictionStats:
     stats.record_memory("snapkv", "page", ideal_blocks=7, held_blocks=8, logical_tokens=2000, kept_tokens=200)
     stats.record_head_budgets("tova", "head", [10, 20, 60])
     stats.record_error("scoring")
+    stats.record_decode_evictions("snapkv", evictions=2, blocks=5)
     return stats
 
 
@@ -51,6 +52,8 @@ def test_stats_record_aggregate_reduce():
         "kvevict blocks returned": 65,
         "kvevict eviction seconds": 0.306,
         "kvevict errors": 1,
+        "kvevict decode evictions": 2,
+        "kvevict decode blocks returned": 5,
     }
     assert [o[2] for o in stats.data["outcomes"]] == ["evicted"] * 3 + ["skipped_short", "opted_out"]
 
@@ -236,6 +239,8 @@ def test_vllm_prometheus_logger_exports_kvevict_series(tiny_llama_dir):
     assert sample("kvevict_held_tokens", **page) == 100
     assert sample("kvevict_held_tokens", **head) == 0  # gone from the snapshot: back to 0
     assert sample("kvevict_errors_total", **engine, stage="scoring") == 2
+    assert sample("kvevict_decode_evictions_total", **page) == 4
+    assert sample("kvevict_decode_blocks_returned_total", **page) == 10
     assert sample("kvevict_blocks_returned_total", **engine) == 120
     assert sample("kvevict_bytes_returned_total", **engine) == 120 * 1024
     assert sample("kvevict_cache_blocks", **engine) == 100

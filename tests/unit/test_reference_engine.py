@@ -187,10 +187,20 @@ def test_blocks_to_tokens_covers_whole_blocks():
     assert tokens.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13]
 
 
-def test_decode_interval_is_refused_not_ignored():
+def test_decode_interval_is_refused_where_it_is_not_supported():
+    """Head granularity, scorers whose statistics are not gathered during decode, and windows
+    larger than the interval: a usage error naming the field and what is allowed."""
     from vllm_kvevict.config import EvictionConfigError
 
-    with pytest.raises(EvictionConfigError, match="decode_interval=8: 0 \\(decode-time eviction is not implemented"):
-        EvictionConfig.from_fields(scorer="snapkv", budget=0.5, decode_interval=8)
-    with pytest.raises(EvictionConfigError, match="kv_decode_interval"):
-        EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_decode_interval": 10})
+    with pytest.raises(EvictionConfigError, match="decode_interval=64: 0 at granularity 'head'.*page granularity only"):
+        EvictionConfig.from_fields(scorer="snapkv", budget=0.5, decode_interval=64)
+    for scorer in ("h2o", "tova", "expected_attention", "criticalkv", "lkv"):
+        with pytest.raises(EvictionConfigError, match=f"kv_decode_interval=64: 0 with scorer '{scorer}'"):
+            EvictionConfig.from_flat({"kv_eviction": scorer, "kv_granularity": "page", "kv_decode_interval": 64})
+    with pytest.raises(EvictionConfigError, match="kv_decode_interval=16: an integer >= the window \\(32\\)"):
+        EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_granularity": "page", "kv_decode_interval": 16})
+    with pytest.raises(EvictionConfigError, match="kv_prompt_eviction='off': 'on' unless decode_interval > 0"):
+        EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_prompt_eviction": "off"})
+    config = EvictionConfig.from_flat({"kv_eviction": "knorm", "kv_granularity": "page", "kv_decode_interval": 64,
+                                       "kv_prompt_eviction": "off"})
+    assert config.evicts_during_decode and not config.evicts_prompt

@@ -83,6 +83,7 @@ FLAT_KEYS: dict[str, str] = {
     "kv_granularity": "granularity",
     "kv_head_selection": "head_selection",
     "kv_decode_interval": "decode_interval",
+    "kv_prompt_eviction": "prompt_eviction",
     "kv_alpha": "alpha",
     "kv_rho": "rho",
     "kv_epsilon": "epsilon",
@@ -91,6 +92,17 @@ FLAT_KEYS: dict[str, str] = {
     "kv_lkv_artifact": "lkv_artifact",
 }
 FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
+#: ``--kv-prompt-eviction``: whether the prompt is evicted after its prefill (``off``: only
+#: decode-time eviction, ``--kv-decode-interval``, evicts).
+PROMPT_EVICTIONS: tuple[str, ...] = ("on", "off")
+#: Scorers decode-time eviction supports: they read keys, values, the window's queries and the
+#: ``o_proj`` weight only, and nothing of the budget (docs/DECODE_EVICTION.md). Refused, with the
+#: reason: h2o and tova (their statistics are not accumulated during decode yet),
+#: expected_attention (pre-RoPE query statistics, same), criticalkv (its stage split reads the
+#: budget of the scored length), lkv (trained on prompt positions only).
+DECODE_SCORERS: tuple[str, ...] = (
+    "streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff", "defensivekv", "laprox", "value_aware",
+)
 #: Settings of the server, never of one request (a request naming one is refused).
 SERVER_ONLY: frozenset[str] = frozenset({"request_override"})
 #: ``--kv-request-override``: what a request's ``vllm_xargs`` may change (docs/ARCHITECTURE.md).
@@ -130,6 +142,9 @@ SCORER_SETTINGS: dict[str, str] = {
     "alpha": "the adakv and adakv_floor allocations",
     "head_selection": "head granularity",
     "lkv_artifact": "the lkv scorer and the lkv allocation",
+    "decode_interval": "page granularity with " + ", ".join(DECODE_SCORERS),
+    "prompt_eviction": "decode-time eviction (decode_interval > 0): page granularity with "
+    + ", ".join(DECODE_SCORERS),
 }
 _POOLING_SCORERS = frozenset({"snapkv", "pyramidkv"})
 
@@ -147,6 +162,9 @@ def reads_setting(fields: Mapping[str, Any], name: str) -> bool:
     if name == "pooling_kernel":
         return scorer in _POOLING_SCORERS | {"defensivekv"} or base in _POOLING_SCORERS
     allocation = fields.get("allocation") or DEFAULT_ALLOCATION.get(scorer, "uniform")
+    if name in ("decode_interval", "prompt_eviction"):
+        granularity = fields.get("granularity") or ("page" if allocation == "uniform" else "head")
+        return scorer in DECODE_SCORERS and granularity == "page"
     if name == "alpha":
         return allocation in ("adakv", "adakv_floor")
     if name == "head_selection":

@@ -12,6 +12,7 @@ from vllm_kvevict.config.choices import (
     ADDITIONAL_CONFIG_KEY,
     ALLOCATIONS,
     CRITICALKV_BASES,
+    DECODE_SCORERS,
     DEFAULT_ALLOCATION,
     DEFAULT_MIN_TOKENS,
     DEFAULT_SINKS,
@@ -22,6 +23,7 @@ from vllm_kvevict.config.choices import (
     HEAD_PAGE_ALLOCATIONS,
     HEAD_PAGE_MAX_BLOCK_SIZE,
     POOLINGS,
+    PROMPT_EVICTIONS,
     REQUEST_OVERRIDES,
     SCORER_SETTINGS,
     SCORERS,
@@ -74,7 +76,16 @@ class EvictionConfig(BaseModel):
         "no larger window or sinks, no opting out); 'none' nothing",
     )
     decode_interval: int = Field(
-        0, ge=0, description="re-compress every N decoded tokens; only 0 (never) until decode-time eviction lands"
+        0,
+        ge=0,
+        description="decode-time eviction: once N tokens were generated since the last eviction, "
+        "score every held token again (window: the last W generated tokens' queries) and evict back "
+        "to the budget; 0 never (page granularity only)",
+    )
+    prompt_eviction: Literal[PROMPT_EVICTIONS] = Field(  # type: ignore[valid-type]
+        "on",
+        description="evict the prompt after its prefill; 'off' keeps it whole and only decode-time "
+        "eviction (decode_interval > 0) evicts",
     )
     alpha: float = Field(0.2, ge=0.0, le=1.0, description="Ada-KV: share of the budget spread uniformly")
     rho: float = Field(0.5, ge=0.0, le=1.0, description="CriticalKV: share of the budget chosen by stage 1")
@@ -125,16 +136,13 @@ class EvictionConfig(BaseModel):
                 f"'token' with allocation {self.resolved_allocation!r}; whole pages per head need one of "
                 + ", ".join(HEAD_PAGE_ALLOCATIONS),
             )
+        self._check_decode()
         for name in SCORER_SETTINGS:
             if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default \
                     and not reads_setting(self.model_dump(), name):
                 raise EvictionConfigError(
                     name, getattr(self, name), f"not read by {self.describe_policy()}; it applies to {SCORER_SETTINGS[name]}"
                 )
-        if self.decode_interval != 0:
-            raise EvictionConfigError(
-                "decode_interval", self.decode_interval, "0 (decode-time eviction is not implemented yet)"
-            )
         if self.lkv_artifact is not None and not os.path.isfile(self.lkv_artifact):
             raise EvictionConfigError("lkv_artifact", self.lkv_artifact, "an existing LKV artifact file (safetensors)")
         if self.pooling_kernel % 2 == 0:
@@ -148,7 +156,46 @@ class EvictionConfig(BaseModel):
             )
         return self
 
+    def _check_decode(self) -> None:
+        """Decode-time eviction's settings (checked once a scorer is named: flags are first
+        checked one by one on a policy without one)."""
+        if not self.enabled:
+            return
+        if self.prompt_eviction == "off" and self.decode_interval == 0:
+            raise EvictionConfigError(
+                "prompt_eviction", "off", "'on' unless decode_interval > 0 (with neither, nothing would be evicted)"
+            )
+        if self.decode_interval == 0:
+            return
+        n = self.decode_interval
+        if self.resolved_granularity != "page":
+            raise EvictionConfigError(
+                "decode_interval", n,
+                f"0 at granularity {self.resolved_granularity!r}: decode-time eviction runs at page "
+                "granularity only (set granularity to 'page')",
+            )
+        if self.scorer not in DECODE_SCORERS:
+            raise EvictionConfigError(
+                "decode_interval", n,
+                f"0 with scorer {self.scorer!r}: decode-time eviction supports " + ", ".join(DECODE_SCORERS),
+            )
+        if n < self.window:
+            raise EvictionConfigError(
+                "decode_interval", n, f"an integer >= the window ({self.window}): the window's queries are "
+                "those of tokens generated since the last eviction",
+            )
+
     # ----------------------------------------------------------------- derived values
+    @property
+    def evicts_prompt(self) -> bool:
+        """Whether the prompt is evicted after its prefill."""
+        return self.enabled and self.prompt_eviction == "on"
+
+    @property
+    def evicts_during_decode(self) -> bool:
+        """Whether held tokens are evicted again every ``decode_interval`` generated tokens."""
+        return self.enabled and self.decode_interval > 0
+
     @property
     def enabled(self) -> bool:
         return self.scorer != "none"

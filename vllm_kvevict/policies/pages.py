@@ -17,11 +17,16 @@ bind, and ``ceil(min_tokens / block_size) + 2`` when it does.
 
 Evicted blocks (:func:`evicted_blocks`, what the vLLM plugin frees): the blocks not kept, all
 full blocks before the one holding the prompt's last token (always kept: decode appends to it).
+
+Decode-time eviction (docs/DECODE_EVICTION.md) scores the *held* tokens (kept blocks in order,
+then the tail: every block full but the last) and passes the budget of the request's whole
+length: ``config.budget_tokens(seq_len)`` for ``seq_len`` tokens so far.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -71,12 +76,16 @@ def required_blocks(seq_len: int, block_size: int, config: EvictionConfig) -> to
     return required
 
 
-def select_pages(block_scores: torch.Tensor, seq_len: int, block_size: int, config: EvictionConfig) -> torch.Tensor:
-    """Sorted int64 indices of the blocks kept (count rule in the module docstring)."""
+def select_pages(block_scores: torch.Tensor, seq_len: int, block_size: int, config: EvictionConfig,
+                 budget: Optional[int] = None) -> torch.Tensor:
+    """Sorted int64 indices of the blocks kept (count rule in the module docstring).
+
+    ``budget``: tokens to keep, when not ``config.budget_tokens(seq_len)`` (decode-time eviction
+    scores the held tokens but budgets the request's whole length)."""
     num_blocks = math.ceil(seq_len / block_size)
     if block_scores.shape[0] != num_blocks:
         raise ValueError(f"{block_scores.shape[0]} block scores for {num_blocks} blocks of {seq_len} tokens")
-    budget = config.budget_tokens(seq_len)
+    budget = config.budget_tokens(seq_len) if budget is None else budget
     if config.keeps_everything or budget >= seq_len:
         return torch.arange(num_blocks)
     required = required_blocks(seq_len, block_size, config)
@@ -86,8 +95,10 @@ def select_pages(block_scores: torch.Tensor, seq_len: int, block_size: int, conf
     return torch.sort(order[:keep]).values
 
 
-def evicted_blocks(scores: list[LayerScores], seq_len: int, block_size: int, config: EvictionConfig) -> list[int]:
-    """Sorted positional indices of the prompt blocks to evict, from per-layer page scores."""
-    keep = set(select_pages(page_scores(scores, block_size), seq_len, block_size, config).tolist())
+def evicted_blocks(scores: list[LayerScores], seq_len: int, block_size: int, config: EvictionConfig,
+                   budget: Optional[int] = None) -> list[int]:
+    """Sorted indices of the blocks to evict (of ``seq_len`` scored tokens), from per-layer page
+    scores; ``budget`` as :func:`select_pages`."""
+    keep = set(select_pages(page_scores(scores, block_size), seq_len, block_size, config, budget).tolist())
     last_block = (seq_len - 1) // block_size
     return [b for b in range(last_block) if b not in keep]

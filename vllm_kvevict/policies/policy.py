@@ -15,7 +15,7 @@ giving the identity, resolved when the policy first scores).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.lkv.artifact import LKVSource
@@ -61,9 +61,11 @@ class Policy:
             return plan_head_pages(scores, self.config, seq_len, self.block_size)
         return plan_kept(scores, self.config, seq_len)
 
-    def evicted_blocks(self, scores: list[LayerScores], seq_len: int) -> list[int]:
-        """Page granularity: sorted positional indices of the prompt blocks to evict."""
-        return evicted_blocks(scores, seq_len, self.block_size, self.config)
+    def evicted_blocks(self, scores: list[LayerScores], seq_len: int, budget: Optional[int] = None) -> list[int]:
+        """Page granularity: sorted indices of the blocks of ``seq_len`` scored tokens to evict
+        (positional after prefill; of the held blocks at decode time, with the ``budget`` of the
+        request's whole length)."""
+        return evicted_blocks(scores, seq_len, self.block_size, self.config, budget)
 
 
 def policy_scorer(config: EvictionConfig, model: Any = None) -> Scorer:

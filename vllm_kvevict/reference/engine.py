@@ -14,7 +14,7 @@ Example
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -23,6 +23,7 @@ import torch
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.lkv.identity import ModelIdentity
 from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.reference.decode_eviction import Chooser, DecodeEviction, DecodeEvictor, greedy_decode_evicting
 from vllm_kvevict.reference.forward import greedy_decode, run_prompt, run_tokens
 from vllm_kvevict.reference.head_cache import HeadCache
 from vllm_kvevict.reference.model_parts import DecoderParts
@@ -46,6 +47,7 @@ class Generation:
     prompt_len : ``L``.
     logits : ``[len(token_ids), V]`` logits each token was chosen from (``return_logits``).
     cache : the per-head cache after decoding (``return_cache``).
+    decode_evictions : the decode-time evictions, in order (``config.decode_interval > 0``).
     """
 
     token_ids: list[int]
@@ -56,6 +58,7 @@ class Generation:
     prompt_len: int
     logits: Optional[torch.Tensor] = None
     cache: Optional[HeadCache] = None
+    decode_evictions: list[DecodeEviction] = field(default_factory=list)
 
 
 class ReferenceEngine:
@@ -131,6 +134,7 @@ class ReferenceEngine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         return_logits: bool = False,
         return_cache: bool = False,
+        decode_choices: Optional[Chooser] = None,
     ) -> Generation:
         """Evict with ``config``, then decode greedily.
 
@@ -141,6 +145,8 @@ class ReferenceEngine:
         kept : kept indices (``kept[layer][kv_head]``, or a ``KeptSet``) to use instead of the
             policy's, e.g. another implementation's choice.
         block_size : page size for ``granularity="page"``.
+        decode_choices : forces each decode-time eviction's evicted blocks (``config.decode_interval
+            > 0``; :mod:`~vllm_kvevict.reference.decode_eviction`), e.g. the served plugin's.
         """
         if kept is None:
             kept = self.kept_indices(prefilled, config, block_size)
@@ -160,9 +166,13 @@ class ReferenceEngine:
             positions = torch.arange(position, position + suffix.numel())
             logits = run_tokens(self.parts, cache, suffix, positions)[-1]
             position += suffix.numel()
-        tokens, step_logits = greedy_decode(
-            self.parts, cache, logits, position, max_new_tokens, self.eos_token_ids if stop_on_eos else frozenset()
-        )
+        stop_ids = self.eos_token_ids if stop_on_eos else frozenset()
+        evictor = None
+        if config.evicts_during_decode:
+            evictor = DecodeEvictor(self.parts, config, block_size, position, prefilled.model, decode_choices)
+            tokens, step_logits = greedy_decode_evicting(evictor, cache, logits, position, max_new_tokens, stop_ids)
+        else:
+            tokens, step_logits = greedy_decode(self.parts, cache, logits, position, max_new_tokens, stop_ids)
         return Generation(
             token_ids=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True),
@@ -172,6 +182,7 @@ class ReferenceEngine:
             prompt_len=L,
             logits=step_logits if return_logits else None,
             cache=cache if return_cache else None,
+            decode_evictions=evictor.evictions if evictor is not None else [],
         )
 
 

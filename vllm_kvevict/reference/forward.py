@@ -8,6 +8,7 @@ cached with, and a query at position ``p`` sees every cached token whose positio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,12 @@ def attend_ragged(
 
 
 @torch.no_grad()
-def run_tokens(parts: DecoderParts, cache: HeadCache, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def run_tokens(parts: DecoderParts, cache: HeadCache, token_ids: torch.Tensor, positions: torch.Tensor,
+               queries_out: Optional[list] = None) -> torch.Tensor:
     """Run new tokens ``[T]`` at logical ``positions [T]`` over ``cache`` (appending them to it).
+
+    ``queries_out``: if given, every layer's post-RoPE queries ``[H, T, d]`` are appended to it
+    (the window of decode-time eviction).
 
     Returns ``[T, V]`` float32 logits.
     """
@@ -95,6 +100,8 @@ def run_tokens(parts: DecoderParts, cache: HeadCache, token_ids: torch.Tensor, p
     for layer_idx in range(parts.num_layers):
         q, k, v = parts.project(layer_idx, hidden)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if queries_out is not None:
+            queries_out.append(q)
         cache.append(layer_idx, k, v, positions)
         out = attend_ragged(q, positions, cache, layer_idx, parts.scale)
         hidden = parts.finish(layer_idx, hidden, out)

@@ -51,6 +51,15 @@ class HeadStore:
         self.position_buf[self.length : end] = positions
         self.length = end
 
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the live rows where ``keep [length]`` (bool) is true, in order."""
+        idx = torch.nonzero(keep, as_tuple=False).view(-1)
+        n = int(idx.numel())
+        for name in ("key_buf", "value_buf", "position_buf"):
+            buf = getattr(self, name)
+            buf[:n] = buf[: self.length].index_select(0, idx)
+        self.length = n
+
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.key_buf.shape[0])
         for name in ("key_buf", "value_buf", "position_buf"):
@@ -111,6 +120,13 @@ class HeadCache:
     def lengths(self) -> torch.Tensor:
         """``[num_layers, Hkv]`` live tokens per store."""
         return torch.tensor([[s.length for s in row] for row in self.stores], dtype=torch.long)
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep the rows where ``keep`` is true in every store (page granularity: every store
+        holds the same positions, ``keep [length]`` bool)."""
+        for row in self.stores:
+            for store in row:
+                store.keep_rows(keep)
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Append ``keys, values [Hkv, T, d]`` at ``positions [T]`` to every head of ``layer``."""

@@ -45,8 +45,9 @@ def kept_blocks(prefilled: Prefilled, config: EvictionConfig, block_size: int) -
 
 
 def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -> KeptIndices:
-    """Kept indices for ``config`` (everything when it keeps everything)."""
-    if config.keeps_everything:
+    """Kept indices for ``config`` (everything when it keeps everything or leaves the prompt
+    whole: ``prompt_eviction="off"``)."""
+    if config.keeps_everything or not config.evicts_prompt:
         return keep_all(prefilled)
     if config.resolved_granularity == "page":
         tokens = blocks_to_tokens(kept_blocks(prefilled, config, block_size), block_size, prefilled.prompt_len)

@@ -66,7 +66,8 @@ def check_stricter(config: EvictionConfig, server: EvictionConfig, extra_args: M
     """Under ``--kv-request-override stricter`` a request may only hold less: the server's
     scorer, allocation and granularity, a budget of the same kind no larger than the server's,
     no larger window or sinks (they set the budget's floor), no larger ``min_tokens`` (the
-    floor of a fractional budget); scoring settings are free."""
+    floor of a fractional budget), the prompt evicted if the server evicts it, decode-time
+    eviction no rarer than the server's; scoring settings are free."""
 
     def refuse(key: str, value: Any, why: str) -> None:
         raise EvictionConfigError(key, value, f"{why} (--kv-request-override stricter)")
@@ -87,6 +88,11 @@ def check_stricter(config: EvictionConfig, server: EvictionConfig, extra_args: M
     for key, ours, theirs in limits:
         if ours > theirs:
             refuse(key, extra_args.get(key, ours), f"at most the server's {theirs}")
+    if config.prompt_eviction == "off" and server.prompt_eviction == "on":
+        refuse("kv_prompt_eviction", extra_args.get("kv_prompt_eviction", "off"), "only the server's 'on' here")
+    if server.decode_interval and not 0 < config.decode_interval <= server.decode_interval:
+        refuse("kv_decode_interval", extra_args.get("kv_decode_interval", config.decode_interval),
+               f"between 1 and the server's {server.decode_interval}")
 
 
 def has_eviction_keys(extra_args: Optional[Mapping[str, Any]]) -> bool:

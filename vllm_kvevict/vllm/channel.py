@@ -45,6 +45,10 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
 
     #: page granularity: request id -> evicted positional block indices.
     evicted: dict[str, list[int]] = field(default_factory=dict)
+    #: decode-time eviction: request id -> positional block indices evicted since the last report.
+    decode_evicted: dict[str, list[int]] = field(default_factory=dict)
+    #: decode-time eviction: request id -> evictions since the last report (for the metrics).
+    decode_count: dict[str, int] = field(default_factory=dict)
     #: head granularity: request id -> tokens kept per (layer, KV head), compaction done.
     head_compacted: dict[str, list[int]] = field(default_factory=dict)
     #: head granularity: orders not used (left whole, or compaction failed): blocks go back.
@@ -55,11 +59,15 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
     passes: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
-        return not (self.evicted or self.head_compacted or self.head_failed)
+        return not (self.evicted or self.decode_count or self.head_compacted or self.head_failed)
 
     def merge(self, other: "KVEvictWorkerMetadata") -> None:
         """Add ``other``'s reports (a later step of the same worker) into this one."""
         self.evicted.update(other.evicted)
+        for req_id, blocks in other.decode_evicted.items():  # several evictions: every block freed
+            self.decode_evicted[req_id] = sorted(set(self.decode_evicted.get(req_id, [])) | set(blocks))
+        for req_id, count in other.decode_count.items():
+            self.decode_count[req_id] = self.decode_count.get(req_id, 0) + count
         self.head_compacted.update(other.head_compacted)
         self.head_failed |= other.head_failed
         self.generations.update(other.generations)
@@ -69,7 +77,8 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
         """Across workers. Tensor parallelism is refused at startup (:mod:`.startup`), so there
         is one worker; should there be more, ranks that disagree on pages evict none."""
         merged = KVEvictWorkerMetadata(
-            evicted=dict(self.evicted), head_compacted=dict(self.head_compacted),
+            evicted=dict(self.evicted), decode_evicted=dict(self.decode_evicted),
+            decode_count=dict(self.decode_count), head_compacted=dict(self.head_compacted),
             head_failed=set(self.head_failed), generations=dict(self.generations), passes=dict(self.passes),
         )
         for req_id, blocks in getattr(other, "evicted", {}).items():
@@ -77,6 +86,11 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
                 merged.evicted[req_id] = []
             else:
                 merged.evicted[req_id] = blocks
+        for req_id, blocks in getattr(other, "decode_evicted", {}).items():
+            if merged.decode_evicted.get(req_id, blocks) != blocks:
+                merged.decode_evicted[req_id] = []
+        for req_id, count in getattr(other, "decode_count", {}).items():
+            merged.decode_count.setdefault(req_id, count)
         merged.head_failed |= set(getattr(other, "head_failed", ()))
         for name in ("generations", "passes"):
             for key, value in getattr(other, name, {}).items():

@@ -53,6 +53,9 @@ GROUP_DESCRIPTION = (
 #: them all (criticalkv over snapkv, adakv, head granularity), all flags together later.
 _SINGLE_FLAG_BASE = EvictionConfig(window=1)
 _READING_BASE = EvictionConfig(scorer="criticalkv", window=1)
+#: Where decode-time eviction's settings are read (checked one by one on it).
+_DECODE_BASE = EvictionConfig(scorer="snapkv", granularity="page", window=1, decode_interval=1)
+_FLAG_BASES = {"kv_decode_interval": _DECODE_BASE, "kv_prompt_eviction": _DECODE_BASE}
 _PER_SCORER = "per scorer"
 #: A description's own "(default: ...)" note; the flag's help states the default once.
 _OWN_DEFAULT = re.compile(r"\s*\(default:[^)]*\)\s*$")
@@ -95,7 +98,7 @@ def parse_flag_value(key: str, text: str) -> Any:
         Naming the flag's key, the value and what is allowed (argparse prefixes the option).
     """
     try:
-        base = _READING_BASE if FLAT_KEYS[key] in SCORER_SETTINGS else _SINGLE_FLAG_BASE
+        base = _FLAG_BASES.get(key) or (_READING_BASE if FLAT_KEYS[key] in SCORER_SETTINGS else _SINGLE_FLAG_BASE)
         config = EvictionConfig.from_flat({key: text}, base=base)
     except EvictionConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

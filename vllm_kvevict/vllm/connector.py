@@ -85,6 +85,8 @@ class KVEvictConnector(KVConnectorBase_V1):
         for scorer, granularity, stage in done.failed.values():
             self.stats.record_outcome(scorer, granularity, "error")
             self.stats.record_error(stage)
+        for _scorer, _granularity, stage in done.decode_failed.values():
+            self.stats.record_error(stage)
 
     def build_connector_worker_meta(self) -> Optional[KVEvictWorkerMetadata]:
         return self.eviction_steps.take_report()

@@ -128,6 +128,63 @@ class TableRow:
     seq_len: int
 
 
+@dataclass
+class DecodeWindow:
+    """Decode-time eviction of one page-evicted request, across its decode steps: the queries of
+    its last ``window`` tokens run (the attention impl appends them every step) and, in a scoring
+    step, every layer's scores of the held tokens (the worker reads them after the forward)."""
+
+    window: int
+    #: layer index -> ``[n <= window, H, d]`` post-RoPE queries of the last tokens, in order.
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: tokens whose queries were appended since admission (the window is full at ``>= window``).
+    observed: int = 0
+    scores: dict[int, "LayerScores"] = field(default_factory=dict)
+    error: Optional[str] = None
+    seconds: float = 0.0
+    fault: Optional[str] = None
+
+    def append(self, layer: int, queries: torch.Tensor) -> None:
+        q = queries.detach().float().clone()
+        held = self.queries.get(layer)
+        q = q if held is None else torch.cat([held, q], dim=0)
+        self.queries[layer] = q[-self.window :]
+
+    def fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+
+    def reset_scores(self) -> None:
+        self.scores, self.error, self.seconds = {}, None, 0.0
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    """A batch row of a page-evicted request with decode-time eviction: its queries join its
+    window; with ``score`` (``decode_interval`` tokens since the last eviction) its held tokens
+    are scored after the stock kernel wrote this step's K/V.
+
+    ``held_blocks``: the held positional block ids in order (those the stock kernel reads),
+    ``held_index``: their indices in the positional block list, ``held_len`` tokens in all, at
+    logical ``positions``; ``seq_len``: the request's length after this step.
+    """
+
+    req_id: str
+    query_offset: int
+    num_queries: int
+    seq_len: int
+    score: bool
+    held_blocks: torch.Tensor
+    held_index: torch.Tensor
+    positions: torch.Tensor
+    sink: DecodeWindow
+    policy: "Policy"
+
+    @property
+    def held_len(self) -> int:
+        return int(self.positions.numel())
+
+
 @dataclass(frozen=True)
 class EvictionStep:
     """Everything the attention layers do for eviction in one step, by batch row."""
@@ -136,9 +193,10 @@ class EvictionStep:
     head_rows: dict[int, HeadRow]
     table_rows: dict[int, TableRow]
     model: "ModelInfo"
+    decode: dict[int, DecodeRow] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.observe or self.head_rows or self.table_rows)
+        return bool(self.observe or self.head_rows or self.table_rows or self.decode)
 
 
 class StepSource(Protocol):

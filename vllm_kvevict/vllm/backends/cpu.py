@@ -29,6 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_kvevict.vllm import block_tables
+from vllm_kvevict.vllm.backends.decode_observe import observe_decode_rows
 from vllm_kvevict.vllm.backends.head_batch import HeadRowBuffers
 from vllm_kvevict.vllm.backends.head_rows import attend_head_rows
 from vllm_kvevict.vllm.backends.head_rows_paged import attend_head_rows_paged, paged_path_selected
@@ -86,6 +87,9 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         if step.observe:
             observe_rows(step, layer_name, idx, query, kv_cache, layout, self.num_heads, self.scale,
                          self.unsupported_for_eviction())
+        if step.decode:
+            observe_decode_rows(step, layer_name, idx, query, kv_cache, layout, self.num_heads, self.scale,
+                                self.unsupported_for_eviction())
         return out
 
     def unsupported_for_eviction(self) -> str:

@@ -30,6 +30,7 @@ from typing import Optional
 
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 
+from vllm_kvevict.vllm.backends.decode_observe import observe_decode_rows
 from vllm_kvevict.vllm.backends.gpu_observe import ScoringStep, observe_rows_gpu
 from vllm_kvevict.vllm.backends.gpu_tables import StepTables
 from vllm_kvevict.vllm.backends.head_batch import HeadRowBuffers, HeadRowTensors, decode_head_rows
@@ -130,6 +131,9 @@ class EvictingImpl:
         if eviction.step.observe:
             observe_rows_gpu(eviction.step, eviction.scoring, layer_name, idx, query, kv_cache, eviction.layout,
                              self.num_heads, self.scale, self.unsupported_for_eviction())
+        if eviction.step.decode:  # torch path on the device tensors (not yet run on a GPU)
+            observe_decode_rows(eviction.step, layer_name, idx, query, kv_cache, eviction.layout, self.num_heads,
+                                self.scale, self.unsupported_for_eviction())
         return out
 
     def unsupported_for_eviction(self) -> str:

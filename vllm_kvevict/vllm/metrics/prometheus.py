@@ -10,6 +10,7 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 from vllm_kvevict.vllm.metrics.stats import (
     _BLOCKS_RETURNED,
     _BYTES_RETURNED,
+    _DECODE,
     _ERRORS,
     _EVICTIONS,
     _HEADS,
@@ -83,6 +84,13 @@ class EvictionPromMetrics(KVConnectorPromMetrics):
             "logical_tokens", "Tokens of running evicted requests, as stock vLLM would hold them.", policy_labels
         )
         self.held_tokens = self._gauge("held_tokens", "Tokens those requests hold after eviction.", policy_labels)
+        self.decode_evictions = self._counter(
+            "decode_evictions", "Decode-time evictions (every decode_interval generated tokens).", policy_labels
+        )
+        self.decode_blocks_returned = self._counter(
+            "decode_blocks_returned", "KV-cache blocks returned to vLLM's pool by decode-time evictions.",
+            policy_labels,
+        )  # fmt: skip
         self.errors = self._counter("errors", "Eviction failures (request left whole), by stage.", [*labelnames, "stage"])
         self.blocks_returned = self._per_engine(
             self._counter("blocks_returned", "KV-cache blocks returned to vLLM's free block pool.", labelnames)
@@ -154,6 +162,9 @@ class EvictionPromMetrics(KVConnectorPromMetrics):
                 self.last_head_kept.labels(*engine, policy, granularity, stat).set(value)
         for stage in data.get(_ERRORS, []):
             self.errors.labels(*engine, stage).inc()
+        for policy, evictions, blocks in data.get(_DECODE, []):
+            self.decode_evictions.labels(*engine, policy, "page").inc(evictions)
+            self.decode_blocks_returned.labels(*engine, policy, "page").inc(blocks)
         if _HELD in data:
             seen = self._held_labels.setdefault(engine_idx, set())
             now = set()

@@ -37,7 +37,8 @@ _HEADS = "head_budgets"  # [[policy, granularity, [kept per (layer, head)]], ...
 _ERRORS = "errors"  # [stage, ...]
 _HELD = "held"  # latest snapshot: [[policy, granularity, logical, kept], ...]
 _POOL = "pool"  # latest snapshot: [num_blocks, block_size, bytes_per_block]
-_LISTS = (_EVICTIONS, _BLOCKS_RETURNED, _BYTES_RETURNED, _OUTCOMES, _SCORING, _MEMORY, _HEADS, _ERRORS)
+_DECODE = "decode"  # decode-time evictions: [[policy, evictions, blocks returned], ...]
+_LISTS = (_EVICTIONS, _BLOCKS_RETURNED, _BYTES_RETURNED, _OUTCOMES, _SCORING, _MEMORY, _HEADS, _ERRORS, _DECODE)
 _SNAPSHOTS = (_HELD, _POOL)
 
 
@@ -79,6 +80,12 @@ class EvictionStats(KVConnectorStats):
             self.data[_BLOCKS_RETURNED].append(int(num_blocks))
         if num_bytes:
             self.data.setdefault(_BYTES_RETURNED, []).append(int(num_bytes))
+
+    def record_decode_evictions(self, policy: str, evictions: int, blocks: int) -> None:
+        """Decode-time evictions of one request (page granularity) and the blocks they returned
+        (those are also in :meth:`record_blocks_returned`)."""
+        if evictions or blocks:
+            self.data.setdefault(_DECODE, []).append([bounded_labels(policy, "page")[0], int(evictions), int(blocks)])
 
     def record_memory(
         self, policy: str, granularity: str, ideal_blocks: int, held_blocks: int, logical_tokens: int, kept_tokens: int
@@ -122,6 +129,8 @@ class EvictionStats(KVConnectorStats):
             "kvevict blocks returned": sum(self.data.get(_BLOCKS_RETURNED, [])),
             "kvevict eviction seconds": round(sum(e[4] for e in evictions), 6),
             "kvevict errors": len(self.data.get(_ERRORS, [])),
+            "kvevict decode evictions": sum(d[1] for d in self.data.get(_DECODE, [])),
+            "kvevict decode blocks returned": sum(d[2] for d in self.data.get(_DECODE, [])),
         }
 
     def is_empty(self) -> bool:
@@ -155,6 +164,10 @@ class EvictionStatsRecorder:
             num_bytes = num_blocks * self._block_bytes
         with self._lock:
             self._stats.record_blocks_returned(num_blocks, num_bytes)
+
+    def record_decode_evictions(self, policy: str, evictions: int, blocks: int) -> None:
+        with self._lock:
+            self._stats.record_decode_evictions(policy, evictions, blocks)
 
     def record_memory(
         self, policy: str, granularity: str, ideal_blocks: int, held_blocks: int, logical_tokens: int, kept_tokens: int

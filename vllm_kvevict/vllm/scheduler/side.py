@@ -3,9 +3,10 @@
 * :meth:`SchedulerSide.build_metadata` (every schedule): requests to forget, the resolved
   policy of every request admitted this step (new or resumed), and, for head-granular requests
   whose prompt completes this step, their ``K`` compact blocks taken from the pool (an order).
-* :meth:`SchedulerSide.apply_report` (every model output): page evictions null and free the
-  evicted blocks; compactions swap the compact blocks in and free the positional ones; failed
-  orders give their blocks back. Reports about an earlier admission are stale and dropped.
+* :meth:`SchedulerSide.apply_report` (every model output): page evictions (after the prompt, and
+  decode-time ones every ``decode_interval`` tokens) null and free the evicted blocks;
+  compactions swap the compact blocks in and free the positional ones; failed orders give their
+  blocks back. Reports about an earlier admission are stale and dropped.
 * Metrics of what reached vLLM's pool are recorded here, once per request eviction.
 """
 
@@ -140,6 +141,28 @@ class SchedulerSide:
             # before the output that evicted its pages is processed: that report is stale.
             if blocks and current(req_id):
                 self._evict_pages(req_id, blocks, *report.passes.get(req_id, ("other", 0.0)))
+        for req_id, count in report.decode_count.items():
+            if current(req_id):
+                self._evict_decoded(req_id, report.decode_evicted.get(req_id, []), count)
+
+    def _evict_decoded(self, req_id: str, blocks: list[int], evictions: int) -> None:
+        """Decode-time evictions: the held blocks the worker stopped reading go back to the pool."""
+        try:
+            returned = evict_blocks(self.manager, req_id, blocks) if blocks else 0
+        except Exception as exc:
+            logger.error("kvevict: could not free decode-evicted blocks of %s: %s", req_id, exc)
+            self.stats.record_error("free")
+            return
+        if returned:
+            self.state.frozen.add(req_id)
+        self.state.blocks_returned += returned
+        cfg = self.state.known_config(req_id)
+        policy = cfg.scorer if cfg is not None else "other"
+        self.stats.record_blocks_returned(returned)
+        self.stats.record_decode_evictions(policy, evictions, returned)
+        request = self._requests.get(req_id)
+        if request is not None and blocks:
+            self.held.hold(request, policy, "page", len(blocks) * self.block_size)
 
     def _evict_pages(self, req_id: str, blocks: list[int], policy: str, seconds: float) -> None:
         try:

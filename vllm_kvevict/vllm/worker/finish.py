@@ -19,6 +19,8 @@ import torch
 from vllm_kvevict.cache import plan_compaction
 from vllm_kvevict.vllm.channel import KVEvictWorkerMetadata
 from vllm_kvevict.vllm.step import CompactRegion, EvictionStep
+from vllm_kvevict.vllm.worker.decode import finish_decode
+from vllm_kvevict.vllm.worker.failure import STAGES, EvictionFailure  # noqa: F401 (re-exported)
 from vllm_kvevict.vllm.worker.requests import HEAD, PAGE, WHOLE, RequestTable
 
 logger = logging.getLogger(__name__)
@@ -35,22 +37,14 @@ class FinishedStep:
     failed: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     #: requests scored with nothing worth evicting (page: no block; head: no compaction order).
     nothing_evicted: set[str] = field(default_factory=set)
+    #: request id -> (scorer, granularity, stage) of decode-time evictions that failed (skipped).
+    decode_failed: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
 
 #: ``layer index -> (its KV cache tensor, its PagedLayout)``.
 CacheLookup = Callable[[int], tuple[torch.Tensor, Any]]
 
 
-class EvictionFailure(RuntimeError):
-    """An eviction that failed at ``stage`` (one of :data:`STAGES`); the request stays whole."""
-
-    def __init__(self, stage: str, reason: str):
-        super().__init__(reason)
-        self.stage = stage
-
-
-#: Where an eviction can fail (the ``stage`` label of ``kvevict_errors_total``).
-STAGES = ("scoring", "selection", "compaction", "invariant")
 
 
 def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mapping[str, list[int]], block_size: int,
@@ -93,6 +87,8 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
         done.scored[row.req_id] = (*labels, sink.seconds)
         done.report.generations[row.req_id] = state.admission.generation
         done.report.passes[row.req_id] = (config.scorer, sink.seconds)
+    if step is not None and step.decode:
+        finish_decode(step, table, step.model.num_layers, done, recorder)
     for req_id in unused:  # not compacted this step (not scored, left whole, or failed)
         done.report.head_failed.add(req_id)
         state = table.get(req_id)

@@ -3,8 +3,10 @@
 Per batch row: a compacted request attends its compact region + tail (and the stock kernel
 gets its tail only); a page-evicted request's table drops its evicted blocks; a request whose
 prompt is being prefilled is observed (window queries, statistics) and, in the chunk that
-completes the prompt, scored. Everything is read from the runner's CPU-side batch (block
-table, offsets), so nothing here reads a device tensor.
+completes the prompt, scored; a page-evicted request with decode-time eviction adds its queries
+to its window and, every ``decode_interval`` tokens, has its held tokens scored. Everything is
+read from the runner's CPU-side batch (block table, offsets), so nothing here reads a device
+tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from vllm_kvevict.vllm import block_tables
 from vllm_kvevict.vllm.model_info import ModelInfo
-from vllm_kvevict.vllm.step import EvictionStep, HeadRow, RowObservation, TableRow
+from vllm_kvevict.vllm.step import DecodeRow, EvictionStep, HeadRow, RowObservation, TableRow
 from vllm_kvevict.vllm.worker.requests import HEAD, OBSERVING, PAGE, RequestTable
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ def plan_step(table: RequestTable, rows: Sequence[BatchRow], block_size: int, mo
     observe: dict[int, RowObservation] = {}
     head_rows: dict[int, HeadRow] = {}
     table_rows: dict[int, TableRow] = {}
+    decode: dict[int, DecodeRow] = {}
     for row, batch_row in enumerate(rows):
         state = table.get(batch_row.req_id)
         if state is None:
@@ -58,11 +61,35 @@ def plan_step(table: RequestTable, rows: Sequence[BatchRow], block_size: int, mo
         elif state.status == PAGE:
             if state.evicted.numel():
                 table_rows[row] = block_tables.page_row(batch_row.block_ids, seq_len, state.evicted, block_size)
+            if state.decode is not None:
+                decode[row] = _decode_row(state, batch_row, seq_len, block_size)
         elif state.status == OBSERVING and batch_row.num_computed < state.prompt_len:
+            if state.observations is None:  # prompt_eviction "off": the prompt stays whole
+                state.observed_until = seq_len
+                if seq_len >= state.prompt_len:
+                    state.evicted = torch.zeros(0, dtype=torch.long)
+                    state.settle(PAGE)
+                continue
             observation = _observation(state, batch_row, seq_len, block_size)
             if observation is not None:
                 observe[row] = observation
-    return EvictionStep(observe=observe, head_rows=head_rows, table_rows=table_rows, model=model)
+    return EvictionStep(observe=observe, head_rows=head_rows, table_rows=table_rows, model=model, decode=decode)
+
+
+def _decode_row(state, batch_row: BatchRow, seq_len: int, block_size: int) -> DecodeRow:
+    """Decode-time eviction's row: its queries join the window; scored once ``decode_interval``
+    tokens were run since the last eviction and the window is full."""
+    window = state.decode
+    window.observed += batch_row.num_queries
+    score = seq_len - state.decode_from >= state.config.decode_interval and window.observed >= window.window
+    used = min(batch_row.block_ids.numel(), -(-seq_len // block_size))
+    keep = torch.ones(used, dtype=torch.bool)
+    keep[state.evicted[state.evicted < used]] = False
+    held_index = torch.arange(used)[keep]
+    positions = (held_index.view(-1, 1) * block_size + torch.arange(block_size).view(1, -1)).view(-1)
+    positions = positions[positions < seq_len]
+    return DecodeRow(batch_row.req_id, batch_row.query_offset, batch_row.num_queries, seq_len, score,
+                     batch_row.block_ids[:used][keep].long().clone(), held_index, positions, window, state.policy)
 
 
 def _observation(state, batch_row: BatchRow, seq_len: int, block_size: int):

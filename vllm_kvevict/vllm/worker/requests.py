@@ -4,7 +4,10 @@ A request enters when the scheduler admits it with a policy (its resolved config
 the connector metadata), and leaves when the scheduler resets it (finished, preempted,
 resumed) or the worker finds it inconsistent. In between it is *observing* (prompt being
 prefilled), then *whole* (scored, nothing evicted, or failed), *page* (evicted blocks known) or
-*head* (compacted into head-pages).
+*head* (compacted into head-pages). A page-evicted request with decode-time eviction also
+carries its :class:`~vllm_kvevict.vllm.step.DecodeWindow` and the length at its last eviction
+(``decode_from``); with ``prompt_eviction="off"`` it goes from *observing* to *page* with nothing
+evicted when its prompt completes, unscored.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Iterable, Optional
 import torch
 
 from vllm_kvevict.vllm.channel import Admission
-from vllm_kvevict.vllm.step import CompactRegion, Observations
+from vllm_kvevict.vllm.step import CompactRegion, DecodeWindow, Observations
 
 OBSERVING, WHOLE, PAGE, HEAD = "observing", "whole", "page", "head"
 
@@ -32,6 +35,10 @@ class RequestState:
     region: Optional[CompactRegion] = None
     #: end of the last chunk planned: a chunk starting before it means the request restarted.
     observed_until: int = 0
+    #: decode-time eviction (``config.decode_interval > 0``): the window and scores across steps.
+    decode: Optional[DecodeWindow] = None
+    #: decode-time eviction: the request's length at its last eviction (the prompt's at first).
+    decode_from: int = 0
 
     @property
     def config(self):
@@ -56,8 +63,12 @@ class RequestTable:
 
     def admit(self, req_id: str, admission: Admission) -> RequestState:
         policy = self._make_policy(admission.config)
-        state = RequestState(admission, policy)
-        state.observations = Observations(policy, admission.config, admission.prompt_len, fault=admission.fault)
+        config = admission.config
+        state = RequestState(admission, policy, decode_from=admission.prompt_len)
+        if config.evicts_prompt:
+            state.observations = Observations(policy, config, admission.prompt_len, fault=admission.fault)
+        if config.evicts_during_decode:
+            state.decode = DecodeWindow(config.window, fault=admission.fault)
         self._requests[req_id] = state
         return state
 

@@ -44,6 +44,9 @@ class EvictionRecorder:
     kept: dict[str, Any] = field(default_factory=dict)
     #: request id -> why its eviction failed (it was left whole).
     failures: dict[str, str] = field(default_factory=dict)
+    #: request id -> its decode-time evictions in order: ``seq_len``, ``held_blocks`` (positional
+    #: indices held before), ``evicted`` (positional indices), ``scores`` (per layer).
+    decode: dict[str, list[dict]] = field(default_factory=dict)
 
 
 class WorkerSide:

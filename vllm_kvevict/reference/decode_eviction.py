@@ -1,0 +1,140 @@
+"""Decode-time eviction in the reference engine (page granularity): greedy decoding whose held
+tokens are scored again and evicted back to the budget every ``decode_interval`` tokens.
+
+The served plugin does the same (docs/DECODE_EVICTION.md), call for call:
+
+* a request's *held* tokens are whole positional blocks in order (the kept ones), every block
+  full but the last (page eviction only drops full blocks before the one being written);
+* after the token at position ``p`` was run (its K/V appended, the next token's logits computed
+  over the held tokens), if ``p + 1 - decode_from >= decode_interval`` (``decode_from``: the
+  length at the last eviction, the prompt's length at first) the held tokens are scored with
+  ``policy.score_layer`` (window: the post-RoPE queries of the last ``window`` tokens run, all
+  generated since the last eviction as ``decode_interval >= window``), and
+  ``policy.evicted_blocks(scores, held_len, budget=config.budget_tokens(p + 1))`` names the held
+  blocks to drop: a fractional budget keeps that share of the request's whole length so far, a
+  token budget is a fixed cap;
+* the next token is run over what is left; RoPE positions keep counting from the true position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from vllm_kvevict.policies import LayerScores, build_policy
+from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.reference.forward import run_tokens
+from vllm_kvevict.reference.head_cache import HeadCache
+from vllm_kvevict.reference.model_parts import DecoderParts
+
+
+@dataclass
+class DecodeEviction:
+    """One decode-time eviction.
+
+    Attributes
+    ----------
+    seq_len : tokens of the request so far (the budget's length).
+    held_blocks : positional block indices held before it, in order.
+    evicted : positional block indices it evicted, sorted.
+    scores : per layer, the ``[Hkv, held_len]`` scores of the held tokens.
+    """
+
+    seq_len: int
+    held_blocks: list[int]
+    evicted: list[int]
+    scores: list[LayerScores]
+
+    @property
+    def held_len(self) -> int:
+        return int(self.scores[0].values.shape[1]) if self.scores else 0
+
+
+#: ``choose(index, eviction) -> evicted positional blocks``: forces the choice of the
+#: ``index``-th eviction (e.g. the served plugin's), given what the policy computed.
+Chooser = Callable[[int, DecodeEviction], list[int]]
+
+
+class DecodeEvictor:
+    """The decode-time eviction of one generation (page granularity)."""
+
+    def __init__(self, parts: DecoderParts, config, block_size: int, decode_from: int, model=None,
+                 choose: Optional[Chooser] = None):
+        self.parts, self.config, self.block_size = parts, config, block_size
+        self.policy = build_policy(config, block_size, model=model)
+        self.decode_from = decode_from
+        self.choose = choose
+        self.window: list[list[torch.Tensor]] = [[] for _ in range(parts.num_layers)]
+        self.evictions: list[DecodeEviction] = []
+
+    def run(self, cache: HeadCache, token: int, position: int) -> torch.Tensor:
+        """Run ``token`` at ``position``, then evict if the interval is reached; its logits ``[V]``."""
+        queries: list[torch.Tensor] = []
+        logits = run_tokens(self.parts, cache, torch.tensor([token]), torch.tensor([position]), queries)[0]
+        for layer, q in enumerate(queries):
+            ring = self.window[layer]
+            ring.append(q)
+            del ring[: max(0, len(ring) - self.config.window)]
+        seq_len = position + 1
+        if seq_len - self.decode_from >= self.config.decode_interval:
+            self.evict(cache, seq_len)
+            self.decode_from = seq_len
+        return logits
+
+    def evict(self, cache: HeadCache, seq_len: int) -> None:
+        bs = self.block_size
+        positions = cache.stores[0][0].positions
+        held_len = int(positions.numel())
+        scores = [self.policy.score_layer(self._inputs(cache, layer)) for layer in range(cache.num_layers)]
+        budget = self.config.budget_tokens(seq_len)
+        chosen = self.policy.evicted_blocks(scores, held_len, budget=budget)
+        held_blocks = (positions[::bs] // bs).tolist()
+        eviction = DecodeEviction(seq_len, held_blocks, [held_blocks[i] for i in chosen], scores)
+        if self.choose is not None:
+            eviction.evicted = sorted(int(b) for b in self.choose(len(self.evictions), eviction))
+        self.evictions.append(eviction)
+        drop = torch.isin(positions // bs, torch.tensor(eviction.evicted, dtype=torch.long))
+        if drop.any():
+            cache.keep_rows(~drop)
+
+    def _inputs(self, cache: HeadCache, layer: int) -> LayerInputs:
+        stores = cache.stores[layer]
+        return LayerInputs(
+            keys=torch.stack([s.keys for s in stores]).float(),
+            values=torch.stack([s.values for s in stores]).float(),
+            queries=torch.cat(self.window[layer], dim=1).float(),
+            positions=stores[0].positions.clone(),
+            o_proj=self.parts.o_proj_weight(layer).detach(),
+            layer_idx=layer,
+            num_layers=cache.num_layers,
+            scale=self.parts.scale,
+        )
+
+
+def check_same_positions(cache: HeadCache) -> None:
+    """Page granularity holds the same positions in every (layer, KV head)."""
+    first = cache.stores[0][0].positions
+    for row in cache.stores:
+        for store in row:
+            if not torch.equal(store.positions, first):
+                raise ValueError("decode-time eviction needs page granularity (the same tokens in every head)")
+
+
+@torch.no_grad()
+def greedy_decode_evicting(evictor: DecodeEvictor, cache: HeadCache, logits: torch.Tensor, position: int,
+                           max_new_tokens: int, stop_ids: frozenset[int]) -> tuple[list[int], torch.Tensor]:
+    """:func:`~vllm_kvevict.reference.forward.greedy_decode` with ``evictor`` running every token."""
+    check_same_positions(cache)
+    tokens: list[int] = []
+    chosen_from: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        token = int(torch.argmax(logits))
+        tokens.append(token)
+        chosen_from.append(logits)
+        if token in stop_ids or step == max_new_tokens - 1:
+            break
+        logits = evictor.run(cache, token, position)
+        position += 1
+    return tokens, torch.stack(chosen_from) if chosen_from else torch.empty(0)

@@ -1,0 +1,65 @@
+"""What the attention impl does for rows with decode-time eviction (page granularity).
+
+Per layer, after the stock kernel wrote the step's K/V: the row's queries join its request's
+window (:class:`~vllm_kvevict.vllm.step.DecodeWindow`, the last ``window`` tokens' post-RoPE
+queries) and, in a scoring step, the held tokens (the kept blocks in order, then the tail: what
+the stock kernel attends) are scored with the request's policy on the host, exactly as the
+reference engine does (:mod:`vllm_kvevict.reference.decode_eviction`). A failure marks the window (that
+eviction is skipped) and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.vllm.layouts import PagedLayout
+from vllm_kvevict.vllm.step import DecodeRow, EvictionStep
+
+logger = logging.getLogger(__name__)
+
+
+def observe_decode_rows(step: EvictionStep, layer_name: str, layer_idx: int, query: torch.Tensor,
+                        kv_cache: torch.Tensor, layout: PagedLayout, num_heads: int, scale: float,
+                        unsupported: str = "") -> None:
+    """Every row of ``step.decode`` for this layer (``query [tokens, H * d]``)."""
+    for row in step.decode.values():
+        started = time.perf_counter()
+        try:
+            if unsupported:
+                raise RuntimeError(unsupported)
+            _observe(step, row, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale)
+        except Exception as exc:  # never into the engine core
+            logger.warning("kvevict: decode-time scoring failed for %s: %s", row.req_id, exc)
+            logger.debug("kvevict: decode-time scoring failure", exc_info=exc)
+            row.sink.fail(f"{type(exc).__name__}: {exc}")
+        row.sink.seconds += time.perf_counter() - started
+
+
+def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale) -> None:
+    sink = row.sink
+    q = query.view(query.shape[0], num_heads, layout.head_dim)[row.query_offset : row.query_offset + row.num_queries]
+    sink.append(layer_idx, q)
+    if not row.score or sink.error is not None:
+        return
+    if sink.fault == "scoring":
+        raise RuntimeError("injected scoring fault")
+    keys, values = layout.gather(kv_cache, row.held_blocks, row.held_len)
+    inputs = LayerInputs(
+        keys=keys.float().cpu(),
+        values=values.float().cpu(),
+        queries=sink.queries[layer_idx].transpose(0, 1).cpu(),
+        positions=row.positions,
+        o_proj=step.model.o_proj_of(layer_name).cpu() if row.policy.needs.o_proj else None,
+        layer_idx=layer_idx,
+        num_layers=step.model.num_layers,
+        scale=scale,
+    )
+    scores = row.policy.score_layer(inputs)
+    if tuple(scores.values.shape) != (layout.num_kv_heads, row.held_len):
+        expected = (layout.num_kv_heads, row.held_len)
+        raise RuntimeError(f"scorer returned {tuple(scores.values.shape)}, expected {expected}")
+    sink.scores[layer_idx] = scores
