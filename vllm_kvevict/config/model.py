@@ -24,6 +24,7 @@ from vllm_kvevict.config.choices import (
     REQUEST_OVERRIDES,
     SCORER_SETTINGS,
     SCORERS,
+    VECTOR_CHOICES,
     WINDOW_SCORERS,
     EvictionConfigError,
     reads_setting,
@@ -84,8 +85,27 @@ class EvictionConfig(BaseModel):
         description="lkv: the trained artifact file (safetensors; default: the one packaged for the served model)",
     )
 
+    vector: Literal[VECTOR_CHOICES] = Field(  # type: ignore[valid-type]
+        "off",
+        description="VECTOR: pooled tokens whose values a calibrated regression on the key rebuilds keep "
+        "their key only (two per slot; memory equals plain eviction at the budget); served by the "
+        "reference engine only for now (docs/VECTOR.md)",
+    )
+    vector_share: Optional[float] = Field(
+        None,
+        gt=0.0,
+        le=0.5,
+        description="VECTOR: p_a, the prompt share moved to key-only slots (2 p_a key-only tokens); unset: "
+        "the smaller of p_c/2 and (1 - p_c)/2 with p_c = 1 - budget",
+    )
+    vector_artifact: Optional[str] = Field(
+        None,
+        description="VECTOR: the calibrated artifact file (safetensors; default: the one packaged for the served model)",
+    )
+
     @field_validator(
-        "budget", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", "epsilon", mode="before"
+        "budget", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", "epsilon", "vector_share",
+        mode="before",
     )
     @classmethod
     def _no_bools(cls, value: Any, info) -> Any:
@@ -122,6 +142,13 @@ class EvictionConfig(BaseModel):
             )
         if self.lkv_artifact is not None and not os.path.isfile(self.lkv_artifact):
             raise EvictionConfigError("lkv_artifact", self.lkv_artifact, "an existing LKV artifact file (safetensors)")
+        if self.vector_artifact is not None and not os.path.isfile(self.vector_artifact):
+            raise EvictionConfigError("vector_artifact", self.vector_artifact,
+                                      "an existing VECTOR artifact file (python -m vllm_kvevict.vector.calibrate)")
+        if self.vector == "on" and self.granularity == "page":
+            raise EvictionConfigError("vector", "on", "off at granularity page (VECTOR keeps per-head routes: granularity head)")
+        if self.vector == "on" and self.head_selection == "page":
+            raise EvictionConfigError("vector", "on", "off with head_selection page (VECTOR routes single tokens)")
         if self.pooling_kernel % 2 == 0:
             raise EvictionConfigError("pooling_kernel", self.pooling_kernel, "an odd integer >= 1")
         if self.is_token_budget and self.window + self.resolved_sinks > self.budget:
@@ -155,13 +182,15 @@ class EvictionConfig(BaseModel):
         """``head`` for per-head (unequal) allocations, ``page`` for uniform ones, unless set."""
         if self.granularity is not None:
             return self.granularity
-        return "page" if self.resolved_allocation == "uniform" else "head"
+        return "page" if self.resolved_allocation == "uniform" and self.vector != "on" else "head"
 
     def head_selection_for(self, block_size: int) -> str:
         """``page`` (whole pages per head) for per-layer allocations on pages of at most
         :data:`HEAD_PAGE_MAX_BLOCK_SIZE` tokens, ``token`` otherwise, unless set."""
         if self.head_selection is not None:
             return self.head_selection
+        if self.vector == "on":
+            return "token"
         page = self.resolved_allocation in HEAD_PAGE_ALLOCATIONS and block_size <= HEAD_PAGE_MAX_BLOCK_SIZE
         return "page" if page else "token"
 
@@ -180,6 +209,14 @@ class EvictionConfig(BaseModel):
         raw = int(self.budget) if self.is_token_budget else int(prompt_len * float(self.budget))
         floor = min(prompt_len, self.window + self.resolved_sinks)
         return max(floor, min(raw, prompt_len))
+
+    def vector_share_for(self, prompt_len: int) -> float:
+        """VECTOR's ``p_a`` for a prompt: ``vector_share``, else ``min(p_c/2, (1-p_c)/2)`` with
+        ``p_c = 1 - budget_tokens(L) / L``."""
+        if self.vector_share is not None:
+            return float(self.vector_share)
+        kept = self.budget_tokens(prompt_len) / prompt_len
+        return min((1.0 - kept) / 2.0, kept / 2.0)
 
     # ----------------------------------------------------------------- the three doors
     @classmethod
@@ -297,6 +334,7 @@ def _allowed_text(field: str, err: dict) -> str:
         "granularity": GRANULARITIES,
         "pooling": POOLINGS,
         "criticalkv_base": CRITICALKV_BASES,
+        "vector": VECTOR_CHOICES,
     }
     if field in choices:
         return "allowed: " + ", ".join(choices[field])
