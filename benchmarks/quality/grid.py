@@ -7,6 +7,9 @@ starts from it. A result row (one JSON line) is::
     {"engine", "policy", "allocation", "granularity", "budget", "task", "uid",
      "context_tokens", "prompt_tokens", "protocol", "question_position",
      "score", "output", "answers", "seconds", "memory_fraction"}
+
+A VECTOR point's rows also carry ``"vector": true`` (``policy`` is the base scorer); rows
+without VECTOR have no ``vector`` key.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ FULL = "none"
 
 @dataclass(frozen=True)
 class Point:
-    """One policy setting; ``allocation=None`` means the scorer's default."""
+    """One policy setting; ``allocation=None`` means the scorer's default; ``vector``: VECTOR
+    around the scorer."""
 
     policy: str
     allocation: Optional[str]
     granularity: str
     budget: float
+    vector: bool = False
 
     @property
     def is_full_cache(self) -> bool:
@@ -38,22 +43,26 @@ FULL_CACHE = Point(FULL, None, FULL, 1.0)
 
 
 def sweep_points(
-    policies: Iterable[str], budgets: Iterable[float], allocations: Iterable[Optional[str]], granularities: Iterable[str]
+    policies: Iterable[str], budgets: Iterable[float], allocations: Iterable[Optional[str]], granularities: Iterable[str],
+    vectors: Iterable[bool] = (False,),
 ) -> list[Point]:
-    """The full-cache point first, then every policy x allocation x granularity x budget < 1."""
+    """The full-cache point first, then every policy x allocation x granularity x VECTOR off/on x
+    budget < 1."""
     points = [FULL_CACHE]
     for policy in policies:
         if policy == FULL:
             continue
         for allocation in allocations:
             for granularity in granularities:
-                points += [Point(policy, allocation, granularity, float(b)) for b in budgets if float(b) < 1.0]
+                for vector in vectors:
+                    points += [Point(policy, allocation, granularity, float(b), vector) for b in budgets if float(b) < 1.0]
     return points
 
 
 def result_key(row: dict) -> tuple:
     """Identity of a result: a resumed run skips rows already written."""
-    return (row["engine"], row["uid"], row["policy"], row["allocation"], row["granularity"], float(row["budget"]), row["protocol"])
+    return (row["engine"], row["uid"], row["policy"], row["allocation"], row["granularity"], float(row["budget"]),
+            row["protocol"], bool(row.get("vector", False)))
 
 
 def read_rows(paths: Iterable[Path]) -> Iterator[dict]:
@@ -91,7 +100,8 @@ class ResultWriter:
 
 def base_row(engine: str, task, point: Point, protocol: str, allocation: str) -> dict:
     """The identifying part of a row (no outcome yet)."""
-    return {
+    vector = {"vector": True} if point.vector else {}
+    return vector | {
         "engine": engine,
         "policy": point.policy,
         "allocation": allocation,

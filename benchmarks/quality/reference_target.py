@@ -41,6 +41,8 @@ def point_config(point: Point, overrides: Optional[dict] = None):
     granularity = point.granularity
     if granularity in HEAD_SELECTION_LABELS:  # head granularity, one way of choosing per head
         granularity, extra["head_selection"] = "head", HEAD_SELECTION_LABELS[point.granularity]
+    if point.vector:
+        extra["vector"] = "on"
     return EvictionConfig.from_fields(
         scorer=point.policy, budget=point.budget, allocation=point.allocation, granularity=granularity, **extra
     )

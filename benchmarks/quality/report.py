@@ -26,10 +26,23 @@ if __package__ in (None, ""):
 from benchmarks.quality.grid import FULL, read_rows  # noqa: E402
 from vllm_kvevict.evaluation.scoring import wilson_interval  # noqa: E402
 
-SETTING = ("engine", "policy", "allocation", "granularity", "budget")
+SETTING = ("engine", "policy", "allocation", "granularity", "budget", "vector")
 ALL = "all"
+#: Suffix of a VECTOR row's policy in tables and plots (its rows carry ``"vector": true`` and
+#: the base scorer as ``policy``).
+VECTOR_LABEL = "+vector"
 #: The runners' protocol names -> the summary's.
 PROTOCOL_NAMES = {"context": "after", "prompt": "inside"}
+
+
+def setting_of(r: dict) -> tuple:
+    """A row's :data:`SETTING` (``vector`` false for rows without the key)."""
+    return tuple(bool(r.get(k, False)) if k == "vector" else r[k] for k in SETTING)
+
+
+def policy_label(r: dict) -> str:
+    """``policy``, with :data:`VECTOR_LABEL` for VECTOR rows."""
+    return r["policy"] + (VECTOR_LABEL if r.get("vector") else "")
 
 
 def _mean(xs) -> float:
@@ -50,11 +63,11 @@ def summarize(rows: list[dict], min_full_accuracy: float = 0.1) -> tuple[list[di
     protocol_of = {r["engine"]: PROTOCOL_NAMES.get(r.get("protocol"), r.get("protocol")) for r in rows}
     cells: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        setting = tuple(r[k] for k in SETTING)
+        setting = setting_of(r)
         for length in (r["context_tokens"], ALL):
             cells[setting + (r["task"], length)].append(float(r["score"]))
 
-    full = {(s[0], s[5], s[6]): _mean(v) for s, v in cells.items() if s[1] == FULL}
+    full = {(s[0], s[6], s[7]): _mean(v) for s, v in cells.items() if s[1] == FULL}
     flagged = [
         {"engine": e, "task": t, "context_tokens": c, "full_accuracy": acc}
         for (e, t, c), acc in sorted(full.items(), key=str)
@@ -66,12 +79,15 @@ def summarize(rows: list[dict], min_full_accuracy: float = 0.1) -> tuple[list[di
 
     def row(setting, task, length, scores, retention):
         low, high = wilson_interval(sum(scores), len(scores))
-        out.append(dict(zip(SETTING, setting), protocol=protocol_of[setting[0]], task=task, context_tokens=length,
+        named = dict(zip(SETTING, setting))
+        if not named["vector"]:
+            del named["vector"]  # only VECTOR rows carry the key
+        out.append(dict(named, protocol=protocol_of[setting[0]], task=task, context_tokens=length,
                         n=len(scores), accuracy=_mean(scores), ci_low=low, ci_high=high, retention=retention))
 
     by_setting_length: dict[tuple, list[tuple]] = defaultdict(list)
     for key, scores in sorted(cells.items(), key=str):
-        setting, task, length = key[:5], key[5], key[6]
+        setting, task, length = key[:6], key[6], key[7]
         base = full.get((setting[0], task, length))
         ok = (setting[0], task, length) not in excluded and base is not None and base > 0
         row(setting, task, length, scores, _mean(scores) / base if ok else None)
@@ -98,17 +114,18 @@ def table(summary: list[dict], flagged: list[dict]) -> str:
     lines = ["| engine | policy | allocation | granularity | budget | n | accuracy | 95% CI | retention |",
              "|---|---|---|---|---|---|---|---|---|"]
     avg = [r for r in summary if r["task"] == ALL and r["context_tokens"] == ALL]
-    for r in sorted(avg, key=lambda r: (r["engine"], r["policy"] != FULL, r["policy"], r["allocation"], r["granularity"], -r["budget"])):
-        lines.append(f"| {r['engine']} | {r['policy']} | {r['allocation']} | {r['granularity']} | {r['budget']:g} | "
+    for r in sorted(avg, key=lambda r: (r["engine"], r["policy"] != FULL, policy_label(r), r["allocation"], r["granularity"], -r["budget"])):
+        lines.append(f"| {r['engine']} | {policy_label(r)} | {r['allocation']} | {r['granularity']} | {r['budget']:g} | "
                      f"{r['n']} | {_fmt(r['accuracy'])} | [{_fmt(r['ci_low'], 2)}, {_fmt(r['ci_high'], 2)}] | {_fmt(r['retention'])} |")
     tasks = sorted({r["task"] for r in summary if r["task"] != ALL})
     lines += ["", "Accuracy per task (all lengths):", "",
               "| engine | policy | allocation | granularity | budget | " + " | ".join(tasks) + " |",
               "|---" * (5 + len(tasks)) + "|"]
-    per = {(tuple(r[k] for k in SETTING), r["task"]): r for r in summary if r["context_tokens"] == ALL}
-    for setting in sorted({tuple(r[k] for k in SETTING) for r in avg}, key=lambda s: (s[0], s[1] != FULL, s[1], s[2], s[3], -s[4])):
+    per = {(setting_of(r), r["task"]): r for r in summary if r["context_tokens"] == ALL}
+    for setting in sorted({setting_of(r) for r in avg}, key=lambda s: (s[0], s[1] != FULL, s[1], s[5], s[2], s[3], -s[4])):
         cols = [_fmt(per[(setting, t)]["accuracy"], 2) if (setting, t) in per else "" for t in tasks]
-        lines.append("| " + " | ".join(str(x) if not isinstance(x, float) else f"{x:g}" for x in setting) + " | " + " | ".join(cols) + " |")
+        shown = (setting[0], setting[1] + (VECTOR_LABEL if setting[5] else "")) + setting[2:5]
+        lines.append("| " + " | ".join(str(x) if not isinstance(x, float) else f"{x:g}" for x in shown) + " | " + " | ".join(cols) + " |")
     if flagged:
         lines += ["", "Excluded from retention (full-cache accuracy below the threshold):"]
         lines += [f"- {f['engine']} {f['task']} @ {f['context_tokens']} tokens: full-cache accuracy {f['full_accuracy']:.2f}" for f in flagged]
@@ -126,7 +143,7 @@ def compare(rows: list[dict], engine_a: str, engine_b: str) -> str:
     from vllm_kvevict.evaluation.scoring import wilson_interval
 
     rows = label_protocols(rows)
-    key = lambda r: (r["policy"], r["allocation"], float(r["budget"]), r["uid"])  # noqa: E731
+    key = lambda r: (policy_label(r), r["allocation"], float(r["budget"]), r["uid"])  # noqa: E731
     a = {key(r): r for r in rows if r["engine"] == engine_a}
     b = {key(r): r for r in rows if r["engine"] == engine_b}
     cells: dict[tuple, list[tuple]] = defaultdict(list)
@@ -158,17 +175,17 @@ def plot(summary: list[dict], path: Path) -> None:
     avg = [r for r in summary if r["task"] == ALL and r["context_tokens"] == ALL]
     engines = sorted({r["engine"] for r in avg})
     # one style per (policy, allocation, granularity) across every panel
-    styles = {line: i for i, line in enumerate(sorted({(r["policy"], r["allocation"], r["granularity"]) for r in avg
+    styles = {line: i for i, line in enumerate(sorted({(policy_label(r), r["allocation"], r["granularity"]) for r in avg
                                                           if r["policy"] != FULL}))}
     fig, axes = plt.subplots(1, len(engines), figsize=(7 * len(engines), 5), squeeze=False)
     for ax, engine in zip(axes[0], engines):
         rows = [r for r in avg if r["engine"] == engine]
         full = next((r for r in rows if r["policy"] == FULL), None)
-        lines = sorted({(r["policy"], r["allocation"], r["granularity"]) for r in rows if r["policy"] != FULL})
+        lines = sorted({(policy_label(r), r["allocation"], r["granularity"]) for r in rows if r["policy"] != FULL})
         for policy, allocation, granularity in lines:
             i = styles[(policy, allocation, granularity)]
             pts = sorted((r["budget"], r["accuracy"]) for r in rows
-                         if (r["policy"], r["allocation"], r["granularity"]) == (policy, allocation, granularity))
+                         if (policy_label(r), r["allocation"], r["granularity"]) == (policy, allocation, granularity))
             if full:
                 pts.append((1.0, full["accuracy"]))
             xs, ys = zip(*pts)

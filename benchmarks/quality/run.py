@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--granularities", default="head",
                     help="head (the plugin's default per head), head-token (single tokens per head, as "
                          "kvpress), head-page (whole pages per head) and/or page (whole blocks for all heads)")
+    ap.add_argument("--vector", choices=("off", "on", "both"), default="off",
+                    help="reference: VECTOR around each scorer (rows with it carry \"vector\": true), or both")
     ap.add_argument("--block-size", type=int, default=128, help="reference: page size for granularity page (vLLM CPU's block)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (reference, kvpress); on a shared, busy CPU 1 is fastest")
@@ -97,7 +99,8 @@ def main(argv=None) -> None:
     else:
         policies = _csv(args.policies)
     allocations = [None if a == "default" else a for a in _csv(args.allocations)]
-    points = sweep_points(policies, [float(b) for b in _csv(args.budgets)], allocations, _csv(args.granularities))
+    vectors = {"off": (False,), "on": (True,), "both": (False, True)}[args.vector]
+    points = sweep_points(policies, [float(b) for b in _csv(args.budgets)], allocations, _csv(args.granularities), vectors)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     tasks = make_suite(_csv(args.kinds), tokenizer, [int(x) for x in _csv(args.lengths)], args.n_per, args.seed,
