@@ -80,6 +80,14 @@ def test_artifact_round_trip_and_refusal_for_another_model(tmp_path, seed):
         artifact_for(None)
 
 
+def test_the_packaged_artifact_is_found_for_smollm2(smollm2_dir):
+    identity = ModelIdentity.from_hf_config(json.loads((smollm2_dir / "config.json").read_text()))
+    art = artifact_for(identity)
+    assert art.path.parent == ARTIFACT_DIR
+    assert tuple(art.weight.shape) == (30, 3, 65, 64)
+    assert art.calibration["tokens"]["held_out"] > 0
+
+
 def test_calibration_on_the_tiny_llama(tiny_vector_artifact, tiny_llama_dir):
     art = load_artifact(tiny_vector_artifact)
     config = json.loads((tiny_llama_dir / "config.json").read_text())

@@ -65,3 +65,16 @@ def test_no_packaged_artifact_for_the_tiny_llama_is_refused(tiny_engine, prefill
     config = EvictionConfig(scorer="keydiff", budget=0.2, window=8, vector="on")
     with pytest.raises(VectorArtifactError, match="no packaged VECTOR artifact for LlamaForCausalLM"):
         tiny_engine.generate(prefilled, config, 2)
+
+
+def test_smollm2_finds_its_packaged_artifact_by_default(smollm2_dir, one_torch_thread):
+    from vllm_kvevict.evaluation.tasks import make_task
+    from vllm_kvevict.reference.engine import ReferenceEngine
+
+    engine = ReferenceEngine(smollm2_dir)
+    task = make_task("niah_single", engine.tokenizer, 400, seed=5)
+    prefilled = engine.prefill(task.prompt_ids)
+    plain = engine.generate(prefilled, EvictionConfig(scorer="keydiff", budget=0.25), 8)
+    gen = engine.generate(prefilled, EvictionConfig(scorer="keydiff", budget=0.25, vector="on"), 8)
+    assert gen.memory_fraction == pytest.approx(plain.memory_fraction)
+    assert sum(idx.numel() for row in gen.key_only for idx in row) > 0

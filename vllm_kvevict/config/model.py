@@ -271,6 +271,7 @@ class EvictionConfig(BaseModel):
         return (
             f"{self.scorer} budget={self.budget} allocation={self.resolved_allocation} "
             f"granularity={self.resolved_granularity} window={self.window} sinks={self.resolved_sinks}"
+            + (" vector=on" if self.vector == "on" else "")
         )
 
 
