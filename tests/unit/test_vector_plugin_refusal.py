@@ -24,6 +24,14 @@ def test_flags_with_vector_on_are_a_usage_error_naming_the_flag(capsys):
     assert cli.merge_flags({}, {**flags, "kv_vector": "off"})["kv_eviction"]["scorer"] == "keydiff"
 
 
+def test_vector_flags_are_checked_alone_then_refused_together(capsys):
+    assert cli.parse_flag_value("kv_vector_share", "0.05") == 0.05
+    assert cli.parse_flag_value("kv_vector", "on") == "on"
+    with pytest.raises(SystemExit):
+        cli.merge_flags_or_exit({}, {"kv_eviction": "keydiff", "kv_vector_share": 0.05})  # needs --kv-vector on
+    assert "kv_vector_share" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("given, field", [
     ({"kv_eviction": {"scorer": "keydiff", "budget": 0.1, "vector": "on"}}, "kv_eviction.vector"),
     ({"kv_eviction": "keydiff", "kv_budget": 0.1, "kv_vector": "on"}, "kv_vector"),

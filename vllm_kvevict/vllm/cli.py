@@ -55,6 +55,10 @@ GROUP_DESCRIPTION = (
 #: them all (criticalkv over snapkv, adakv, head granularity), all flags together later.
 _SINGLE_FLAG_BASE = EvictionConfig(window=1)
 _READING_BASE = EvictionConfig(scorer="criticalkv", window=1)
+#: The settings only VECTOR reads are checked with it on (it refuses page head selection, so
+#: it is not part of the base above).
+_VECTOR_BASE = EvictionConfig(scorer="criticalkv", window=1, vector="on")
+_VECTOR_SETTINGS = frozenset({"vector_share", "vector_artifact"})
 _PER_SCORER = "per scorer"
 #: A description's own "(default: ...)" note; the flag's help states the default once.
 _OWN_DEFAULT = re.compile(r"\s*\(default:[^)]*\)\s*$")
@@ -98,6 +102,7 @@ def parse_flag_value(key: str, text: str) -> Any:
     """
     try:
         base = _READING_BASE if FLAT_KEYS[key] in SCORER_SETTINGS else _SINGLE_FLAG_BASE
+        base = _VECTOR_BASE if FLAT_KEYS[key] in _VECTOR_SETTINGS else base
         config = EvictionConfig.from_flat({key: text}, base=base)
     except EvictionConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
