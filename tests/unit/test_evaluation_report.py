@@ -208,6 +208,8 @@ def test_vector_rows_carry_vector_true_and_the_base_scorer_and_never_pool_with_p
     points = sweep_points(["keydiff"], [0.1], [None], ["head"], vectors=(False, True))
     assert points[1:] == [Point("keydiff", None, "head", 0.1), Point("keydiff", None, "head", 0.1, True)]
     assert point_config(points[2]).vector == "on" and point_config(points[1]).vector == "off"
+    assert point_config(points[2], vector_share=0.02).vector_share == 0.02
+    assert point_config(points[1], vector_share=0.02).vector == "off"  # only VECTOR points take it
 
     class Task:
         kind, uid, context_tokens, prompt_ids, question_position = "niah", "u", 1024, [1, 2], "after"
