@@ -8,7 +8,7 @@ setup(
     description="Evict KV-cache entries of running requests in vLLM and return the memory",
     packages=find_packages(include=["vllm_kvevict", "vllm_kvevict.*"]),
     # the trained LKV artifacts (one per model) ship inside the package
-    package_data={"vllm_kvevict.lkv": ["artifacts/*.safetensors"]},
+    package_data={"vllm_kvevict.lkv": ["artifacts/*.safetensors"], "vllm_kvevict.vector": ["artifacts/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=["pydantic>=2", "prometheus-client", "torch", "safetensors"],
     extras_require={

@@ -74,3 +74,14 @@ def tiny_lkv_artifact(tiny_llama_dir: Path, tmp_path_factory) -> Path:
     theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
     identity = ModelIdentity.from_hf_config(config)
     return random_artifact(tmp_path_factory.mktemp("tiny-lkv") / "tiny.safetensors", identity, seed=11, theta=theta)
+
+
+@pytest.fixture(scope="session")
+def tiny_vector_artifact(tiny_llama_dir: Path, tmp_path_factory) -> Path:
+    """A VECTOR artifact calibrated on the tiny Llama by the command itself (4 short texts)."""
+    from vllm_kvevict.vector.calibrate import main
+
+    out = tmp_path_factory.mktemp("tiny-vector") / "tiny.safetensors"
+    main(["--model", str(tiny_llama_dir), "--out", str(out), "--sequences", "4", "--length", "96",
+          "--holdout-every", "2", "--kinds", "continuation", "--threads", "1", "--table", str(out.with_suffix(".md"))])
+    return out

@@ -9,7 +9,9 @@ starts from it. A result row (one JSON line) is::
      "score", "output", "answers", "seconds", "memory_fraction"}
 
 ``min_tokens`` is the floor of the fractional budget (``EvictionConfig.min_tokens``; 0 for the
-full cache and for rows written before the floor existed, which had none).
+full cache and for rows written before the floor existed, which had none). A VECTOR point's rows
+also carry ``"vector": true`` (``policy`` is the base scorer); rows without VECTOR have no
+``vector`` key.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ FULL = "none"
 @dataclass(frozen=True)
 class Point:
     """One policy setting; ``allocation=None`` means the scorer's default, ``min_tokens=None``
-    the config's default floor."""
+    the config's default floor; ``vector``: VECTOR around the scorer."""
 
     policy: str
     allocation: Optional[str]
     granularity: str
     budget: float
     min_tokens: Optional[int] = None
+    vector: bool = False
 
     @property
     def floor(self) -> int:
@@ -57,9 +60,10 @@ def sweep_points(
     allocations: Iterable[Optional[str]],
     granularities: Iterable[str],
     floors: Iterable[Optional[int]] = (None,),
+    vectors: Iterable[bool] = (False,),
 ) -> list[Point]:
-    """The full-cache point first, then every policy x allocation x granularity x budget < 1 x
-    floor (``None``: the config's default)."""
+    """The full-cache point first, then every policy x allocation x granularity x VECTOR off/on x
+    budget < 1 x floor (``None``: the config's default)."""
     points = [FULL_CACHE]
     floors = list(floors)
     for policy in policies:
@@ -67,15 +71,15 @@ def sweep_points(
             continue
         for allocation in allocations:
             for granularity in granularities:
-                points += [Point(policy, allocation, granularity, float(b), floor)
-                           for b in budgets if float(b) < 1.0 for floor in floors]
+                points += [Point(policy, allocation, granularity, float(b), floor, vector)
+                           for vector in vectors for b in budgets if float(b) < 1.0 for floor in floors]
     return points
 
 
 def result_key(row: dict) -> tuple:
     """Identity of a result: a resumed run skips rows already written."""
     return (row["engine"], row["uid"], row["policy"], row["allocation"], row["granularity"], float(row["budget"]),
-            row["protocol"], int(row.get("min_tokens", 0)))
+            row["protocol"], int(row.get("min_tokens", 0)), bool(row.get("vector", False)))
 
 
 def read_rows(paths: Iterable[Path]) -> Iterator[dict]:
@@ -113,7 +117,8 @@ class ResultWriter:
 
 def base_row(engine: str, task, point: Point, protocol: str, allocation: str) -> dict:
     """The identifying part of a row (no outcome yet)."""
-    return {
+    vector = {"vector": True} if point.vector else {}
+    return vector | {
         "engine": engine,
         "policy": point.policy,
         "allocation": allocation,

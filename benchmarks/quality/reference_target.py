@@ -30,9 +30,10 @@ KVPRESS_SETTINGS: dict[str, dict] = {
 HEAD_SELECTION_LABELS = {"head-token": "token", "head-page": "page"}
 
 
-def point_config(point: Point, overrides: Optional[dict] = None):
+def point_config(point: Point, overrides: Optional[dict] = None, vector_share: Optional[float] = None):
     """``EvictionConfig`` of a sweep point (``none`` for the full cache); ``overrides`` maps a
-    scorer to extra fields (e.g. :data:`KVPRESS_SETTINGS`)."""
+    scorer to extra fields (e.g. :data:`KVPRESS_SETTINGS`); ``vector_share``: VECTOR's ``p_a``
+    for VECTOR points (default: the budget's)."""
     from vllm_kvevict.config import EvictionConfig
 
     if point.is_full_cache:
@@ -43,6 +44,10 @@ def point_config(point: Point, overrides: Optional[dict] = None):
     granularity = point.granularity
     if granularity in HEAD_SELECTION_LABELS:  # head granularity, one way of choosing per head
         granularity, extra["head_selection"] = "head", HEAD_SELECTION_LABELS[point.granularity]
+    if point.vector:
+        extra["vector"] = "on"
+        if vector_share is not None:
+            extra["vector_share"] = vector_share
     return EvictionConfig.from_fields(
         scorer=point.policy, budget=point.budget, allocation=point.allocation, granularity=granularity, **extra
     )
@@ -79,6 +84,7 @@ def run_reference(
     progress: Callable[[int], None],
     engine_name: str = "reference",
     overrides: Optional[dict] = None,
+    vector_share: Optional[float] = None,
 ) -> None:
     """Run ``points`` on ``tasks`` with :class:`vllm_kvevict.reference.engine.ReferenceEngine`."""
     from vllm_kvevict.evaluation.scoring import score
@@ -104,7 +110,7 @@ def run_reference(
             compressed, suffix = prefilled, None
         for point, row in pending:
             start, cpu = time.perf_counter(), time.process_time()
-            config = point_config(point, overrides)
+            config = point_config(point, overrides, vector_share)
             gen = engine.generate(compressed, config, task.max_new_tokens, suffix_ids=suffix, block_size=block_size)
             row.update(
                 score=score(task, gen.text),
@@ -119,5 +125,7 @@ def run_reference(
                                         compressed.num_kv_heads),
                 block_size=block_size,
             )
+            if point.vector:  # the p_a it ran with (rows carry it; it is not part of the result key)
+                row["vector_share"] = round(config.vector_share_for(compressed.prompt_len), 4)
             writer.write(row)
             progress(1)

@@ -26,9 +26,12 @@ if __package__ in (None, ""):
 from benchmarks.quality.grid import FULL, read_rows  # noqa: E402
 from vllm_kvevict.evaluation.scoring import wilson_interval  # noqa: E402
 
-SETTING = ("engine", "policy", "allocation", "granularity", "budget", "min_tokens")
+SETTING = ("engine", "policy", "allocation", "granularity", "budget", "min_tokens", "vector")
 _N = len(SETTING)
 ALL = "all"
+#: Suffix of a VECTOR row's policy in tables and plots (its rows carry ``"vector": true`` and
+#: the base scorer as ``policy``).
+VECTOR_LABEL = "+vector"
 #: The runners' protocol names -> the summary's.
 PROTOCOL_NAMES = {"context": "after", "prompt": "inside"}
 
@@ -46,8 +49,15 @@ def label_protocols(rows: list[dict]) -> list[dict]:
 
 
 def setting_of(r: dict) -> tuple:
-    """A row's setting; ``min_tokens`` 0 for rows written before the floor existed (they had none)."""
-    return tuple(r.get(k, 0) if k == "min_tokens" else r[k] for k in SETTING)
+    """A row's setting; ``min_tokens`` 0 for rows written before the floor existed (they had none),
+    ``vector`` false for rows without the key."""
+    defaults = {"min_tokens": 0, "vector": False}
+    return tuple(type(defaults[k])(r.get(k, defaults[k])) if k in defaults else r[k] for k in SETTING)
+
+
+def policy_label(r: dict) -> str:
+    """``policy``, with :data:`VECTOR_LABEL` for VECTOR rows."""
+    return r["policy"] + (VECTOR_LABEL if r.get("vector") else "")
 
 
 def summarize(rows: list[dict], min_full_accuracy: float = 0.1) -> tuple[list[dict], list[dict]]:
@@ -72,7 +82,10 @@ def summarize(rows: list[dict], min_full_accuracy: float = 0.1) -> tuple[list[di
 
     def row(setting, task, length, scores, retention):
         low, high = wilson_interval(sum(scores), len(scores))
-        out.append(dict(zip(SETTING, setting), protocol=protocol_of[setting[0]], task=task, context_tokens=length,
+        named = dict(zip(SETTING, setting))
+        if not named["vector"]:
+            del named["vector"]  # only VECTOR rows carry the key
+        out.append(dict(named, protocol=protocol_of[setting[0]], task=task, context_tokens=length,
                         n=len(scores), accuracy=_mean(scores), ci_low=low, ci_high=high, retention=retention))
 
     by_setting_length: dict[tuple, list[tuple]] = defaultdict(list)
@@ -104,19 +117,21 @@ def table(summary: list[dict], flagged: list[dict]) -> str:
     lines = ["| engine | policy | allocation | granularity | budget | min_tokens | n | accuracy | 95% CI | retention |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     avg = [r for r in summary if r["task"] == ALL and r["context_tokens"] == ALL]
-    order = lambda s: (s[0], s[1] != FULL, s[1], s[2], s[3], -s[4], s[5])  # noqa: E731
+    order = lambda s: (s[0], s[1] != FULL, s[1], s[6], s[2], s[3], -s[4], s[5])  # noqa: E731
     for r in sorted(avg, key=lambda r: order(setting_of(r))):
-        lines.append(f"| {r['engine']} | {r['policy']} | {r['allocation']} | {r['granularity']} | {r['budget']:g} | "
+        lines.append(f"| {r['engine']} | {policy_label(r)} | {r['allocation']} | {r['granularity']} | {r['budget']:g} | "
                      f"{r['min_tokens']} | {r['n']} | {_fmt(r['accuracy'])} | [{_fmt(r['ci_low'], 2)}, "
                      f"{_fmt(r['ci_high'], 2)}] | {_fmt(r['retention'])} |")
     tasks = sorted({r["task"] for r in summary if r["task"] != ALL})
     lines += ["", "Accuracy per task (all lengths):", "",
               "| engine | policy | allocation | granularity | budget | min_tokens | " + " | ".join(tasks) + " |",
-              "|---" * (_N + len(tasks)) + "|"]
+              "|---" * (_N - 1 + len(tasks)) + "|"]
     per = {(setting_of(r), r["task"]): r for r in summary if r["context_tokens"] == ALL}
     for setting in sorted({setting_of(r) for r in avg}, key=order):
         cols = [_fmt(per[(setting, t)]["accuracy"], 2) if (setting, t) in per else "" for t in tasks]
-        lines.append("| " + " | ".join(str(x) if not isinstance(x, float) else f"{x:g}" for x in setting) + " | " + " | ".join(cols) + " |")
+        engine, policy, allocation, granularity, budget, floor, vector = setting
+        shown = (engine, policy + (VECTOR_LABEL if vector else ""), allocation, granularity, f"{budget:g}", floor)
+        lines.append("| " + " | ".join(str(x) for x in shown) + " | " + " | ".join(cols) + " |")
     if flagged:
         lines += ["", "Excluded from retention (full-cache accuracy below the threshold):"]
         lines += [f"- {f['engine']} {f['task']} @ {f['context_tokens']} tokens: full-cache accuracy {f['full_accuracy']:.2f}" for f in flagged]
@@ -134,7 +149,7 @@ def compare(rows: list[dict], engine_a: str, engine_b: str) -> str:
     from vllm_kvevict.evaluation.scoring import wilson_interval
 
     rows = label_protocols(rows)
-    key = lambda r: (r["policy"], r["allocation"], float(r["budget"]), r.get("min_tokens", 0), r["uid"])  # noqa: E731
+    key = lambda r: (policy_label(r), r["allocation"], float(r["budget"]), r.get("min_tokens", 0), r["uid"])  # noqa: E731
     a = {key(r): r for r in rows if r["engine"] == engine_a}
     b = {key(r): r for r in rows if r["engine"] == engine_b}
     cells: dict[tuple, list[tuple]] = defaultdict(list)
@@ -167,7 +182,7 @@ def plot(summary: list[dict], path: Path) -> None:
     avg = [r for r in summary if r["task"] == ALL and r["context_tokens"] == ALL]
     engines = sorted({r["engine"] for r in avg})
     # one style per (policy, allocation, granularity) across every panel
-    line_of = lambda r: (r["policy"], r["allocation"], r["granularity"], r.get("min_tokens", 0))  # noqa: E731
+    line_of = lambda r: (policy_label(r), r["allocation"], r["granularity"], r.get("min_tokens", 0))  # noqa: E731
     styles = {line: i for i, line in enumerate(sorted({line_of(r) for r in avg if r["policy"] != FULL}))}
     fig, axes = plt.subplots(1, len(engines), figsize=(7 * len(engines), 5), squeeze=False)
     for ax, engine in zip(axes[0], engines):

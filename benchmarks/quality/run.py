@@ -62,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--granularities", default="head",
                     help="head (the plugin's default per head), head-token (single tokens per head, as "
                          "kvpress), head-page (whole pages per head) and/or page (whole blocks for all heads)")
+    ap.add_argument("--vector", choices=("off", "on", "both"), default="off",
+                    help="reference: VECTOR around each scorer (rows with it carry \"vector\": true), or both")
+    ap.add_argument("--vector-share", type=float, default=None,
+                    help="reference: VECTOR's p_a for the VECTOR points (default: min(p_c/2, (1-p_c)/2)); give the run "
+                         "its own --engine-name, rows do not carry it")
     ap.add_argument("--block-size", type=int, default=128, help="reference: page size for granularity page (vLLM CPU's block)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (reference, kvpress); on a shared, busy CPU 1 is fastest")
@@ -100,8 +105,9 @@ def main(argv=None) -> None:
     else:
         policies = _csv(args.policies)
     allocations = [None if a == "default" else a for a in _csv(args.allocations)]
+    vectors = {"off": (False,), "on": (True,), "both": (False, True)}[args.vector]
     points = sweep_points(policies, [float(b) for b in _csv(args.budgets)], allocations, _csv(args.granularities),
-                          floors(args))
+                          floors(args), vectors)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     tasks = make_suite(_csv(args.kinds), tokenizer, [int(x) for x in _csv(args.lengths)], args.n_per, args.seed,
@@ -129,7 +135,7 @@ def main(argv=None) -> None:
 
             run_reference(tasks, points, writer, model_dir=args.model_dir, protocol=args.protocol,
                           block_size=args.block_size, progress=bar.update, engine_name=args.engine_name or "reference",
-                          overrides=KVPRESS_SETTINGS if args.kvpress_settings else None)
+                          overrides=KVPRESS_SETTINGS if args.kvpress_settings else None, vector_share=args.vector_share)
         elif args.target == "server":
             from benchmarks.quality.server_target import run_server
 

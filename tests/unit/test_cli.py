@@ -181,3 +181,12 @@ def test_policy_none_leaves_the_engine_config_as_stock(parser, tiny_llama_dir, a
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
     assert vllm_config.additional_config == {}
     assert vllm_config.kv_transfer_config is None  # no KV connector, hence no eviction machinery
+
+
+def test_kv_vector_on_is_a_usage_error_at_server_start(parser, smollm2_dir, capsys):
+    """Issue 19: VECTOR is served by the reference engine only for now; the flag is refused."""
+    with pytest.raises(SystemExit) as info:
+        engine_args(parser, smollm2_dir, "--kv-eviction", "keydiff", "--kv-budget", "0.1", "--kv-vector", "on")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kv-vector" in err and "reference engine only" in err

@@ -198,3 +198,29 @@ def test_compare_pairs_engines_on_shared_prompts_and_flags_differences():
     text = compare(rows, "kvpress", "reference")
     assert "| knorm | adakv | 0.5 | 0 | 10 | 1.000 | [0.72, 1.00] | 0.900 |" in text and "| no | 9/10 | 9/10 |" in text
     assert "| knorm | adakv | 0.1 | 0 | 10 | 1.000 |" in text and "| **yes** | 0/10 | 0/10 |" in text
+
+
+def test_vector_rows_carry_vector_true_and_the_base_scorer_and_never_pool_with_plain(tmp_path):
+    from benchmarks.quality.grid import base_row, result_key
+    from benchmarks.quality.reference_target import point_config
+    from benchmarks.quality.report import table
+
+    points = sweep_points(["keydiff"], [0.1], [None], ["head"], vectors=(False, True))
+    assert points[1:] == [Point("keydiff", None, "head", 0.1), Point("keydiff", None, "head", 0.1, vector=True)]
+    assert point_config(points[2]).vector == "on" and point_config(points[1]).vector == "off"
+    assert point_config(points[2], vector_share=0.02).vector_share == 0.02
+    assert point_config(points[1], vector_share=0.02).vector == "off"  # only VECTOR points take it
+
+    class Task:
+        kind, uid, context_tokens, prompt_ids, question_position = "niah", "u", 1024, [1, 2], "after"
+
+    plain_row, vector_row = (base_row("reference", Task, p, "context", "adakv") for p in points[1:])
+    assert "vector" not in plain_row and vector_row["vector"] is True and vector_row["policy"] == "keydiff"
+    assert result_key(plain_row) != result_key(vector_row)
+    rows = [_row("none", 1.0, "niah", 1.0, uid="a"), _row("keydiff", 0.1, "niah", 0.0, uid="a"),
+            dict(_row("keydiff", 0.1, "niah", 1.0, uid="a"), vector=True)]
+    summary, _ = summarize(rows)
+    avg = [r for r in summary if r["task"] == "all" and r["context_tokens"] == "all" and r["policy"] == "keydiff"]
+    assert sorted((r.get("vector", False), r["accuracy"]) for r in avg) == [(False, 0.0), (True, 1.0)]
+    assert all("vector" not in r for r in summary if not r.get("vector"))
+    assert "| keydiff+vector |" in table(summary, [])

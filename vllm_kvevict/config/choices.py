@@ -38,6 +38,9 @@ CRITICALKV_BASES: tuple[str, ...] = (
     "streamingllm",
 )
 GRANULARITIES: tuple[str, ...] = ("page", "head")
+#: ``vector``: VECTOR's key-only route off or on (a choice, as every switch-like setting here;
+#: a JSON boolean is refused for every kv_ setting, docs/VECTOR.md).
+VECTOR_CHOICES: tuple[str, ...] = ("off", "on")
 POOLINGS: tuple[str, ...] = ("avg", "max")
 
 #: Allocation used when the user names only a scorer (ALGORITHMS.md, "Defaults").
@@ -90,6 +93,9 @@ FLAT_KEYS: dict[str, str] = {
     "kv_criticalkv_base": "criticalkv_base",
     "kv_request_override": "request_override",
     "kv_lkv_artifact": "lkv_artifact",
+    "kv_vector": "vector",
+    "kv_vector_share": "vector_share",
+    "kv_vector_artifact": "vector_artifact",
 }
 FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
 #: ``--kv-prompt-eviction``: whether the prompt is evicted after its prefill (``off``: only
@@ -145,6 +151,9 @@ SCORER_SETTINGS: dict[str, str] = {
     "decode_interval": "page granularity with " + ", ".join(DECODE_SCORERS),
     "prompt_eviction": "decode-time eviction (decode_interval > 0): page granularity with "
     + ", ".join(DECODE_SCORERS),
+    "vector": "every scorer (not none)",
+    "vector_share": "kv_vector on",
+    "vector_artifact": "kv_vector on",
 }
 _POOLING_SCORERS = frozenset({"snapkv", "pyramidkv"})
 
@@ -157,6 +166,10 @@ def reads_setting(fields: Mapping[str, Any], name: str) -> bool:
         return scorer == "criticalkv"
     if name == "lkv_artifact":
         return scorer == "lkv" or fields.get("allocation") == "lkv"
+    if name == "vector":
+        return scorer != "none"
+    if name in ("vector_share", "vector_artifact"):
+        return fields.get("vector", "off") == "on"
     if name == "pooling":
         return scorer in _POOLING_SCORERS or base in _POOLING_SCORERS
     if name == "pooling_kernel":
@@ -168,6 +181,7 @@ def reads_setting(fields: Mapping[str, Any], name: str) -> bool:
     if name == "alpha":
         return allocation in ("adakv", "adakv_floor")
     if name == "head_selection":
-        granularity = fields.get("granularity") or ("page" if allocation == "uniform" else "head")
+        default = "page" if allocation == "uniform" and fields.get("vector", "off") != "on" else "head"
+        granularity = fields.get("granularity") or default
         return granularity == "head"
     return True

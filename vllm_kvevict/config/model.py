@@ -6,7 +6,7 @@ import math
 import os
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vllm_kvevict.config.choices import (
     ADDITIONAL_CONFIG_KEY,
@@ -27,10 +27,12 @@ from vllm_kvevict.config.choices import (
     REQUEST_OVERRIDES,
     SCORER_SETTINGS,
     SCORERS,
+    VECTOR_CHOICES,
     WINDOW_SCORERS,
     EvictionConfigError,
     reads_setting,
 )
+from vllm_kvevict.config.parsing import BUDGET_ALLOWED, coerce_text, merge_fields, validated
 
 
 class EvictionConfig(BaseModel):
@@ -103,8 +105,27 @@ class EvictionConfig(BaseModel):
         description="lkv: the trained artifact file (safetensors; default: the one packaged for the served model)",
     )
 
+    vector: Literal[VECTOR_CHOICES] = Field(  # type: ignore[valid-type]
+        "off",
+        description="VECTOR: pooled tokens whose values a calibrated regression on the key rebuilds keep "
+        "their key only (two per slot; memory equals plain eviction at the budget); served by the "
+        "reference engine only for now (docs/VECTOR.md)",
+    )
+    vector_share: Optional[float] = Field(
+        None,
+        gt=0.0,
+        le=0.5,
+        description="VECTOR: p_a, the prompt share moved to key-only slots (2 p_a key-only tokens); unset: "
+        "the smaller of p_c/2 and (1 - p_c)/2 with p_c = 1 - budget",
+    )
+    vector_artifact: Optional[str] = Field(
+        None,
+        description="VECTOR: the calibrated artifact file (safetensors; default: the one packaged for the served model)",
+    )
+
     @field_validator(
-        "budget", "min_tokens", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", "epsilon", mode="before"
+        "budget", "min_tokens", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", "epsilon",
+        "vector_share", mode="before",
     )
     @classmethod
     def _no_bools(cls, value: Any, info) -> Any:
@@ -117,9 +138,9 @@ class EvictionConfig(BaseModel):
     def _check(self) -> "EvictionConfig":
         b = self.budget
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
-            raise EvictionConfigError("budget", b, _BUDGET_ALLOWED)
+            raise EvictionConfigError("budget", b, BUDGET_ALLOWED)
         if b <= 0 or (b > 1 and float(b) != int(b)):
-            raise EvictionConfigError("budget", b, _BUDGET_ALLOWED)
+            raise EvictionConfigError("budget", b, BUDGET_ALLOWED)
         if self.is_token_budget and "min_tokens" in self.model_fields_set and self.min_tokens != 0:
             raise EvictionConfigError(
                 "min_tokens",
@@ -145,6 +166,13 @@ class EvictionConfig(BaseModel):
                 )
         if self.lkv_artifact is not None and not os.path.isfile(self.lkv_artifact):
             raise EvictionConfigError("lkv_artifact", self.lkv_artifact, "an existing LKV artifact file (safetensors)")
+        if self.vector_artifact is not None and not os.path.isfile(self.vector_artifact):
+            raise EvictionConfigError("vector_artifact", self.vector_artifact,
+                                      "an existing VECTOR artifact file (python -m vllm_kvevict.vector.calibrate)")
+        if self.vector == "on" and self.granularity == "page":
+            raise EvictionConfigError("vector", "on", "off at granularity page (VECTOR keeps per-head routes: granularity head)")
+        if self.vector == "on" and self.head_selection == "page":
+            raise EvictionConfigError("vector", "on", "off with head_selection page (VECTOR routes single tokens)")
         if self.pooling_kernel % 2 == 0:
             raise EvictionConfigError("pooling_kernel", self.pooling_kernel, "an odd integer >= 1")
         if self.is_token_budget and self.window + self.resolved_sinks > self.budget:
@@ -217,13 +245,15 @@ class EvictionConfig(BaseModel):
         """``head`` for per-head (unequal) allocations, ``page`` for uniform ones, unless set."""
         if self.granularity is not None:
             return self.granularity
-        return "page" if self.resolved_allocation == "uniform" else "head"
+        return "page" if self.resolved_allocation == "uniform" and self.vector != "on" else "head"
 
     def head_selection_for(self, block_size: int) -> str:
         """``page`` (whole pages per head) for per-layer allocations on pages of at most
         :data:`HEAD_PAGE_MAX_BLOCK_SIZE` tokens, ``token`` otherwise, unless set."""
         if self.head_selection is not None:
             return self.head_selection
+        if self.vector == "on":
+            return "token"
         page = self.resolved_allocation in HEAD_PAGE_ALLOCATIONS and block_size <= HEAD_PAGE_MAX_BLOCK_SIZE
         return "page" if page else "token"
 
@@ -257,11 +287,19 @@ class EvictionConfig(BaseModel):
             return float(int(self.budget))
         return min(float(prompt_len), max(prompt_len * float(self.budget), float(self.min_tokens)))
 
+    def vector_share_for(self, prompt_len: int) -> float:
+        """VECTOR's ``p_a`` for a prompt: ``vector_share``, else ``min(p_c/2, (1-p_c)/2)`` with
+        ``p_c = 1 - budget_tokens(L) / L``."""
+        if self.vector_share is not None:
+            return float(self.vector_share)
+        kept = self.budget_tokens(prompt_len) / prompt_len
+        return min((1.0 - kept) / 2.0, kept / 2.0)
+
     # ----------------------------------------------------------------- the three doors
     @classmethod
     def from_fields(cls, **fields: Any) -> "EvictionConfig":
         """Build from field names (``scorer=``, ``budget=``...); errors name those fields."""
-        return _validate(fields, naming=lambda f: f)
+        return validated(cls, fields, naming=lambda f: f)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any], base: Optional["EvictionConfig"] = None) -> "EvictionConfig":
@@ -276,9 +314,9 @@ class EvictionConfig(BaseModel):
                 continue
             if key not in FLAT_KEYS:
                 raise EvictionConfigError(key, value, f"unknown key; allowed: {', '.join(FLAT_KEYS)}")
-            fields[FLAT_KEYS[key]] = _coerce_text(value)
-        merged = _merge(base, fields)
-        return _validate(merged, naming=lambda f: FIELD_TO_FLAT.get(f, f))
+            fields[FLAT_KEYS[key]] = coerce_text(value)
+        merged = merge_fields(base, fields)
+        return validated(cls, merged, naming=lambda f: FIELD_TO_FLAT.get(f, f))
 
     @classmethod
     def from_additional_config(cls, additional_config: Optional[Mapping[str, Any]]) -> "EvictionConfig":
@@ -290,7 +328,7 @@ class EvictionConfig(BaseModel):
             return cls()
         nested = additional_config.get(ADDITIONAL_CONFIG_KEY)
         if isinstance(nested, Mapping):
-            return _validate(dict(nested), naming=lambda f: f"{ADDITIONAL_CONFIG_KEY}.{f}")
+            return validated(cls, dict(nested), naming=lambda f: f"{ADDITIONAL_CONFIG_KEY}.{f}")
         return cls.from_flat(additional_config)
 
     def to_additional_config(self) -> dict[str, Any]:
@@ -311,81 +349,5 @@ class EvictionConfig(BaseModel):
         return (
             f"{self.scorer} budget={self.budget}{floor} allocation={self.resolved_allocation} "
             f"granularity={self.resolved_granularity} window={self.window} sinks={self.resolved_sinks}"
+            + (" vector=on" if self.vector == "on" else "")
         )
-
-
-_BUDGET_ALLOWED = "a fraction in (0, 1), 1 to keep everything, or a whole token count > 1"
-
-
-def _coerce_text(value: Any) -> Any:
-    """Values from CLI/JSON may arrive as strings: '0.1' -> 0.1, '256' -> 256."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            return float(text)
-        except ValueError:
-            return text
-    return value
-
-
-def _merge(base: Optional[EvictionConfig], fields: dict[str, Any]) -> dict[str, Any]:
-    if base is None:
-        return fields
-    merged = base.model_dump(exclude_defaults=True)
-    # A request that changes the scorer gets that scorer's default allocation and sinks, and
-    # none of the base's settings its new scorer does not read, unless it names them too.
-    # The server's floor is not read by a request's token-count budget (refused if named).
-    if _is_token_count(fields.get("budget")) and "min_tokens" not in fields:
-        merged.pop("min_tokens", None)
-    if "scorer" in fields and fields["scorer"] != base.scorer:
-        merged.pop("allocation", None)
-        merged.pop("sinks", None)
-        probe = {**merged, **fields}
-        for name in SCORER_SETTINGS:
-            if name in merged and name not in fields and not reads_setting(probe, name):
-                merged.pop(name)
-    merged.update(fields)
-    return merged
-
-
-def _is_token_count(budget: Any) -> bool:
-    return isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 1
-
-
-def _validate(fields: dict[str, Any], naming) -> EvictionConfig:
-    try:
-        return EvictionConfig(**fields)
-    except EvictionConfigError as exc:
-        raise EvictionConfigError(naming(exc.field), exc.value, exc.allowed) from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = err.get("loc") or ("",)
-        field = str(loc[0])
-        if err.get("type") == "value_error" and isinstance(err.get("ctx", {}).get("error"), EvictionConfigError):
-            inner: EvictionConfigError = err["ctx"]["error"]
-            raise EvictionConfigError(naming(inner.field), inner.value, inner.allowed) from None
-        if err.get("type") == "extra_forbidden":
-            allowed = "unknown key; allowed: " + ", ".join(naming(f) for f in EvictionConfig.model_fields)
-            raise EvictionConfigError(naming(field), err.get("input"), allowed) from None
-        raise EvictionConfigError(naming(field), err.get("input"), _allowed_text(field, err)) from None
-
-
-def _allowed_text(field: str, err: dict) -> str:
-    choices = {
-        "scorer": SCORERS,
-        "allocation": ALLOCATIONS,
-        "granularity": GRANULARITIES,
-        "pooling": POOLINGS,
-        "criticalkv_base": CRITICALKV_BASES,
-    }
-    if field in choices:
-        return "allowed: " + ", ".join(choices[field])
-    if field == "budget":
-        return _BUDGET_ALLOWED
-    if field == "min_tokens":
-        return "a whole token count >= 0 (0 turns the floor off)"
-    return err.get("msg", "invalid value")

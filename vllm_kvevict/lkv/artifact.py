@@ -15,7 +15,6 @@ the packaged artifact of a model when no path is given (:data:`ARTIFACT_DIR`).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from vllm_kvevict.artifact_files import ArtifactKind
 from vllm_kvevict.lkv.identity import ModelIdentity
 from vllm_kvevict.lkv.nets import HeadShares, NetShape, TokenScorer
 
@@ -40,6 +40,10 @@ ModelSource = Union[ModelIdentity, Callable[[], ModelIdentity], None]
 
 class LKVArtifactError(ValueError):
     """An LKV artifact is missing, malformed, or made for another model."""
+
+
+KIND = ArtifactKind("LKV", FORMAT, VERSION, PATH_FIELD, LKVArtifactError, "python -m vllm_kvevict.lkv.train",
+                    ARTIFACT_DIR)
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,47 +88,20 @@ class LKVArtifact:
 def save_artifact(path: Union[str, Path], identity: ModelIdentity, scorer: TokenScorer, shares: HeadShares,
                   training: Optional[dict] = None) -> Path:
     """Write ``scorer`` and ``shares`` for ``identity`` to ``path`` (safetensors)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"scorer.{k}": v.detach().float().contiguous() for k, v in scorer.state_dict().items()}
-    tensors |= {f"shares.{k}": v.detach().float().contiguous() for k, v in shares.state_dict().items()}
+    tensors = {f"scorer.{k}": v.detach().float() for k, v in scorer.state_dict().items()}
+    tensors |= {f"shares.{k}": v.detach().float() for k, v in shares.state_dict().items()}
     metadata = {
-        "format": FORMAT,
-        "version": str(VERSION),
         "model": identity.to_json(),
         "net": json.dumps(scorer.shape.to_dict(), sort_keys=True),
         "rope_scaling": repr(scorer.rope_scaling),
         "training": json.dumps(training or {}, sort_keys=True),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # package data: readable by whoever serves it
-    os.replace(tmp, path)
-    return path
+    return KIND.write(path, tensors, metadata)
 
 
 def read_header(path: Union[str, Path]) -> dict[str, str]:
     """The artifact's metadata, checked for :data:`FORMAT` and :data:`VERSION`."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise LKVArtifactError(f"{PATH_FIELD}={str(path)!r}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-    except Exception as exc:  # not a safetensors file
-        raise LKVArtifactError(f"{PATH_FIELD}={str(path)!r}: not a safetensors file ({exc})") from None
-    if metadata.get("format") != FORMAT:
-        raise LKVArtifactError(f"{PATH_FIELD}={str(path)!r}: format {metadata.get('format')!r}, expected {FORMAT!r}")
-    if metadata.get("version") != str(VERSION):
-        raise LKVArtifactError(
-            f"{PATH_FIELD}={str(path)!r}: artifact version {metadata.get('version')!r}, this package reads "
-            f"version {VERSION}: train it again with python -m vllm_kvevict.lkv.train"
-        )
-    return metadata
+    return KIND.read_header(path)
 
 
 def load_artifact(path: Union[str, Path]) -> LKVArtifact:
@@ -162,7 +139,7 @@ def _load(path: str, mtime_ns: int) -> LKVArtifact:
 
 def packaged_artifacts() -> list[Path]:
     """The artifact files shipped in :data:`ARTIFACT_DIR`, sorted."""
-    return sorted(ARTIFACT_DIR.glob("*.safetensors"))
+    return KIND.packaged()
 
 
 def artifact_for(model: ModelSource, path: Optional[Union[str, Path]] = None) -> LKVArtifact:
@@ -176,29 +153,18 @@ def artifact_for(model: ModelSource, path: Optional[Union[str, Path]] = None) ->
         raise LKVArtifactError("lkv needs the model it runs on: build the policy with build_policy(..., model=...)")
     if path is not None:
         artifact = load_artifact(path)
-        differences = artifact.identity.differences(identity)
-        if differences:
-            raise LKVArtifactError(
-                f"{PATH_FIELD}={str(path)!r} was trained for {artifact.identity.describe()}, not for "
-                f"{identity.describe()} ({'; '.join(differences)})"
-            )
+        KIND.check_model(path, artifact.identity, identity)
         return artifact
     packaged = packaged_artifact_path(identity)
     if packaged is None:
-        raise LKVArtifactError(
-            f"no packaged LKV artifact for {identity.describe()} (in {ARTIFACT_DIR}): train one with "
-            f"python -m vllm_kvevict.lkv.train --model DIR --out FILE and set {PATH_FIELD}=FILE"
-        )
+        raise KIND.missing(identity)
     return load_artifact(packaged)
 
 
 @lru_cache(maxsize=32)
 def packaged_artifact_path(identity: ModelIdentity) -> Optional[Path]:
     """The packaged artifact made for ``identity`` (``None`` if there is none); looked up once."""
-    for candidate in packaged_artifacts():
-        if ModelIdentity.from_json(read_header(candidate)["model"]) == identity:
-            return candidate
-    return None
+    return KIND.packaged_for(identity)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,8 @@ class LayerScores:
         instead of running the allocator.
     head_shares : ``[Hkv]`` float32 or ``None``: each head's learned share of the layer's budget
         (LKV-H, added by the policy under allocation ``lkv``, which splits by them).
+    residuals : ``[Hkv, L]`` float32 or ``None``: each token's value-reconstruction residual
+        (VECTOR, added by the policy with ``vector`` on; the key-only route ranks by it).
     """
 
     values: torch.Tensor
@@ -106,11 +108,14 @@ class LayerScores:
     preferred: Optional[torch.Tensor] = None
     head_budgets: Optional[torch.Tensor] = None
     head_shares: Optional[torch.Tensor] = None
+    residuals: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.values.shape)
         if len(shape) != 2 or self.values.dtype != torch.float32:
             raise ValueError(f"values must be float32 [Hkv, L], got {self.values.dtype} {shape}")
+        if self.residuals is not None and (self.residuals.dtype != torch.float32 or tuple(self.residuals.shape) != shape):
+            raise ValueError(f"residuals must be float32 {shape}, got {self.residuals.dtype} {tuple(self.residuals.shape)}")
         for name in ("protected", "preferred"):
             mask = getattr(self, name)
             if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != shape):

@@ -7,7 +7,7 @@ call the same three methods of the :class:`Policy` it returns:
 * :meth:`Policy.plan_head` (head granularity): every (layer, KV head)'s kept tokens;
 * :meth:`Policy.evicted_blocks` (page granularity): the prompt blocks every layer and head drop.
 
-Policies that read a trained artifact (scorer or allocation ``lkv``) need the model they run on:
+Policies that read a trained artifact (scorer or allocation ``lkv``, ``vector`` on) need the model they run on:
 ``build_policy(config, block_size, model=ModelIdentity.from_hf_config(...))`` (or a callable
 giving the identity, resolved when the policy first scores).
 """
@@ -25,6 +25,8 @@ from vllm_kvevict.policies.head_page_select import plan_head_pages
 from vllm_kvevict.policies.pages import evicted_blocks
 from vllm_kvevict.policies.registry import build_scorer
 from vllm_kvevict.policies.select import KeptSet, plan_kept
+from vllm_kvevict.policies.vector import VectorResiduals, plan_vector
+from vllm_kvevict.vector.artifact import VectorSource
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,10 @@ class Policy:
 
     def plan_head(self, scores: list[LayerScores], seq_len: int) -> KeptSet:
         """Head granularity's kept set from per-layer :meth:`score_layer` scores: whole
-        block-aligned pages per head, or single tokens."""
+        block-aligned pages per head, or single tokens; with VECTOR, whole and key-only tokens
+        (:func:`~vllm_kvevict.policies.vector.plan_vector`)."""
+        if self.config.vector == "on":
+            return plan_vector(scores, self.config, seq_len)
         if self.config.head_selection_for(self.block_size) == "page":
             return plan_head_pages(scores, self.config, seq_len, self.block_size)
         return plan_kept(scores, self.config, seq_len)
@@ -70,10 +75,12 @@ class Policy:
 
 def policy_scorer(config: EvictionConfig, model: Any = None) -> Scorer:
     """The configured scorer, window and sinks protected, with LKV-H's head shares attached
-    under allocation ``lkv``."""
+    under allocation ``lkv`` and VECTOR's residuals with ``vector`` on."""
     scorer = build_scorer(config, model=model)
     if config.enabled and config.resolved_allocation == "lkv":
         scorer = LKVShares(scorer, LKVSource(model=model, path=config.lkv_artifact), config)
+    if config.enabled and config.vector == "on":
+        scorer = VectorResiduals(scorer, VectorSource(model=model, path=config.vector_artifact))
     return scorer
 
 

@@ -28,18 +28,22 @@ class KeptSet:
         ``g`` of layer ``l`` holds ``head_budgets[l, g]`` of them.
     head_budgets : ``[num_layers, Hkv]`` int64.
     scores : per layer, the :class:`LayerScores` the selection ranked.
+    key_only : VECTOR only (else ``None``): per layer, per KV head, the sorted positions kept
+        as a key alone (disjoint from ``indices``, which are then the whole tokens); two cost
+        one slot, so ``head_budgets`` counts ``len(indices) + len(key_only) / 2``.
     """
 
     indices: list[list[torch.Tensor]]
     head_budgets: torch.Tensor
     scores: list[LayerScores]
+    key_only: Optional[list[list[torch.Tensor]]] = None
 
     @property
     def num_layers(self) -> int:
         return len(self.indices)
 
     def kept_tokens(self) -> int:
-        """Kept (layer, head, token) entries in all."""
+        """Kept (layer, head, token) slots in all (two key-only tokens are one)."""
         return int(self.head_budgets.sum())
 
 

@@ -26,9 +26,11 @@ from vllm_kvevict.policies.base import LayerInputs
 from vllm_kvevict.reference.decode_eviction import Chooser, DecodeEviction, DecodeEvictor, greedy_decode_evicting
 from vllm_kvevict.reference.forward import greedy_decode, run_prompt, run_tokens
 from vllm_kvevict.reference.head_cache import HeadCache
+from vllm_kvevict.reference.key_only import merged, routed_cache
 from vllm_kvevict.reference.model_parts import DecoderParts
 from vllm_kvevict.reference.prefilled import FUTURE_POSITIONS, Prefilled
-from vllm_kvevict.reference.selection import DEFAULT_BLOCK_SIZE, KeptIndices, select_kept
+from vllm_kvevict.reference.selection import DEFAULT_BLOCK_SIZE, KeptIndices, select_kept, select_kept_set
+from vllm_kvevict.vector.artifact import artifact_for
 
 TokenIds = Union[torch.Tensor, Sequence[int]]
 
@@ -41,13 +43,17 @@ class Generation:
     ----------
     token_ids : generated ids (the EOS that stopped it included).
     text : ``token_ids`` decoded, special tokens skipped.
-    kept : ``kept[layer][kv_head]`` sorted prompt indices each head kept.
+    kept : ``kept[layer][kv_head]`` sorted prompt indices each head kept (with VECTOR: whole
+        and key-only ones).
     kept_per_head : ``[num_layers, Hkv]`` prompt tokens kept per head.
-    memory_fraction : prompt tokens kept / prompt tokens of the full cache, over all heads.
+    memory_fraction : prompt slots kept / prompt tokens of the full cache, over all heads (two
+        key-only tokens are one slot).
     prompt_len : ``L``.
     logits : ``[len(token_ids), V]`` logits each token was chosen from (``return_logits``).
     cache : the per-head cache after decoding (``return_cache``).
     decode_evictions : the decode-time evictions, in order (``config.decode_interval > 0``).
+    key_only : VECTOR: ``key_only[layer][kv_head]`` the prompt indices kept as a key alone
+        (a subset of ``kept``); ``None`` otherwise.
     """
 
     token_ids: list[int]
@@ -59,6 +65,7 @@ class Generation:
     logits: Optional[torch.Tensor] = None
     cache: Optional[HeadCache] = None
     decode_evictions: list[DecodeEviction] = field(default_factory=list)
+    key_only: Optional[KeptIndices] = None
 
 
 class ReferenceEngine:
@@ -114,8 +121,14 @@ class ReferenceEngine:
     def kept_indices(
         self, prefilled: Prefilled, config: EvictionConfig, block_size: int = DEFAULT_BLOCK_SIZE
     ) -> KeptIndices:
-        """``kept[layer][kv_head]``: the prompt tokens ``config`` keeps (all of them at budget 1)."""
+        """``kept[layer][kv_head]``: the prompt tokens ``config`` keeps (all of them at budget 1);
+        with VECTOR the whole ones (:meth:`kept_set` has the key-only ones too)."""
         return select_kept(prefilled, config, block_size)
+
+    def kept_set(self, prefilled: Prefilled, config: EvictionConfig, block_size: int = DEFAULT_BLOCK_SIZE):
+        """The policy's :class:`~vllm_kvevict.policies.KeptSet` (head granularity), or the kept
+        indices (page granularity, or a budget that keeps everything)."""
+        return select_kept_set(prefilled, config, block_size)
 
     def build_cache(self, prefilled: Prefilled, kept: KeptIndices, reserve: int = 0) -> HeadCache:
         """Fresh per-head caches holding only the kept tokens (``prefilled`` is not modified)."""
@@ -149,16 +162,24 @@ class ReferenceEngine:
             > 0``; :mod:`~vllm_kvevict.reference.decode_eviction`), e.g. the served plugin's.
         """
         if kept is None:
-            kept = self.kept_indices(prefilled, config, block_size)
-        elif hasattr(kept, "indices"):
+            kept = self.kept_set(prefilled, config, block_size)
+        key_only = getattr(kept, "key_only", None)
+        if hasattr(kept, "indices"):
             kept = kept.indices
         suffix = _as_ids(suffix_ids) if suffix_ids is not None else torch.empty(0, dtype=torch.long)
         if prefilled.last_logits is None and not suffix.numel():
             raise ValueError("a prefix prefill has no next-token logits: give suffix_ids")
-        cache = self.build_cache(prefilled, kept, reserve=suffix.numel() + max_new_tokens)
+        reserve = suffix.numel() + max_new_tokens
+        if key_only is None:
+            cache = self.build_cache(prefilled, kept, reserve=reserve)
+        else:
+            artifact = artifact_for(prefilled.model, config.vector_artifact)
+            cache = routed_cache(prefilled.keys, prefilled.values, kept, key_only, artifact, reserve=reserve)
+            kept = merged(kept, key_only)
         kept_per_head = cache.lengths()
         L = prefilled.prompt_len
-        memory_fraction = float(kept_per_head.sum()) / (kept_per_head.numel() * L)
+        approximated = sum(int(idx.numel()) for row in key_only for idx in row) if key_only is not None else 0
+        memory_fraction = (float(kept_per_head.sum()) - approximated / 2) / (kept_per_head.numel() * L)
 
         position = L
         logits = prefilled.last_logits
@@ -183,6 +204,7 @@ class ReferenceEngine:
             logits=step_logits if return_logits else None,
             cache=cache if return_cache else None,
             decode_evictions=evictor.evictions if evictor is not None else [],
+            key_only=key_only,
         )
 
 

@@ -9,10 +9,12 @@ Both through the calls the served plugin makes on the :class:`~vllm_kvevict.poli
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies import build_policy
+from vllm_kvevict.policies import KeptSet, build_policy
 from vllm_kvevict.reference.prefilled import Prefilled
 
 #: ``kept[layer][kv_head]``: sorted int64 prompt indices.
@@ -44,9 +46,10 @@ def kept_blocks(prefilled: Prefilled, config: EvictionConfig, block_size: int) -
     return torch.tensor([b for b in range(num_blocks) if b not in evicted], dtype=torch.long)
 
 
-def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -> KeptIndices:
-    """Kept indices for ``config`` (everything when it keeps everything or leaves the prompt
-    whole: ``prompt_eviction="off"``)."""
+def select_kept_set(prefilled: Prefilled, config: EvictionConfig, block_size: int) -> Union[KeptSet, KeptIndices]:
+    """Head granularity: the policy's :class:`KeptSet` (``Policy.plan_head``; with VECTOR its
+    ``key_only`` too); otherwise the kept indices (page granularity, or everything: when the
+    config keeps everything or leaves the prompt whole, ``prompt_eviction="off"``)."""
     if config.keeps_everything or not config.evicts_prompt:
         return keep_all(prefilled)
     if config.resolved_granularity == "page":
@@ -54,5 +57,13 @@ def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -
         return [[tokens for _ in range(prefilled.num_kv_heads)] for _ in range(prefilled.num_layers)]
     policy = build_policy(config, block_size, model=prefilled.model)
     scores = [policy.score_layer(layer) for layer in prefilled.layer_inputs(config)]
-    kept = policy.plan_head(scores, prefilled.prompt_len)
-    return [[idx.to(torch.long) for idx in row] for row in kept.indices]
+    return policy.plan_head(scores, prefilled.prompt_len)
+
+
+def select_kept(prefilled: Prefilled, config: EvictionConfig, block_size: int) -> KeptIndices:
+    """Kept indices for ``config`` (everything when it keeps everything; with VECTOR the whole
+    tokens, :func:`select_kept_set` has the key-only ones)."""
+    kept = select_kept_set(prefilled, config, block_size)
+    if isinstance(kept, KeptSet):
+        return [[idx.to(torch.long) for idx in row] for row in kept.indices]
+    return kept

@@ -34,11 +34,13 @@ from typing import Any, Mapping, Optional
 
 from vllm_kvevict.config import (
     ADDITIONAL_CONFIG_KEY,
+    FIELD_TO_FLAT,
     FLAT_KEYS,
     SCORER_SETTINGS,
     EvictionConfig,
     EvictionConfigError,
 )
+from vllm_kvevict.vllm.served import check_served
 
 GROUP_TITLE = "KVEviction"
 GROUP_DESCRIPTION = (
@@ -53,9 +55,12 @@ GROUP_DESCRIPTION = (
 #: them all (criticalkv over snapkv, adakv, head granularity), all flags together later.
 _SINGLE_FLAG_BASE = EvictionConfig(window=1)
 _READING_BASE = EvictionConfig(scorer="criticalkv", window=1)
-#: Where decode-time eviction's settings are read (checked one by one on it).
+#: Where decode-time eviction's and VECTOR's settings are read (checked one by one on them; VECTOR
+#: refuses page head selection, so it is not part of the bases above).
 _DECODE_BASE = EvictionConfig(scorer="snapkv", granularity="page", window=1, decode_interval=1)
-_FLAG_BASES = {"kv_decode_interval": _DECODE_BASE, "kv_prompt_eviction": _DECODE_BASE}
+_VECTOR_BASE = EvictionConfig(scorer="criticalkv", window=1, vector="on")
+_FLAG_BASES = {"kv_decode_interval": _DECODE_BASE, "kv_prompt_eviction": _DECODE_BASE,
+               "kv_vector_share": _VECTOR_BASE, "kv_vector_artifact": _VECTOR_BASE}
 _PER_SCORER = "per scorer"
 #: A description's own "(default: ...)" note; the flag's help states the default once.
 _OWN_DEFAULT = re.compile(r"\s*\(default:[^)]*\)\s*$")
@@ -137,7 +142,10 @@ def merge_flags(additional_config: Optional[Mapping[str, Any]], flags: Mapping[s
         If the merged policy is invalid (e.g. ``--kv-window`` larger than a token budget).
     """
     base = EvictionConfig.from_additional_config(additional_config)
-    return with_config(additional_config, EvictionConfig.from_flat(flags, base=base))
+    config = EvictionConfig.from_flat(flags, base=base)
+    check_served(config, naming=lambda f: "--" + FIELD_TO_FLAT[f].replace("_", "-") if FIELD_TO_FLAT[f] in flags
+                 else f"{ADDITIONAL_CONFIG_KEY}.{f}")
+    return with_config(additional_config, config)
 
 
 def merge_flags_or_exit(additional_config: Optional[Mapping[str, Any]], flags: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,7 +183,10 @@ def normalize_additional_config(additional_config: Any) -> Any:
     """
     if not isinstance(additional_config, Mapping) or not any(k in FLAT_KEYS for k in additional_config):
         return additional_config
-    return with_config(additional_config, EvictionConfig.from_additional_config(additional_config))
+    config = EvictionConfig.from_additional_config(additional_config)
+    nested = isinstance(additional_config.get(ADDITIONAL_CONFIG_KEY), Mapping)
+    check_served(config, naming=lambda f: f"{ADDITIONAL_CONFIG_KEY}.{f}" if nested else FIELD_TO_FLAT[f])
+    return with_config(additional_config, config)
 
 
 def with_config(additional_config: Optional[Mapping[str, Any]], config: EvictionConfig) -> dict[str, Any]:
