@@ -44,6 +44,9 @@ class EvictionRecorder:
     kept: dict[str, Any] = field(default_factory=dict)
     #: request id -> why its eviction failed (it was left whole).
     failures: dict[str, str] = field(default_factory=dict)
+    #: request id -> seconds of its eviction pass by part: ``scoring`` (attention layers, every
+    #: chunk), ``selection`` (after the forward), ``compaction`` (head granularity's copy).
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class WorkerSide:
