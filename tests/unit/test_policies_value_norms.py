@@ -2,9 +2,8 @@
 
 ``value_l1_norm`` streams rows through each KV group's projections; the definition is kvpress's
 ``vwl1norm`` (per query head ``||v[g, j] @ Wo[h]||_1``, then the mean over the group's heads),
-written out here literally. On this project's CPUs the two give the same floats (measured bit for
-bit: benchmarks/overhead/RESULTS.md); the test asks for rounding only, as a GEMM's blocking may
-differ on other CPUs.
+written out here literally. The products are the same; the L1 sum is ``abs().sum()`` rather than
+``torch.norm(p=1)`` (another summation order: about 1e-6 relative), so the test asks for rounding.
 """
 
 from __future__ import annotations
@@ -34,4 +33,4 @@ def test_value_l1_norm_is_the_group_mean_of_per_head_l1_norms(hkv, groups, lengt
     inputs = LayerInputs(keys=values, values=values, queries=torch.randn(hkv * groups, 4, d), o_proj=o_proj)
     got = ops.value_l1_norm(inputs)
     assert got.shape == (hkv, length)
-    torch.testing.assert_close(got, kvpress_vwl1norm(values, o_proj, hkv * groups), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, kvpress_vwl1norm(values, o_proj, hkv * groups), rtol=1e-5, atol=0)

@@ -83,9 +83,10 @@ def value_l1_norm(inputs: LayerInputs) -> torch.Tensor:
 
     ``V @ Wo`` is never materialised: per KV head, :data:`VALUE_NORM_ROWS` values at a time go
     through the group's ``G`` projections at once (``[d, G * D]``) and only their norms are kept.
-    Each product is the same dot product over ``d`` and each norm the same sum over ``D`` as
-    kvpress's ``vwl1norm`` (one head, all rows): the same floats, checked bit for bit
-    (tests/unit/test_policies_value_norms.py), so kept sets still equal kvpress's.
+    Each product is the same dot product over ``d`` as kvpress's ``vwl1norm``; the norm is
+    ``abs().sum()`` (vectorised: ten times faster here than ``torch.norm(p=1)``, which kvpress
+    calls), equal to it to about 1e-6 relative; kept sets against kvpress are checked exactly by
+    tests/parity.
     """
     wo = output_projection(inputs)  # [H, d, D]
     hkv, groups, dim = inputs.num_kv_heads, inputs.group_size, wo.shape[2]
@@ -96,7 +97,7 @@ def value_l1_norm(inputs: LayerInputs) -> torch.Tensor:
     for g in range(hkv):
         for lo in range(0, length, VALUE_NORM_ROWS):
             proj = values[g, lo : lo + VALUE_NORM_ROWS].matmul(grouped[g]).view(-1, groups, dim)
-            torch.linalg.vector_norm(proj, 1, dim=-1, out=norms[g, lo : lo + VALUE_NORM_ROWS])
+            torch.sum(proj.abs_(), dim=-1, out=norms[g, lo : lo + VALUE_NORM_ROWS])
     return group_mean(norms.permute(0, 2, 1).reshape(hkv * groups, length), hkv)
 
 
