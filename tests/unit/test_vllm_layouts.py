@@ -149,3 +149,18 @@ def test_triton_decode_on_the_gpu_layout_equals_the_torch_path():
                                         torch.tensor([prompt], dtype=torch.int32),
                                         torch.tensor([total], dtype=torch.int32), scale=0.125)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("length", [1, 31, 100, 257])
+def test_cpu_gather_reads_whole_pages_and_equals_the_entry_reads(length):
+    """vLLM CPU's ``vec`` pages are affine (keys ``[d, bs]``, values ``[bs, d]``): gather copies
+    whole pages and views them (issue 14), giving exactly the per-entry reads."""
+    from vllm_kvevict.vllm.layouts.base import PagedLayout
+
+    torch.manual_seed(length)
+    keys, values = torch.randn(length, HKV, D), torch.randn(length, HKV, D)
+    table = torch.randperm(40)[: -(-length // BS)] + 8
+    kv, layout = cpu_cache(keys, values, table, num_blocks=64)
+    assert layout.page_strides is not None
+    fast, slow = layout.gather(kv, table, length), PagedLayout.gather(layout, kv, table, length)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])

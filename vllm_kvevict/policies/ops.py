@@ -73,15 +73,32 @@ def output_projection(inputs: LayerInputs) -> torch.Tensor:
     return wo.reshape(inputs.num_heads, inputs.head_dim, wo.shape[1])
 
 
+#: Value rows per GEMM in :func:`value_l1_norm`: ``[rows, G * D]`` products stay in the L2 cache
+#: while their L1 norms are taken (float32, SmolLM2: 256 x 1728 x 4 bytes).
+VALUE_NORM_ROWS = 256
+
+
 def value_l1_norm(inputs: LayerInputs) -> torch.Tensor:
     """CriticalKV's ``nbar1[g, j]``: mean over the group of ``||v[g, j] @ Wo[h]||_1``, ``[Hkv, L]``.
 
-    One head at a time (as kvpress's ``vwl1norm``), so ``V @ Wo`` is never held for all heads.
+    ``V @ Wo`` is never materialised: per KV head, :data:`VALUE_NORM_ROWS` values at a time go
+    through the group's ``G`` projections at once (``[d, G * D]``) and only their norms are kept.
+    Each product is the same dot product over ``d`` as kvpress's ``vwl1norm``; the norm is
+    ``abs().sum()`` (vectorised: ten times faster here than ``torch.norm(p=1)``, which kvpress
+    calls), equal to it to about 1e-6 relative; kept sets against kvpress are checked exactly by
+    tests/parity.
     """
-    wo = output_projection(inputs)
-    values = repeat_kv(inputs.values.float(), inputs.group_size).unsqueeze(0)
-    norms = [torch.norm(values[:, h].matmul(wo[h].unsqueeze(0)), p=1, dim=-1) for h in range(wo.shape[0])]
-    return group_mean(torch.stack(norms, dim=1)[0], inputs.num_kv_heads)
+    wo = output_projection(inputs)  # [H, d, D]
+    hkv, groups, dim = inputs.num_kv_heads, inputs.group_size, wo.shape[2]
+    grouped = wo.view(hkv, groups, inputs.head_dim, dim).permute(0, 2, 1, 3).reshape(hkv, inputs.head_dim, groups * dim)
+    values = inputs.values.float()
+    length = values.shape[1]
+    norms = torch.empty(hkv, length, groups)
+    for g in range(hkv):
+        for lo in range(0, length, VALUE_NORM_ROWS):
+            proj = values[g, lo : lo + VALUE_NORM_ROWS].matmul(grouped[g]).view(-1, groups, dim)
+            torch.sum(proj.abs_(), dim=-1, out=norms[g, lo : lo + VALUE_NORM_ROWS])
+    return group_mean(norms.permute(0, 2, 1).reshape(hkv * groups, length), hkv)
 
 
 def output_gram(inputs: LayerInputs) -> torch.Tensor:

@@ -67,10 +67,20 @@ class Observations:
     source_blocks: Optional[torch.Tensor] = None
     #: why observing failed (the request then stays whole), or ``None``.
     error: Optional[str] = None
-    #: time spent observing and scoring (the ``kvevict_scoring_seconds`` metric).
+    #: time spent observing and scoring in the attention layers, every chunk (the
+    #: ``kvevict_scoring_seconds`` metric).
     seconds: float = 0.0
+    #: time spent after the scoring step's forward selecting what to keep (allocation, ranking).
+    selection_seconds: float = 0.0
+    #: head granularity: time spent copying kept entries into head-pages and checking them.
+    compaction_seconds: float = 0.0
     #: a stage to fail at on purpose (fault-injection tests, ``worker.faults``), or ``None``.
     fault: Optional[str] = None
+
+    @property
+    def total_seconds(self) -> float:
+        """The whole eviction pass: scoring, selection, compaction (``kvevict_eviction_seconds``)."""
+        return self.seconds + self.selection_seconds + self.compaction_seconds
 
     def fail(self, reason: str) -> None:
         if self.error is None:

@@ -21,8 +21,8 @@ from closed sets; never a request id). docs/OBSERVABILITY.md has the PromQL that
                                                              unless ``--kv-decode-interval``)
 ``kvevict_tokens_evicted_total``                  counter    token positions whose KV was dropped
 ``kvevict_blocks_evicted_total``                  counter    KV blocks dropped from block lists
-``kvevict_eviction_seconds``                      histogram  time of one eviction pass (scoring
-                                                             and selection)
+``kvevict_eviction_seconds``                      histogram  time of one eviction pass (scoring,
+                                                             selection, compaction)
 ``kvevict_scoring_seconds``                       histogram  scoring part of a pass (attention
                                                              backend, all layers)
 ``kvevict_compression_ratio``                     histogram  kept / logical tokens per request

@@ -31,7 +31,8 @@ class FinishedStep:
     """What the step's evictions did: the report for the scheduler, and for the metrics."""
 
     report: KVEvictWorkerMetadata = field(default_factory=KVEvictWorkerMetadata)
-    #: request id -> (scorer, granularity, seconds) of every request scored this step.
+    #: request id -> (scorer, granularity, scoring seconds) of every request scored this step
+    #: (the attention layers' part; :attr:`Observations.total_seconds` is the whole pass).
     scored: dict[str, tuple[str, str, float]] = field(default_factory=dict)
     #: request id -> (scorer, granularity, stage) of requests whose eviction failed (left whole).
     failed: dict[str, tuple[str, str, str]] = field(default_factory=dict)
@@ -83,10 +84,13 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
             done.failed[row.req_id] = (*labels, stage)
             if recorder is not None:
                 recorder.failures[row.req_id] = f"{stage}: {exc}"
-        sink.seconds += time.perf_counter() - started
+        sink.selection_seconds += time.perf_counter() - started - sink.compaction_seconds
         done.scored[row.req_id] = (*labels, sink.seconds)
         done.report.generations[row.req_id] = state.admission.generation
-        done.report.passes[row.req_id] = (config.scorer, sink.seconds)
+        done.report.passes[row.req_id] = (config.scorer, sink.total_seconds)
+        if recorder is not None:
+            recorder.seconds[row.req_id] = {"scoring": sink.seconds, "selection": sink.selection_seconds,
+                                            "compaction": sink.compaction_seconds}
     if step is not None and step.decode:
         finish_decode(step, table, step.model.num_layers, done, recorder)
     for req_id in unused:  # not compacted this step (not scored, left whole, or failed)
@@ -148,6 +152,7 @@ def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, 
             raise
         except Exception as exc:
             raise EvictionFailure("selection", f"{type(exc).__name__}: {exc}") from exc
+        copy_started = time.perf_counter()
         try:
             if sink.source_blocks is None:
                 raise RuntimeError("compaction sources not seen in the scoring step")
@@ -162,6 +167,7 @@ def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, 
             raise EvictionFailure("compaction", f"{type(exc).__name__}: {exc}") from exc
         _stage(sink, "invariant")
         check_compaction(kept, plan, state.prompt_len, len(block_ids))
+        sink.compaction_seconds += time.perf_counter() - copy_started
     except Exception:
         done.report.head_failed.add(req_id)
         raise

@@ -47,6 +47,9 @@ class EvictionRecorder:
     #: request id -> its decode-time evictions in order: ``seq_len``, ``held_blocks`` (positional
     #: indices held before), ``evicted`` (positional indices), ``scores`` (per layer).
     decode: dict[str, list[dict]] = field(default_factory=dict)
+    #: request id -> seconds of its eviction pass by part: ``scoring`` (attention layers, every
+    #: chunk), ``selection`` (after the forward), ``compaction`` (head granularity's copy).
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class WorkerSide:
