@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
@@ -101,6 +101,23 @@ class ArtifactKind:
                 f"{self.path_field}={str(path)!r} was made for {made_for.describe()}, not for "
                 f"{identity.describe()} ({'; '.join(differences)})"
             )
+
+    def resolve(self, needed_by: str, model: Any, path: Optional[Union[str, Path]], load: Callable[[Any], Any],
+                packaged_path: Callable[["ModelIdentity"], Optional[Path]]) -> Any:
+        """The artifact for ``model`` (an identity, or a callable giving it): the file ``path``,
+        else the packaged one made for it (``load`` reads a file); refused when the model is
+        unknown, when ``path`` was made for another model, or when no packaged one matches."""
+        identity = model() if callable(model) else model
+        if identity is None:
+            raise self.error(f"{needed_by} needs the model it runs on: build the policy with build_policy(..., model=...)")
+        if path is not None:
+            artifact = load(path)
+            self.check_model(path, artifact.identity, identity)
+            return artifact
+        packaged = packaged_path(identity)
+        if packaged is None:
+            raise self.missing(identity)
+        return load(packaged)
 
     def missing(self, identity: "ModelIdentity") -> Exception:
         """The error for a model with no packaged artifact."""

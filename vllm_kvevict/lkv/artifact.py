@@ -148,17 +148,7 @@ def artifact_for(model: ModelSource, path: Optional[Union[str, Path]] = None) ->
     Raises :class:`LKVArtifactError` when the model is unknown, when ``path`` was made for
     another model, or when no packaged artifact matches.
     """
-    identity = model() if callable(model) else model
-    if identity is None:
-        raise LKVArtifactError("lkv needs the model it runs on: build the policy with build_policy(..., model=...)")
-    if path is not None:
-        artifact = load_artifact(path)
-        KIND.check_model(path, artifact.identity, identity)
-        return artifact
-    packaged = packaged_artifact_path(identity)
-    if packaged is None:
-        raise KIND.missing(identity)
-    return load_artifact(packaged)
+    return KIND.resolve("lkv", model, path, load_artifact, packaged_artifact_path)
 
 
 @lru_cache(maxsize=32)

@@ -25,7 +25,7 @@ import torch
 
 from vllm_kvevict.policies import LayerScores, build_policy
 from vllm_kvevict.policies.base import LayerInputs
-from vllm_kvevict.reference.forward import run_tokens
+from vllm_kvevict.reference.forward import greedy_loop, run_tokens
 from vllm_kvevict.reference.head_cache import HeadCache
 from vllm_kvevict.reference.model_parts import DecoderParts
 
@@ -127,14 +127,4 @@ def greedy_decode_evicting(evictor: DecodeEvictor, cache: HeadCache, logits: tor
                            max_new_tokens: int, stop_ids: frozenset[int]) -> tuple[list[int], torch.Tensor]:
     """:func:`~vllm_kvevict.reference.forward.greedy_decode` with ``evictor`` running every token."""
     check_same_positions(cache)
-    tokens: list[int] = []
-    chosen_from: list[torch.Tensor] = []
-    for step in range(max_new_tokens):
-        token = int(torch.argmax(logits))
-        tokens.append(token)
-        chosen_from.append(logits)
-        if token in stop_ids or step == max_new_tokens - 1:
-            break
-        logits = evictor.run(cache, token, position)
-        position += 1
-    return tokens, torch.stack(chosen_from) if chosen_from else torch.empty(0)
+    return greedy_loop(lambda token, at: evictor.run(cache, token, at), logits, position, max_new_tokens, stop_ids)

@@ -122,6 +122,16 @@ def greedy_decode(
 
     Returns the tokens and ``[n, V]`` the logits each was chosen from.
     """
+    def feed(token: int, at: int) -> torch.Tensor:
+        return run_tokens(parts, cache, torch.tensor([token]), torch.tensor([at]))[0]
+
+    return greedy_loop(feed, logits, position, max_new_tokens, stop_ids)
+
+
+def greedy_loop(feed, logits: torch.Tensor, position: int, max_new_tokens: int,
+                stop_ids: frozenset[int]) -> tuple[list[int], torch.Tensor]:
+    """The greedy loop of :func:`greedy_decode`, each chosen token fed by ``feed(token, position)``
+    (which returns the next logits)."""
     tokens: list[int] = []
     chosen_from: list[torch.Tensor] = []
     for step in range(max_new_tokens):
@@ -130,6 +140,6 @@ def greedy_decode(
         chosen_from.append(logits)
         if token in stop_ids or step == max_new_tokens - 1:
             break
-        logits = run_tokens(parts, cache, torch.tensor([token]), torch.tensor([position]))[0]
+        logits = feed(token, position)
         position += 1
     return tokens, torch.stack(chosen_from) if chosen_from else torch.empty(0)

@@ -132,17 +132,7 @@ def packaged_artifact_path(identity: ModelIdentity) -> Optional[Path]:
 def artifact_for(model: Any, path: Optional[Union[str, Path]] = None) -> VectorArtifact:
     """The artifact for ``model`` (an identity or a callable giving it): the file ``path``,
     else the packaged one made for it; refused for another model."""
-    identity = model() if callable(model) else model
-    if identity is None:
-        raise VectorArtifactError("vector needs the model it runs on: build the policy with build_policy(..., model=...)")
-    if path is not None:
-        artifact = load_artifact(path)
-        KIND.check_model(path, artifact.identity, identity)
-        return artifact
-    packaged = packaged_artifact_path(identity)
-    if packaged is None:
-        raise KIND.missing(identity)
-    return load_artifact(packaged)
+    return KIND.resolve("vector", model, path, load_artifact, packaged_artifact_path)
 
 
 @dataclass(frozen=True)
