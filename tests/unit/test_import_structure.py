@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2] / "vllm_kvevict"
@@ -83,3 +84,11 @@ def test_files_stay_small():
     """Modules split by concern before they pass a few hundred lines."""
     big = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not big, big
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test modules by basename (rootdir mode): two files of one name in
+    different folders stop the whole suite at collection."""
+    tests = Path(__file__).resolve().parents[1]
+    names = Counter(p.name for p in tests.rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1]
