@@ -24,14 +24,16 @@ from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, rando
 pytestmark = pytest.mark.slow
 
 BLOCK, PROMPT_LEN, MAX_TOKENS = 32, 300, 260
-#: name -> the request's ``vllm_xargs`` (prompt and decode, decode only, token caps, o_proj).
+#: name -> the request's ``vllm_xargs`` (prompt and decode, decode only, token caps, o_proj; the
+#: knorm fraction under the default floor of 192 tokens, which binds below 640 tokens, the
+#: value_aware one without a floor, so that its budget follows the length).
 POLICIES = {
     "snapkv_cap": {"kv_eviction": "snapkv", "kv_budget": 160, "kv_window": 16, "kv_decode_interval": 64},
     "knorm_fraction_decode_only": {"kv_eviction": "knorm", "kv_budget": 0.3, "kv_decode_interval": 48,
                                    "kv_prompt_eviction": "off"},
     "streamingllm_cap": {"kv_eviction": "streamingllm", "kv_budget": 128, "kv_window": 8, "kv_decode_interval": 40},
     "value_aware_fraction": {"kv_eviction": "value_aware", "kv_budget": 0.25, "kv_window": 16,
-                             "kv_decode_interval": 64},
+                             "kv_decode_interval": 64, "kv_min_tokens": 0},
 }
 
 
@@ -167,14 +169,16 @@ def test_greedy_output_equals_reference(name, served, reference):
 def test_budget_semantics_cap_is_flat_fraction_follows_length(served):
     """After every decode-time eviction the request keeps its budget, to within the partial last
     block, and at most ``ceil(B / bs) + 2`` blocks: a token budget ``B`` is a fixed cap, a
-    fraction ``f`` keeps ``int(f * seq_len)`` of the request's length so far."""
+    fraction ``f`` keeps ``int(f * seq_len)`` of the request's length so far (at least its floor,
+    ``min_tokens``)."""
     for name in POLICIES:
         config = config_of(name)
         for e in served[0][name]["decode"]:
             kept_blocks = len(e["held_blocks"]) - len(e["evicted"])
             kept_tokens = e["scores"][0].values.shape[1] - len(e["evicted"]) * BLOCK
             budget = config.budget_tokens(e["seq_len"])
-            assert budget == (int(config.budget) if config.is_token_budget else int(config.budget * e["seq_len"]))
+            share = min(e["seq_len"], max(int(config.budget * e["seq_len"]), config.min_tokens))
+            assert budget == (int(config.budget) if config.is_token_budget else share)
             assert kept_blocks <= math.ceil(budget / BLOCK) + 2, (name, e["seq_len"], kept_blocks)
             assert kept_tokens > budget - BLOCK, (name, e["seq_len"], kept_tokens)
 
