@@ -10,16 +10,12 @@ eviction is skipped) and never reaches the engine.
 
 from __future__ import annotations
 
-import logging
-import time
-
 import torch
 
 from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.vllm.backends.observe import guarded, scored
 from vllm_kvevict.vllm.layouts import PagedLayout
 from vllm_kvevict.vllm.step import DecodeRow, EvictionStep
-
-logger = logging.getLogger(__name__)
 
 
 def observe_decode_rows(step: EvictionStep, layer_name: str, layer_idx: int, query: torch.Tensor,
@@ -27,16 +23,8 @@ def observe_decode_rows(step: EvictionStep, layer_name: str, layer_idx: int, que
                         unsupported: str = "") -> None:
     """Every row of ``step.decode`` for this layer (``query [tokens, H * d]``)."""
     for row in step.decode.values():
-        started = time.perf_counter()
-        try:
-            if unsupported:
-                raise RuntimeError(unsupported)
-            _observe(step, row, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale)
-        except Exception as exc:  # never into the engine core
-            logger.warning("kvevict: decode-time scoring failed for %s: %s", row.req_id, exc)
-            logger.debug("kvevict: decode-time scoring failure", exc_info=exc)
-            row.sink.fail(f"{type(exc).__name__}: {exc}")
-        row.sink.seconds += time.perf_counter() - started
+        guarded(row, "decode-time scoring", "that eviction skipped", unsupported,
+                lambda: _observe(step, row, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale))
 
 
 def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale) -> None:
@@ -58,8 +46,4 @@ def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layou
         num_layers=step.model.num_layers,
         scale=scale,
     )
-    scores = row.policy.score_layer(inputs)
-    if tuple(scores.values.shape) != (layout.num_kv_heads, row.held_len):
-        expected = (layout.num_kv_heads, row.held_len)
-        raise RuntimeError(f"scorer returned {tuple(scores.values.shape)}, expected {expected}")
-    sink.scores[layer_idx] = scores
+    sink.scores[layer_idx] = scored(row.policy, inputs, layout.num_kv_heads, row.held_len)

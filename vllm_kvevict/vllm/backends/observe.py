@@ -29,17 +29,32 @@ def observe_rows(step: EvictionStep, layer_name: str, layer_idx: int, query: tor
                  layout: PagedLayout, num_heads: int, scale: float, unsupported: str = "") -> None:
     """Observe every row of ``step.observe`` for this layer (``query [tokens, H * d]``)."""
     for row in step.observe.values():
-        started = time.perf_counter()
-        try:
-            if row.sink.error is None:
-                if unsupported:
-                    raise RuntimeError(unsupported)
-                _observe(step, row, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale)
-        except Exception as exc:  # never into the engine core
-            logger.warning("kvevict: scoring failed for %s, request left whole: %s", row.req_id, exc)
-            logger.debug("kvevict: scoring failure", exc_info=exc)
-            row.sink.fail(f"{type(exc).__name__}: {exc}")
-        row.sink.seconds += time.perf_counter() - started
+        if row.sink.error is None:
+            guarded(row, "scoring", "request left whole", unsupported,
+                    lambda: _observe(step, row, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale))
+
+
+def guarded(row, what: str, outcome: str, unsupported: str, run) -> None:
+    """``run()`` for one row, timed into its sink: a failure (or ``unsupported``, the layer's
+    reason it cannot be scored) is logged and fails that row only, never the engine core."""
+    started = time.perf_counter()
+    try:
+        if unsupported:
+            raise RuntimeError(unsupported)
+        run()
+    except Exception as exc:
+        logger.warning("kvevict: %s failed for %s, %s: %s", what, row.req_id, outcome, exc)
+        logger.debug("kvevict: %s failure", what, exc_info=exc)
+        row.sink.fail(f"{type(exc).__name__}: {exc}")
+    row.sink.seconds += time.perf_counter() - started
+
+
+def scored(policy, inputs: LayerInputs, num_kv_heads: int, length: int):
+    """``policy.score_layer(inputs)``, its ``[Hkv, length]`` shape checked."""
+    scores = policy.score_layer(inputs)
+    if tuple(scores.values.shape) != (num_kv_heads, length):
+        raise RuntimeError(f"scorer returned {tuple(scores.values.shape)}, expected {(num_kv_heads, length)}")
+    return scores
 
 
 def _observe(step, row: RowObservation, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale) -> None:
@@ -76,10 +91,7 @@ def _observe(step, row: RowObservation, layer_name, layer_idx, query, kv_cache, 
         scale=scale,
         **_query_inputs(step, row, layer_name, layer_idx),
     )
-    scores = sink.policy.score_layer(inputs)
-    if tuple(scores.values.shape) != (layout.num_kv_heads, length):
-        raise RuntimeError(f"scorer returned {tuple(scores.values.shape)}, expected {(layout.num_kv_heads, length)}")
-    sink.scores[layer_idx] = scores
+    sink.scores[layer_idx] = scored(sink.policy, inputs, layout.num_kv_heads, length)
 
 
 def _add_query_stats(step, row: RowObservation, layer_name: str, layer_idx: int, queries: torch.Tensor) -> None:
