@@ -145,17 +145,26 @@ class SchedulerSide:
             if current(req_id):
                 self._evict_decoded(req_id, report.decode_evicted.get(req_id, []), count)
 
-    def _evict_decoded(self, req_id: str, blocks: list[int], evictions: int) -> None:
-        """Decode-time evictions: the held blocks the worker stopped reading go back to the pool."""
+    def _free(self, req_id: str, blocks: list[int], what: str) -> Optional[int]:
+        """Give ``blocks`` of ``req_id`` back to the pool; the count returned (``None`` if freeing
+        failed: logged and counted). A request that returned blocks is frozen (what it fills
+        from now on never enters the prefix cache)."""
         try:
-            returned = evict_blocks(self.manager, req_id, blocks) if blocks else 0
+            returned = evict_blocks(self.manager, req_id, blocks)
         except Exception as exc:
-            logger.error("kvevict: could not free decode-evicted blocks of %s: %s", req_id, exc)
+            logger.error("kvevict: could not free %s blocks of %s: %s", what, req_id, exc)
             self.stats.record_error("free")
-            return
+            return None
         if returned:
             self.state.frozen.add(req_id)
         self.state.blocks_returned += returned
+        return returned
+
+    def _evict_decoded(self, req_id: str, blocks: list[int], evictions: int) -> None:
+        """Decode-time evictions: the held blocks the worker stopped reading go back to the pool."""
+        returned = self._free(req_id, blocks, "decode-evicted") if blocks else 0
+        if returned is None:
+            return
         cfg = self.state.known_config(req_id)
         policy = cfg.scorer if cfg is not None else "other"
         self.stats.record_blocks_returned(returned)
@@ -165,15 +174,9 @@ class SchedulerSide:
             self.held.hold(request, policy, "page", len(blocks) * self.block_size)
 
     def _evict_pages(self, req_id: str, blocks: list[int], policy: str, seconds: float) -> None:
-        try:
-            returned = evict_blocks(self.manager, req_id, blocks)
-        except Exception as exc:
-            logger.error("kvevict: could not free evicted blocks of %s: %s", req_id, exc)
-            self.stats.record_error("free")
+        returned = self._free(req_id, blocks, "evicted")
+        if returned is None:
             return
-        if returned:
-            self.state.frozen.add(req_id)
-        self.state.blocks_returned += returned
         block_size = self.block_size
         self.stats.record(policy, "page", len(blocks) * block_size, len(blocks), seconds)
         self.stats.record_blocks_returned(returned)
