@@ -58,6 +58,14 @@ class ArtifactKind:
         os.replace(tmp, path)
         return path
 
+    def file_key(self, path: Union[str, Path]) -> tuple[str, int]:
+        """``(resolved path, modification time)``: what a loader caches an artifact by (a file
+        rewritten in place is read again); refused when there is no such file."""
+        path = Path(path).resolve()
+        if not path.is_file():
+            raise self.error(f"{self.path_field}={str(path)!r}: no such file")
+        return str(path), path.stat().st_mtime_ns
+
     def read_header(self, path: Union[str, Path]) -> dict[str, str]:
         """The file's metadata, checked for this kind's format and version."""
         from safetensors import safe_open

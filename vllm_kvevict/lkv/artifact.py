@@ -106,10 +106,7 @@ def read_header(path: Union[str, Path]) -> dict[str, str]:
 
 def load_artifact(path: Union[str, Path]) -> LKVArtifact:
     """Load and check an artifact file (cached per path and modification time)."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise LKVArtifactError(f"{PATH_FIELD}={str(path)!r}: no such file")
-    return _load(str(path), path.stat().st_mtime_ns)
+    return _load(*KIND.file_key(path))
 
 
 @lru_cache(maxsize=8)

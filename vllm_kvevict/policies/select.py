@@ -74,6 +74,17 @@ def fixed_head_budgets(scores: list[LayerScores]) -> Optional[torch.Tensor]:
     return torch.stack(fixed).to(torch.int64)
 
 
+def planned_budgets(scores: list[LayerScores], config: EvictionConfig, seq_len: int) -> Optional[torch.Tensor]:
+    """``[L, Hkv]`` head budgets for ``scores``: the ones a scorer fixed itself, else the
+    allocator's split of ``config.budget_tokens(seq_len)``; ``None`` when the budget keeps
+    everything (``budget == 1``, a token count ``>= L``, scorer ``none``)."""
+    budget = config.budget_tokens(seq_len)
+    if config.keeps_everything or budget >= seq_len:
+        return None
+    budgets = fixed_head_budgets(scores)
+    return Allocation(config).split(scores, budget) if budgets is None else budgets
+
+
 def plan_kept(scores: list[LayerScores], config: EvictionConfig, seq_len: int) -> KeptSet:
     """Allocation + selection of single tokens for every layer.
 
@@ -91,11 +102,8 @@ def plan_kept(scores: list[LayerScores], config: EvictionConfig, seq_len: int) -
     for s in scores:
         if s.seq_len != seq_len:
             raise ValueError(f"scores cover {s.seq_len} tokens, expected seq_len={seq_len}")
-    budget = config.budget_tokens(seq_len)
-    if config.keeps_everything or budget >= seq_len:
-        return keep_all(scores, seq_len)
-    budgets = fixed_head_budgets(scores)
+    budgets = planned_budgets(scores, config, seq_len)
     if budgets is None:
-        budgets = Allocation(config).split(scores, budget)
+        return keep_all(scores, seq_len)
     indices = [select_kept(s, b) for s, b in zip(scores, budgets)]
     return KeptSet(indices=indices, head_budgets=budgets, scores=list(scores))

@@ -26,10 +26,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.policies.allocation import Allocation
 from vllm_kvevict.policies.base import LayerInputs, LayerScores, Needs, Scorer
 from vllm_kvevict.policies.ranking import rank
-from vllm_kvevict.policies.select import KeptSet, fixed_head_budgets, keep_all
+from vllm_kvevict.policies.select import KeptSet, keep_all, planned_budgets
 from vllm_kvevict.vector.artifact import VectorSource
 
 
@@ -87,13 +86,10 @@ def split_routes(scores: LayerScores, budgets: torch.Tensor, ratio: float) -> tu
 def plan_vector(scores: list[LayerScores], config: EvictionConfig, seq_len: int) -> KeptSet:
     """Allocation as without VECTOR, then each head's routes: ``KeptSet.indices`` the whole
     tokens, ``KeptSet.key_only`` the key-only ones, ``head_budgets`` the slots held."""
-    budget = config.budget_tokens(seq_len)
-    if config.keeps_everything or budget >= seq_len:
-        return keep_all(scores, seq_len)
-    budgets = fixed_head_budgets(scores)
+    budgets = planned_budgets(scores, config, seq_len)
     if budgets is None:
-        budgets = Allocation(config).split(scores, budget)
-    ratio = config.vector_share_for(seq_len) * seq_len / budget
+        return keep_all(scores, seq_len)
+    ratio = config.vector_share_for(seq_len) * seq_len / config.budget_tokens(seq_len)
     whole, key_only = [], []
     for layer_scores, layer_budgets in zip(scores, budgets):
         w, k = split_routes(layer_scores, layer_budgets, ratio)

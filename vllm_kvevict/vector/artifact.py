@@ -98,10 +98,7 @@ def save_artifact(path: Union[str, Path], identity: ModelIdentity, weight: torch
 
 def load_artifact(path: Union[str, Path]) -> VectorArtifact:
     """Load and check an artifact file (cached per path and modification time)."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise VectorArtifactError(f"{PATH_FIELD}={str(path)!r}: no such file")
-    return _load(str(path), path.stat().st_mtime_ns)
+    return _load(*KIND.file_key(path))
 
 
 @lru_cache(maxsize=8)
