@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvevict.vllm.inprocess import block_pool, open_llm, random_prompt, record_evictions, scheduler
+from vllm_kvevict.vllm.inprocess import block_pool, open_llm, random_prompt, record_evictions, run_until_done, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +49,7 @@ def test_preempted_request_evicts_again_during_decode_and_frees_everything(tiny_
         hog = _greedy(160, {"kv_eviction": "none"})
         for i in range(2):
             engine.add_request(f"hog{i}", {"prompt_token_ids": random_prompt(1400, seed=40 + i)}, hog, priority=0)
-        preemptions, finished = 0, {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = len(out.outputs[0].token_ids)
-            req = sched.requests.get(victim)
-            if req is not None:
-                preemptions = max(preemptions, req.num_preemptions)
+        preemptions, finished = run_until_done(engine_llm, victim)
         assert preemptions >= 1, "the scenario did not preempt the evicting request"
         decode = recorder.decode[victim]
         assert decode[-1]["seq_len"] > 900 + 200, "no decode-time eviction after the re-prefill"

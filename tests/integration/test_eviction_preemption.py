@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvevict.vllm.inprocess import block_pool, open_llm, random_prompt, scheduler
+from vllm_kvevict.vllm.inprocess import block_pool, open_llm, random_prompt, run_until_done, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +43,7 @@ def test_preempted_evicted_request_re_evicts_and_frees_everything(tiny_llama_dir
             engine.add_request(
                 f"hog{i}", {"prompt_token_ids": random_prompt(1400, seed=40 + i)}, greedy(160, kv_eviction="none"), priority=0
             )
-        preemptions, finished = 0, {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = len(out.outputs[0].token_ids)
-            req = sched.requests.get(victim)
-            if req is not None:
-                preemptions = max(preemptions, req.num_preemptions)
+        preemptions, finished = run_until_done(llm, victim)
         assert preemptions >= 1, "the scenario did not preempt the evicting request"
         assert state.blocks_returned > first_eviction  # evicted again after its re-prefill
         assert sorted(finished.values()) == [120, 160, 160]

@@ -90,6 +90,21 @@ def record_evictions(llm: Any) -> Any:
     return side.recorder
 
 
+def run_until_done(llm: Any, watched: str) -> tuple[int, dict[str, int]]:
+    """Step the engine until every request finished: ``(the most preemptions request
+    ``watched`` went through, {request id: generated tokens} of the finished ones)``."""
+    engine, sched = llm.llm_engine, scheduler(llm)
+    preemptions, finished = 0, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = len(out.outputs[0].token_ids)
+        req = sched.requests.get(watched)
+        if req is not None:
+            preemptions = max(preemptions, req.num_preemptions)
+    return preemptions, finished
+
+
 def random_prompt(num_tokens: int, seed: int, low: int = 100, high: int = 20000) -> list[int]:
     """A reproducible prompt of random token ids."""
     rng = random.Random(seed)
