@@ -151,6 +151,17 @@ ROWS: list[tuple[str, list[PanelSpec]]] = [
                 [q(f"sum by (policy) (rate(kvevict_tokens_evicted_total{{{M}}}[{RATE}]))", "{{policy}}")],
             ),
             PanelSpec(
+                "Decode-time evictions", "timeseries", "short",
+                [
+                    q(f"sum by (policy, granularity) (rate(kvevict_decode_evictions_total{{{M}}}[{RATE}]))",
+                      "evictions/s {{policy}} {{granularity}}"),
+                    q(f"sum by (policy, granularity) (rate(kvevict_decode_blocks_returned_total{{{M}}}[{RATE}]))",
+                      "blocks returned/s {{policy}} {{granularity}}"),
+                ],
+                "Re-evictions of running requests every --kv-decode-interval generated tokens, and the blocks they "
+                "gave back to vLLM's pool.",
+            ),
+            PanelSpec(
                 "Eviction latency", "timeseries", "s",
                 [
                     q(_quantile(0.5, "kvevict_eviction_seconds"), "pass p50 {{policy}}"),

@@ -256,6 +256,32 @@ def prom_query(prom: str, expr: str) -> list[dict]:
     return r.json()["data"]["result"]
 
 
+def test_decode_time_eviction_counters(stack):
+    """A request re-evicted every 32 generated tokens counts its decode-time evictions and the
+    blocks they returned (the dashboard's "Decode-time evictions" panel reads these)."""
+    base = stack["base"]
+    before = scrape(base)
+    body = {
+        "model": MODEL_NAME, "prompt": prompt_ids(5, n=12 * BLOCK), "max_tokens": 3 * 32 + 4, "temperature": 0.0,
+        "ignore_eos": True,
+        "vllm_xargs": {"kv_eviction": "snapkv", "kv_granularity": "page", "kv_budget": 0.2, "kv_decode_interval": 32},
+    }  # fmt: skip
+    response = requests.post(base + "/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 30
+    while True:  # engine stats reach the front-end with its next outputs
+        after = scrape(base)
+        grew = lambda name: total(after, name, policy="snapkv", granularity="page") - total(  # noqa: E731
+            before, name, policy="snapkv", granularity="page"
+        )
+        if grew("kvevict_decode_evictions_total") >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert grew("kvevict_decode_evictions_total") == 3
+    assert grew("kvevict_decode_blocks_returned_total") >= 1
+    assert total(after, "kvevict_errors_total") == 0
+
+
 def test_every_dashboard_query_returns_data(stack, tmp_path):
     """Runs after the two tests above sent traffic (same module; 2-minute rate windows)."""
     prom, base = stack["prom"], stack["base"]
