@@ -155,3 +155,22 @@ def test_summarize_pools_runs_per_policy_and_budget():
     assert a["status_share"]["kept"] == pytest.approx(5 / 8)
     table = format_table(rows)
     assert "| a | 0.1 | 2 |" in table and "| b | 0.1 | 1 |" in table
+
+
+class CharTokenizer:
+    """Token ids are character codes (``decode`` only)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_the_measured_answer_is_the_shortest_correct_prefix_of_the_full_cache_output():
+    from types import SimpleNamespace
+
+    from vllm_kvevict.evaluation.diagnose_margin import shortest_correct
+
+    task = SimpleNamespace(answers=["12", "34"])
+    out = [ord(c) for c in ":\n1. 12\n2. 345\n3. 34\n4. more"]
+    cut = shortest_correct(task, CharTokenizer(), out)
+    assert CharTokenizer().decode(cut) == ":\n1. 12\n2. 345\n3. 34"  # 345 is not 34: word-bounded
+    assert shortest_correct(task, CharTokenizer(), [ord(c) for c in " 12 only"]) is None

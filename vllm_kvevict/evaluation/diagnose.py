@@ -21,14 +21,12 @@ import torch
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.evaluation.diagnose_decision import decide
 from vllm_kvevict.evaluation.diagnose_evidence import count_statuses, coverage, evidence_mask, evidence_spans
-from vllm_kvevict.evaluation.diagnose_margin import answer_fit, answer_ids
+from vllm_kvevict.evaluation.diagnose_margin import answer_fit, answer_ids, shortest_correct
 from vllm_kvevict.evaluation.diagnose_modes import DEFAULT_TOL, MODES, STATUSES_OF_MODE, dominant_mode, positive_share
 from vllm_kvevict.evaluation.diagnose_slots import apply_swap, repair_head, sample_swaps
 from vllm_kvevict.evaluation.scoring import score
 from vllm_kvevict.reference.selection import keep_all
-from vllm_kvevict.reference.study import policy_name
-
-PROTOCOLS = ("inside", "after")
+from vllm_kvevict.reference.study import PROTOCOLS, policy_name
 
 
 def repaired(decision, spans, statuses, wanted: tuple, prompt_len: int) -> Optional[list]:
@@ -48,16 +46,34 @@ def repaired(decision, spans, statuses, wanted: tuple, prompt_len: int) -> Optio
     return kept if touched else None
 
 
-def diagnose_task(engine, task, config: EvictionConfig, *, prefilled=None, protocol: str = "inside",
-                  block_size: int = 32, m: int = 3, units: int = 6, seed: int = 0, tol: float = DEFAULT_TOL) -> dict:
-    """One task under one config: fits, evidence statuses, repair gains, sampled swap margins."""
+def _compressed(prefilled, task, protocol: str):
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    start = time.perf_counter()
-    prefilled = prefilled if prefilled is not None else engine.prefill(task.prompt_ids)
     base = prefilled if protocol == "inside" else prefilled.prefix(task.context_end)
     suffix = torch.empty(0, dtype=torch.long) if protocol == "inside" else torch.tensor(task.question_ids)
-    target = torch.tensor(answer_ids(engine.tokenizer, task.answers))
+    return base, suffix
+
+
+def answer_target(engine, task, prefilled, protocol: str = "inside") -> tuple[list[int], str]:
+    """The answer whose log-likelihood is measured, and where it came from: the full cache's
+    greedy output cut at its shortest correct prefix (``"full_cache"``: the model's own wording
+    of a list), or the gold answers joined (``"gold"``) when the full cache gets it wrong."""
+    base, suffix = _compressed(prefilled, task, protocol)
+    gen = engine.generate(base, EvictionConfig(), task.max_new_tokens, suffix_ids=suffix if suffix.numel() else None)
+    own = shortest_correct(task, engine.tokenizer, gen.token_ids)
+    return (own, "full_cache") if own is not None else (answer_ids(engine.tokenizer, task.answers), "gold")
+
+
+def diagnose_task(engine, task, config: EvictionConfig, *, prefilled=None, target=None, protocol: str = "inside",
+                  block_size: int = 32, m: int = 3, units: int = 6, seed: int = 0, tol: float = DEFAULT_TOL) -> dict:
+    """One task under one config: fits, evidence statuses, repair gains, sampled swap margins.
+
+    ``target``: ``(answer token ids, source)`` from :func:`answer_target` (computed when absent)."""
+    start = time.perf_counter()
+    prefilled = prefilled if prefilled is not None else engine.prefill(task.prompt_ids)
+    base, suffix = _compressed(prefilled, task, protocol)
+    target_ids, target_source = target if target is not None else answer_target(engine, task, prefilled, protocol)
+    target = torch.tensor(target_ids)
     L = base.prompt_len
     spans = evidence_spans(task, engine.tokenizer)
     decision = decide(base, config, block_size)
@@ -95,7 +111,7 @@ def diagnose_task(engine, task, config: EvictionConfig, *, prefilled=None, proto
         "budget": float(config.budget), "block_size": block_size, "slot_kind": decision.slot_kind,
         "prompt_tokens": len(task.prompt_ids), "compressed_tokens": L,
         "kept_per_head_mean": sum(int(i.numel()) for row in decision.kept for i in row) / (len(decision.kept) * len(decision.kept[0])),
-        "spans": [s.to_json() for s in spans], "answer_tokens": int(target.numel()),
+        "spans": [s.to_json() for s in spans], "answer_tokens": int(target.numel()), "target_source": target_source,
         "loglik_full": full.loglik, "loglik_base": before.loglik, "gap": gap,
         "greedy_full": full.greedy, "greedy_base": before.greedy,
         "output": gen.text, "score": score(task, gen.text),

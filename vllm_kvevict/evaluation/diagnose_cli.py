@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vllm_kvevict.evaluation.diagnose_modes import DEFAULT_TOL, format_table, summarize
 
+#: As :data:`vllm_kvevict.reference.study.PROTOCOLS` (not imported: ``--help`` stays light).
 PROTOCOLS = ("inside", "after")
 
 
@@ -51,7 +52,7 @@ def run_cli(argv=None) -> int:
     import torch
 
     from vllm_kvevict.config import EvictionConfigError
-    from vllm_kvevict.evaluation.diagnose import build_configs, diagnose_task
+    from vllm_kvevict.evaluation.diagnose import answer_target, build_configs, diagnose_task
     from vllm_kvevict.evaluation.tasks import make_suite
     from vllm_kvevict.reference.engine import ReferenceEngine
 
@@ -66,8 +67,9 @@ def run_cli(argv=None) -> int:
     runs = []
     for i, task in enumerate(tasks):
         prefilled = engine.prefill(task.prompt_ids)
+        target = answer_target(engine, task, prefilled, args.protocol)
         for config in configs:
-            run = diagnose_task(engine, task, config, prefilled=prefilled, protocol=args.protocol,
+            run = diagnose_task(engine, task, config, prefilled=prefilled, target=target, protocol=args.protocol,
                                 block_size=args.block_size, m=args.m, units=args.units,
                                 seed=args.sample_seed * 1_000_003 + i, tol=args.tol)
             runs.append(run)

@@ -36,6 +36,20 @@ def answer_ids(tokenizer, answers) -> list[int]:
     return list(tokenizer(" " + ", ".join(answers), add_special_tokens=False)["input_ids"])
 
 
+def shortest_correct(task, tokenizer, token_ids: list[int]) -> list[int] | None:
+    """The shortest prefix of ``token_ids`` whose text scores 1 on ``task`` and does not end inside
+    a word or number of the whole output (``None``: no prefix does)."""
+    from vllm_kvevict.evaluation.scoring import score
+
+    whole = tokenizer.decode(token_ids, skip_special_tokens=True)
+    for k in range(1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:k], skip_special_tokens=True)
+        cut_inside = whole.startswith(text) and len(whole) > len(text) and whole[len(text)].isalnum()
+        if not cut_inside and score(task, text) == 1:
+            return list(token_ids[:k])
+    return None
+
+
 def fit_of(logits: torch.Tensor, target: torch.Tensor) -> AnswerFit:
     """:class:`AnswerFit` of ``logits [T, V]`` predicting ``target [T]``."""
     logp = torch.log_softmax(logits.double(), dim=-1).gather(-1, target.view(-1, 1)).sum()
