@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.evaluation.diagnose import diagnose_task
+from vllm_kvevict.evaluation.diagnose_run import diagnose_task
 from vllm_kvevict.evaluation.tasks import make_task
 from vllm_kvevict.reference.engine import ReferenceEngine
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.evaluation.diagnose import diagnose_task
-from vllm_kvevict.evaluation.diagnose_cli import run_cli
+from vllm_kvevict.evaluation.diagnose_run import diagnose_task
+from vllm_kvevict.evaluation.diagnose import main as run_cli
 from vllm_kvevict.evaluation.diagnose_decision import decide
 from vllm_kvevict.evaluation.diagnose_evidence import evidence_spans
 from vllm_kvevict.evaluation.diagnose_margin import answer_fit

@@ -51,7 +51,7 @@ def _mean(xs: Sequence[float]) -> Optional[float]:
 
 
 def summarize(runs: Sequence[dict], tol: float = DEFAULT_TOL) -> list[dict]:
-    """One row per (policy, budget) from the run dicts :func:`~vllm_kvevict.evaluation.diagnose.diagnose_task`
+    """One row per (policy, budget) from the run dicts :func:`~vllm_kvevict.evaluation.diagnose_run.diagnose_task`
     returns: accuracy, mean gap, dominant-mode counts, evidence statuses pooled, positive-margin
     share of the sampled swaps (all, evicted side holding evidence, neither side holding it)."""
     groups: dict[tuple, list[dict]] = {}
