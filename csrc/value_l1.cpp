@@ -19,7 +19,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <vector>
 
 namespace {
 
@@ -33,20 +32,6 @@ struct Problem {
   int64_t hkv, length, d, groups, tiles;
   float* out;           // [Hkv, L] contiguous
 };
-
-// packed[h][t][k][c] = o_proj[t*64 + c, h*d + k] (0 past D)
-void pack_weights(const float* o_proj, int64_t stride_oe, int64_t stride_oc, int64_t heads, int64_t d,
-                  int64_t dim, int64_t tiles, float* packed) {
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t t = 0; t < tiles; ++t)
-      for (int64_t k = 0; k < d; ++k) {
-        float* dst = packed + ((h * tiles + t) * d + k) * kTileCols;
-        for (int64_t c = 0; c < kTileCols; ++c) {
-          const int64_t e = t * kTileCols + c;
-          dst[c] = e < dim ? o_proj[e * stride_oe + (h * d + k) * stride_oc] : 0.0f;
-        }
-      }
-}
 
 // ---- AVX-512: MR rows x 64 columns per step, 4*MR accumulators ------------------------------
 
@@ -181,26 +166,20 @@ extern "C" {
 // The ISA path a call with isa = -1 takes on this CPU: 0 portable, 1 AVX2, 2 AVX-512.
 int kvevict_value_l1_isa(void) { return static_cast<int>(detect_isa()); }
 
-// values: [hkv, length, d] float32 at (stride_vh, stride_vl, 1); o_proj: [dim, heads*d] float32 at
-// (stride_oe, stride_oc); out: [hkv, length] float32 contiguous. isa: -1 best available, else a
-// path (an unsupported one is an error). Returns 0, or -1 on bad arguments, -2 out of memory.
+// values: [hkv, length, d] float32 at (stride_vh, stride_vl, 1); packed: the output projection as
+// [heads][tiles][d][64] float32 contiguous, packed[h][t][k][c] = o_proj[t*64 + c, h*d + k] and 0
+// for t*64 + c >= D (kernels/cpu_value_l1.pack_output_projection); out: [hkv, length] float32
+// contiguous. isa: -1 best available, else a path (an unsupported one is an error).
+// Returns 0, or -1 on bad arguments.
 int kvevict_value_l1(const float* values, int64_t hkv, int64_t length, int64_t d, int64_t stride_vh,
-                     int64_t stride_vl, const float* o_proj, int64_t dim, int64_t heads, int64_t stride_oe,
-                     int64_t stride_oc, float* out, int isa, int threads) {
-  if (hkv <= 0 || d <= 0 || dim <= 0 || length < 0 || heads % hkv != 0 || threads < 1) return -1;
+                     int64_t stride_vl, const float* packed, int64_t heads, int64_t tiles, float* out, int isa,
+                     int threads) {
+  if (hkv <= 0 || d <= 0 || tiles <= 0 || length < 0 || heads % hkv != 0 || threads < 1) return -1;
   const Isa best = detect_isa();
   if (isa > static_cast<int>(best)) return -1;
   const Isa path = isa < 0 ? best : static_cast<Isa>(isa);
   if (length == 0) return 0;
-  const int64_t tiles = (dim + kTileCols - 1) / kTileCols;
-  std::vector<float> packed;
-  try {
-    packed.resize(static_cast<size_t>(heads * tiles * d * kTileCols));
-  } catch (...) {
-    return -2;
-  }
-  pack_weights(o_proj, stride_oe, stride_oc, heads, d, dim, tiles, packed.data());
-  const Problem p{values, stride_vh, stride_vl, packed.data(), hkv, length, d, heads / hkv, tiles, out};
+  const Problem p{values, stride_vh, stride_vl, packed, hkv, length, d, heads / hkv, tiles, out};
   const int64_t chunks_per_head = (length + kRowChunk - 1) / kRowChunk;
   const int64_t work = hkv * chunks_per_head;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work > 1)
@@ -211,5 +190,8 @@ int kvevict_value_l1(const float* values, int64_t hkv, int64_t length, int64_t d
   }
   return 0;
 }
+
+// Columns per tile of the packed projection (64).
+int kvevict_value_l1_tile_cols(void) { return kTileCols; }
 
 }  // extern "C"

@@ -37,6 +37,17 @@ def test_the_kernel_is_built_and_loads():
         f"csrc/value_l1.cpp is not built ({cpu_value_l1.status()}); run scripts/setup.sh or "
         "`python -m vllm_kvevict.kernels.native_build`")
     assert cpu_value_l1.best_isa() in cpu_value_l1.ISAS
+    assert cpu_value_l1._library().kvevict_value_l1_tile_cols() == cpu_value_l1.TILE_COLS
+
+
+def test_a_packed_projection_is_reused_until_the_weight_changes():
+    o_proj = torch.randn(100, 6 * 8)
+    packed = cpu_value_l1.packed_output_projection(o_proj, 6)
+    assert packed.shape == (6, 2, 8, 64) and torch.equal(packed[5, 1, 7, :36], o_proj[64:, 5 * 8 + 7])
+    assert not packed[:, 1, :, 36:].any()  # zero past D
+    assert cpu_value_l1.packed_output_projection(o_proj, 6) is packed
+    o_proj.mul_(2)
+    assert torch.equal(cpu_value_l1.packed_output_projection(o_proj, 6), 2 * packed)
 
 
 # (Hkv, G, L, d, D): SmolLM2's layer, then odd sizes: rows not a multiple of the 5-row step or

@@ -13,6 +13,7 @@ import ctypes
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from vllm_kvevict.kernels import native_build
 
@@ -28,7 +29,7 @@ def _library() -> Optional[ctypes.CDLL]:
         lib = native_build.load("value_l1")
         if lib is not None:
             lib.kvevict_value_l1.argtypes = [ctypes.c_void_p, _i64, _i64, _i64, _i64, _i64, ctypes.c_void_p,
-                                             _i64, _i64, _i64, _i64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                                             _i64, _i64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
             lib.kvevict_value_l1.restype = ctypes.c_int
             lib.kvevict_value_l1_isa.restype = ctypes.c_int
         _ready["lib"] = lib
@@ -53,6 +54,33 @@ def status() -> str:
     return f"torch ({native_build.unavailable_reason('value_l1') or 'kernel not loaded'})"
 
 
+#: Output features per tile of the packed projection (``kTileCols`` in the C++ source).
+TILE_COLS = 64
+#: Packed projections by the ``o_proj`` tensor they came from (a layer's weight is packed once;
+#: an in-place change of it, seen through ``_version``, packs it again).
+_packed = WeakIdKeyDictionary()
+
+
+def pack_output_projection(o_proj: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``o_proj [D, H*d]`` -> ``[H, tiles, d, 64]`` float32 contiguous, ``[h, t, k, c] =
+    o_proj[t*64 + c, h*d + k]``, zero past ``D``: the layout the kernel streams."""
+    dim, width = o_proj.shape
+    tiles = -(-dim // TILE_COLS)
+    wo = o_proj.float().t().reshape(num_heads, width // num_heads, dim)  # [H, d, D]
+    wo = torch.nn.functional.pad(wo, (0, tiles * TILE_COLS - dim))
+    return wo.view(num_heads, width // num_heads, tiles, TILE_COLS).permute(0, 2, 1, 3).contiguous()
+
+
+def packed_output_projection(o_proj: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """:func:`pack_output_projection`, cached per ``o_proj`` tensor."""
+    hit = _packed.get(o_proj)
+    if hit is not None and hit[0] == o_proj._version and hit[1] == num_heads:
+        return hit[2]
+    packed = pack_output_projection(o_proj, num_heads)
+    _packed[o_proj] = (o_proj._version, num_heads, packed)
+    return packed
+
+
 def group_value_l1(values: torch.Tensor, o_proj: torch.Tensor, num_heads: int,
                    isa: Optional[str] = None, threads: Optional[int] = None) -> torch.Tensor:
     """``values [Hkv, L, d]``, ``o_proj [D, H*d]`` (CPU, any strides) -> ``[Hkv, L]`` float32.
@@ -73,14 +101,13 @@ def group_value_l1(values: torch.Tensor, o_proj: torch.Tensor, num_heads: int,
     values = values.float()
     if values.stride(2) != 1:
         values = values.contiguous()
-    o_proj = o_proj.float()
-    out = torch.empty(hkv, length, dtype=torch.float32)
     if isa is not None and isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS} or None, got {isa!r}")
-    code = -1 if isa is None else ISAS.index(isa)
+    packed = packed_output_projection(o_proj, num_heads)
+    out = torch.empty(hkv, length, dtype=torch.float32)
     rc = lib.kvevict_value_l1(values.data_ptr(), hkv, length, d, values.stride(0), values.stride(1),
-                              o_proj.data_ptr(), o_proj.shape[0], num_heads, o_proj.stride(0), o_proj.stride(1),
-                              out.data_ptr(), code, threads or torch.get_num_threads())
+                              packed.data_ptr(), num_heads, packed.shape[1], out.data_ptr(),
+                              -1 if isa is None else ISAS.index(isa), threads or torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"kvevict_value_l1 failed (code {rc}; isa {isa!r} on a CPU whose best is {best_isa()!r})")
     return out
