@@ -50,6 +50,18 @@ def test_a_packed_projection_is_reused_until_the_weight_changes():
     assert torch.equal(cpu_value_l1.packed_output_projection(o_proj, 6), 2 * packed)
 
 
+def test_inference_tensors_as_the_serving_path_makes_them():
+    """vLLM runs the forward under ``torch.inference_mode``: its weights have no version counter."""
+    gen = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        values = torch.randn(3, 70, 64, generator=gen)
+        o_proj = torch.randn(576, 576, generator=gen) / 8
+        got = cpu_value_l1.group_value_l1(values, o_proj, 9)
+        assert cpu_value_l1.packed_output_projection(o_proj, 9) is cpu_value_l1.packed_output_projection(o_proj, 9)
+    torch.testing.assert_close(got.double(), definition(values, o_proj, 9), rtol=2e-6, atol=1e-6)
+    assert torch.equal(got, cpu_value_l1.group_value_l1(values, o_proj, 9))  # outside inference mode too
+
+
 # (Hkv, G, L, d, D): SmolLM2's layer, then odd sizes: rows not a multiple of the 5-row step or
 # the 64-row chunk, D not a multiple of the 64-column tile, d odd, single rows, G = 1.
 SHAPES = [(3, 3, 333, 64, 576), (1, 1, 1, 1, 1), (2, 3, 7, 5, 13), (4, 2, 129, 64, 100),

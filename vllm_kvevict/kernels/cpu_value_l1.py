@@ -57,7 +57,9 @@ def status() -> str:
 #: Output features per tile of the packed projection (``kTileCols`` in the C++ source).
 TILE_COLS = 64
 #: Packed projections by the ``o_proj`` tensor they came from (a layer's weight is packed once;
-#: an in-place change of it, seen through ``_version``, packs it again).
+#: an in-place change of it, seen through ``_version``, packs it again). Inference tensors (the
+#: serving path's weights, made under ``torch.inference_mode``) have no version counter: they
+#: are taken as the constants they are there, and keyed by identity and storage only.
 _packed = WeakIdKeyDictionary()
 
 
@@ -73,11 +75,12 @@ def pack_output_projection(o_proj: torch.Tensor, num_heads: int) -> torch.Tensor
 
 def packed_output_projection(o_proj: torch.Tensor, num_heads: int) -> torch.Tensor:
     """:func:`pack_output_projection`, cached per ``o_proj`` tensor."""
+    version = (o_proj.data_ptr(), None if o_proj.is_inference() else o_proj._version, num_heads)
     hit = _packed.get(o_proj)
-    if hit is not None and hit[0] == o_proj._version and hit[1] == num_heads:
-        return hit[2]
+    if hit is not None and hit[0] == version:
+        return hit[1]
     packed = pack_output_projection(o_proj, num_heads)
-    _packed[o_proj] = (o_proj._version, num_heads, packed)
+    _packed[o_proj] = (version, packed)
     return packed
 
 
