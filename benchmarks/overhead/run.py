@@ -203,6 +203,8 @@ def _write_results(path: Path, summary: dict) -> None:
              f"(`benchmarks/overhead/run.py`; target: scoring_share <= {summary['target_share']:.0%}).\n\n"
              f"{table(summary)}\n{MARK_END}")
     text = path.read_text() if path.exists() else f"# Eviction overhead on CPU\n\n{MARK_START}\n{MARK_END}\n"
+    if MARK_START in text and MARK_END not in text:  # would drop everything after the table
+        raise SystemExit(f"{path}: {MARK_START} without {MARK_END}; add the end marker after the table")
     head, _, rest = text.partition(MARK_START)
     _, _, tail = rest.partition(MARK_END)
     path.write_text(head + block + tail)
