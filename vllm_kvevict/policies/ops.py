@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vllm_kvevict.kernels import cpu_value_l1
 from vllm_kvevict.policies.base import LayerInputs, LayerScores
 
 
@@ -78,16 +79,33 @@ def output_projection(inputs: LayerInputs) -> torch.Tensor:
 VALUE_NORM_ROWS = 256
 
 
-def value_l1_norm(inputs: LayerInputs) -> torch.Tensor:
+def value_l1_norm(inputs: LayerInputs, impl: str = "auto") -> torch.Tensor:
     """CriticalKV's ``nbar1[g, j]``: mean over the group of ``||v[g, j] @ Wo[h]||_1``, ``[Hkv, L]``.
 
-    ``V @ Wo`` is never materialised: per KV head, :data:`VALUE_NORM_ROWS` values at a time go
-    through the group's ``G`` projections at once (``[d, G * D]``) and only their norms are kept.
-    Each product is the same dot product over ``d`` as kvpress's ``vwl1norm``; the norm is
-    ``abs().sum()`` (vectorised: ten times faster here than ``torch.norm(p=1)``, which kvpress
-    calls), equal to it to about 1e-6 relative; kept sets against kvpress are checked exactly by
-    tests/parity.
+    kvpress's ``vwl1norm``, never materialising ``V @ Wo`` for all rows. ``impl="auto"`` runs the
+    C++ kernel (``kernels/cpu_value_l1``: products in registers, never stored) on CPU tensors
+    when it is built, else :func:`value_l1_norm_torch`; ``"native"`` or ``"torch"`` force one.
+    The plugin, the reference engine and the kvpress parity test all come through here, so on
+    one machine they compute the same floats; the two paths differ from each other and from
+    kvpress's ``torch.norm(p=1)`` in summation order only (about 1e-7 relative), and kept sets
+    against kvpress are checked exactly by tests/parity.
     """
+    if impl not in ("auto", "native", "torch"):
+        raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
+    wo_missing = inputs.o_proj is None
+    if impl == "native" or (impl == "auto" and not wo_missing and inputs.values.device.type == "cpu"
+                            and inputs.o_proj.device.type == "cpu" and cpu_value_l1.available()):
+        if wo_missing:
+            output_projection(inputs)  # raises the missing-o_proj error
+        return cpu_value_l1.group_value_l1(inputs.values, inputs.o_proj, inputs.num_heads)
+    return value_l1_norm_torch(inputs)
+
+
+def value_l1_norm_torch(inputs: LayerInputs) -> torch.Tensor:
+    """:func:`value_l1_norm` in torch: per KV head, :data:`VALUE_NORM_ROWS` values at a time go
+    through the group's ``G`` projections at once (``[d, G * D]``), only their norms kept. Each
+    product is the same dot product over ``d`` as kvpress's; the norm is ``abs().sum()``
+    (vectorised: ten times faster here than ``torch.norm(p=1)``)."""
     wo = output_projection(inputs)  # [H, d, D]
     hkv, groups, dim = inputs.num_kv_heads, inputs.group_size, wo.shape[2]
     grouped = wo.view(hkv, groups, inputs.head_dim, dim).permute(0, 2, 1, 3).reshape(hkv, inputs.head_dim, groups * dim)
