@@ -84,7 +84,7 @@ class HeadPageBatch:
 
     Attributes
     ----------
-    batch_rows : the rows' batch indices, in order.
+    batch_rows : the rows' batch indices, in order; ``head_rows`` the rows.
     query_index : ``[n]`` int64, the rows' query tokens in the step's batch (row order).
     query_start_loc : ``[Hkv * R + 1]`` int32.
     block_table : ``[L, Hkv * R, W]`` int32 head-page ids.
@@ -93,6 +93,7 @@ class HeadPageBatch:
     """
 
     batch_rows: tuple[int, ...]
+    head_rows: tuple[HeadRow, ...]
     query_index: torch.Tensor
     query_start_loc: torch.Tensor
     block_table: torch.Tensor
@@ -155,6 +156,7 @@ def prepare(head_rows: dict[int, HeadRow], cache: RegionPagesCache,
                              for _, row, _ in picked])
     return HeadPageBatch(
         batch_rows=tuple(r for r, _, _ in picked),
+        head_rows=tuple(row for _, row, _ in picked),
         query_index=query_index,
         query_start_loc=starts,
         block_table=block_table.reshape(num_layers, hkv * rows, width),
