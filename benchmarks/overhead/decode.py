@@ -103,10 +103,11 @@ class DecodeBench:
             seconds = time.perf_counter() - started
             new = 0
             for out in outs:
-                if out.request_id in produced:
+                req_id = out.request_id if out.request_id in produced else out.request_id.rpartition("-")[0]
+                if req_id in produced:
                     count = len(out.outputs[0].token_ids)
-                    new += count - produced[out.request_id]
-                    produced[out.request_id] = count
+                    new += count - produced[req_id]
+                    produced[req_id] = count
             if decoding:
                 decode_s, decode_tokens, steps = decode_s + seconds, decode_tokens + new, steps + 1
         if any(n != self.max_tokens for n in produced.values()):
