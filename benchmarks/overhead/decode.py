@@ -14,12 +14,16 @@ from its compact region), up to the last. Over those steps
     decode_tokens_per_s = tokens generated / seconds
     decode_ratio        = an arm's decode_tokens_per_s / none's at the same length and concurrency
 
+With ``--torch-arms`` every scorer runs a second time with ``KVEVICT_CPU_HEAD_DECODE=torch`` set
+for its requests (``path: torch``): every compacted row through the torch two-segment path after
+the stock kernel over its tail, as main did before issue 14; ``path: stock-op`` is the default.
+
 ``stock_op_calls`` counts the layer calls of vLLM's own op on single-head pages
 (``backends/cpu_head_pages``) over the arm (0 where that module is absent: main before issue 14).
 Prints a table; merges its rows into ``summary.json`` (the scoring rows of ``run.py`` are kept),
 writes its table into ``RESULTS.md`` (between its markers) and ``decode_ratio.png``.
 
-    flock /tmp/kvevict-heavy.lock python benchmarks/overhead/decode.py          # 2k/4k x 1/8, ~6 min
+    flock /tmp/kvevict-heavy.lock python benchmarks/overhead/decode.py --torch-arms --max-tokens 64  # ~10 min
     python benchmarks/overhead/decode.py --prompt-tokens 2048 --concurrency 1 --max-tokens 64
 """
 
@@ -41,6 +45,8 @@ sys.path.insert(0, str(HERE))
 from run import _csv, _engine, _policy  # noqa: E402
 
 TARGET_RATIO = 0.90
+SWITCH = "KVEVICT_CPU_HEAD_DECODE"
+PATHS = {"": "stock-op", "torch": "torch"}
 MARK_START, MARK_END = "<!-- decode-table:start -->", "<!-- decode-table:end -->"
 
 
@@ -52,6 +58,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--scorers", default="criticalkv,snapkv")
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--torch-arms", action="store_true", help="also every scorer through the torch path")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's default if unset")
     p.add_argument("--label", default="", help="a name for this run in summary.json")
     p.add_argument("--out", type=Path, default=HERE)
@@ -80,7 +87,20 @@ class DecodeBench:
     def __init__(self, llm, max_tokens: int) -> None:
         self.llm, self.max_tokens, self.seed, self.calls = llm, max_tokens, 5000, OpCalls()
 
-    def run(self, policy: dict | None, tokens: int, concurrency: int) -> dict:
+    def run(self, policy: dict | None, tokens: int, concurrency: int, switch: str = "") -> dict:
+        """One arm; ``switch``: ``KVEVICT_CPU_HEAD_DECODE`` while it runs (read by the backend every
+        step, the engine being in this process)."""
+        previous = os.environ.get(SWITCH)
+        os.environ[SWITCH] = switch
+        try:
+            return self._run(policy, tokens, concurrency)
+        finally:
+            if previous is None:
+                os.environ.pop(SWITCH, None)
+            else:
+                os.environ[SWITCH] = previous
+
+    def _run(self, policy: dict | None, tokens: int, concurrency: int) -> dict:
         from vllm import SamplingParams
 
         from vllm_kvevict.vllm.inprocess import random_prompt
@@ -133,18 +153,19 @@ def main(argv=None) -> int:
         for concurrency in concurrencies:
             for tokens in lengths:
                 base = bench.run(None, tokens, concurrency)
-                rows.append(dict(scorer="none", granularity="-", prompt_tokens=tokens, concurrency=concurrency,
-                                 **base, decode_ratio=1.0))
+                rows.append(dict(scorer="none", granularity="-", path="stock", prompt_tokens=tokens,
+                                 concurrency=concurrency, **base, decode_ratio=1.0))
                 print_row(rows[-1])
-                for scorer in _csv(args.scorers):
-                    row = bench.run(_policy(scorer, "head", args.budget), tokens, concurrency)
-                    row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-                    rows.append(dict(scorer=scorer, granularity="head", prompt_tokens=tokens,
-                                     concurrency=concurrency, **row))
-                    print_row(rows[-1])
+                for switch in ("", "torch") if args.torch_arms else ("",):
+                    for scorer in _csv(args.scorers):
+                        row = bench.run(_policy(scorer, "head", args.budget), tokens, concurrency, switch)
+                        row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                        rows.append(dict(scorer=scorer, granularity="head", path=PATHS[switch], prompt_tokens=tokens,
+                                         concurrency=concurrency, **row))
+                        print_row(rows[-1])
     decode = {"label": args.label, "model": Path(args.model).name, "budget": args.budget,
               "max_tokens": args.max_tokens, "target_ratio": TARGET_RATIO,
-              "head_decode_switch": os.environ.get("KVEVICT_CPU_HEAD_DECODE", ""),
+              "head_decode_switch": os.environ.get(SWITCH, ""),
               "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +180,7 @@ def main(argv=None) -> int:
     return 0
 
 
-HEADER = ("scorer", "granularity", "prompt_tokens", "concurrency", "decode_steps", "decode_tok_per_s",
+HEADER = ("scorer", "granularity", "path", "prompt_tokens", "concurrency", "decode_steps", "decode_tok_per_s",
           "decode_ratio", "stock_op_calls")
 
 
@@ -167,7 +188,7 @@ def _cells(row: dict) -> list[str]:
     ratio = f"{row['decode_ratio']:.2f}"
     if row["scorer"] != "none":
         ratio += " ok" if row["decode_ratio"] >= TARGET_RATIO else " UNDER"
-    return [row["scorer"], row["granularity"], str(row["prompt_tokens"]), str(row["concurrency"]),
+    return [row["scorer"], row["granularity"], row.get("path", "-"), str(row["prompt_tokens"]), str(row["concurrency"]),
             str(row["decode_steps"]), f"{row['decode_tokens_per_s']:.2f}", ratio, str(row["stock_op_calls"])]
 
 
@@ -181,7 +202,7 @@ def table(rows: list[dict]) -> str:
 
 
 def _write_results(path: Path, decode: dict, rows: list[dict]) -> None:
-    switch = f", KVEVICT_CPU_HEAD_DECODE={decode['head_decode_switch']}" if decode["head_decode_switch"] else ""
+    switch = f", {SWITCH}={decode['head_decode_switch']}" if decode["head_decode_switch"] else ""
     block = (f"{MARK_START}\nRun `{decode['label'] or 'latest'}`: {decode['model']}, budget {decode['budget']}, "
              f"{decode['max_tokens']} tokens per request, {decode['torch_threads']} torch threads on "
              f"{decode['cpus']} CPUs{switch}, {decode['seconds']} s (`benchmarks/overhead/decode.py`; target: "
@@ -204,13 +225,13 @@ def _plot(path: Path, decode: dict, rows: list[dict]) -> None:
         return
     arms = [r for r in rows if r["scorer"] != "none"]
     settings = list(dict.fromkeys((r["prompt_tokens"], r["concurrency"]) for r in arms))
-    scorers = list(dict.fromkeys(r["scorer"] for r in arms))
+    scorers = list(dict.fromkeys((r["scorer"], r.get("path", "-")) for r in arms))
     fig, ax = plt.subplots(figsize=(max(6, len(settings) * 1.4), 4))
     width = 0.8 / max(1, len(scorers))
     for i, scorer in enumerate(scorers):
-        ratios = [next((r["decode_ratio"] for r in arms if r["scorer"] == scorer
+        ratios = [next((r["decode_ratio"] for r in arms if (r["scorer"], r.get("path", "-")) == scorer
                         and (r["prompt_tokens"], r["concurrency"]) == s), 0) for s in settings]
-        ax.bar([x + i * width for x in range(len(settings))], ratios, width, label=f"{scorer} (head)")
+        ax.bar([x + i * width for x in range(len(settings))], ratios, width, label=f"{scorer[0]} head, {scorer[1]}")
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.axhline(decode["target_ratio"], color="red", linestyle="--", label="target")
     ax.set_xticks([x + width * (len(scorers) - 1) / 2 for x in range(len(settings))],
