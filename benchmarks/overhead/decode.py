@@ -11,8 +11,14 @@ The engine is stepped by hand; the decode phase is the steps after every request
 its first two tokens (its prompt is prefilled, scored and compacted, and it has decoded once
 from its compact region), up to the last. Over those steps
 
-    decode_tokens_per_s = tokens generated / seconds
+    decode_tokens_per_s = concurrency / median step seconds   (every decode step adds one token
+                                                              to each of the c requests)
     decode_ratio        = an arm's decode_tokens_per_s / none's at the same length and concurrency
+
+The median, not the mean (``mean_tokens_per_s``, also written): on this shared 2-core machine
+other users' unlocked jobs stall a step now and then (OpenMP threads descheduled), and one such
+burst in one arm would decide its mean. Arms run in rounds (``--rounds``, each round every arm
+once, in turn) and an arm's steps of every round are pooled.
 
 With ``--torch-arms`` every scorer runs a second time with ``KVEVICT_CPU_HEAD_DECODE=torch`` set
 for its requests (``path: torch``): every compacted row through the torch two-segment path after
@@ -58,6 +64,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--scorers", default="criticalkv,snapkv")
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=1, help="every arm this many times, in turn; steps pooled")
     p.add_argument("--torch-arms", action="store_true", help="also every scorer through the torch path")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's default if unset")
     p.add_argument("--label", default="", help="a name for this run in summary.json")
@@ -115,7 +122,7 @@ class DecodeBench:
             engine.add_request(req_id, {"prompt_token_ids": random_prompt(tokens, seed=self.seed),
                                         "cache_salt": f"decode-{self.seed}"}, params)
             produced[req_id] = 0
-        calls0, decode_s, decode_tokens, steps = self.calls.count, 0.0, 0, 0
+        calls0, decode_s, decode_tokens, step_seconds = self.calls.count, 0.0, 0, []
         while engine.has_unfinished_requests():
             decoding = all(n >= 2 for n in produced.values())
             started = time.perf_counter()
@@ -128,13 +135,24 @@ class DecodeBench:
                     count = len(out.outputs[0].token_ids)
                     new += count - produced[req_id]
                     produced[req_id] = count
-            if decoding:
-                decode_s, decode_tokens, steps = decode_s + seconds, decode_tokens + new, steps + 1
+            if decoding and new == concurrency:
+                decode_s, decode_tokens = decode_s + seconds, decode_tokens + new
+                step_seconds.append(seconds)
         if any(n != self.max_tokens for n in produced.values()):
             raise RuntimeError(f"requests ended early: {produced}")
-        return {"decode_tokens": decode_tokens, "decode_steps": steps, "decode_seconds": decode_s,
-                "decode_tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,
+        return {"decode_tokens": decode_tokens, "decode_seconds": decode_s, "step_seconds": step_seconds,
                 "stock_op_calls": self.calls.count - calls0}
+
+
+def pooled(runs: list[dict], concurrency: int) -> dict:
+    """An arm's rounds as one row: its decode steps pooled, tokens/s from the median step."""
+    steps = sorted(s for run in runs for s in run["step_seconds"])
+    median = steps[len(steps) // 2] if steps else float("inf")
+    seconds, tokens = sum(r["decode_seconds"] for r in runs), sum(r["decode_tokens"] for r in runs)
+    return {"decode_steps": len(steps), "decode_tokens": tokens, "decode_seconds": seconds,
+            "median_step_seconds": median, "decode_tokens_per_s": concurrency / median,
+            "mean_tokens_per_s": tokens / seconds if seconds else 0.0,
+            "stock_op_calls": sum(r["stock_op_calls"] for r in runs)}
 
 
 def main(argv=None) -> int:
@@ -152,19 +170,23 @@ def main(argv=None) -> int:
         bench.run(_policy("criticalkv", "head", args.budget), 512, 1)
         for concurrency in concurrencies:
             for tokens in lengths:
-                base = bench.run(None, tokens, concurrency)
-                rows.append(dict(scorer="none", granularity="-", path="stock", prompt_tokens=tokens,
-                                 concurrency=concurrency, **base, decode_ratio=1.0))
-                print_row(rows[-1])
-                for switch in ("", "torch") if args.torch_arms else ("",):
-                    for scorer in _csv(args.scorers):
-                        row = bench.run(_policy(scorer, "head", args.budget), tokens, concurrency, switch)
-                        row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-                        rows.append(dict(scorer=scorer, granularity="head", path=PATHS[switch], prompt_tokens=tokens,
-                                         concurrency=concurrency, **row))
-                        print_row(rows[-1])
+                arms = [("none", None, "")] + [(s, _policy(s, "head", args.budget), switch)
+                                               for switch in (("", "torch") if args.torch_arms else ("",))
+                                               for s in _csv(args.scorers)]
+                runs = {i: [] for i in range(len(arms))}
+                for _ in range(args.rounds):
+                    for i, (_, policy, switch) in enumerate(arms):
+                        runs[i].append(bench.run(policy, tokens, concurrency, switch))
+                base = pooled(runs[0], concurrency)
+                for i, (scorer, policy, switch) in enumerate(arms):
+                    row = pooled(runs[i], concurrency)
+                    row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                    rows.append(dict(scorer=scorer, granularity="head" if policy else "-",
+                                     path=PATHS[switch] if policy else "stock", prompt_tokens=tokens,
+                                     concurrency=concurrency, **row))
+                    print_row(rows[-1])
     decode = {"label": args.label, "model": Path(args.model).name, "budget": args.budget,
-              "max_tokens": args.max_tokens, "target_ratio": TARGET_RATIO,
+              "max_tokens": args.max_tokens, "rounds": args.rounds, "target_ratio": TARGET_RATIO,
               "head_decode_switch": os.environ.get(SWITCH, ""),
               "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1)}
@@ -180,8 +202,8 @@ def main(argv=None) -> int:
     return 0
 
 
-HEADER = ("scorer", "granularity", "path", "prompt_tokens", "concurrency", "decode_steps", "decode_tok_per_s",
-          "decode_ratio", "stock_op_calls")
+HEADER = ("scorer", "granularity", "path", "prompt_tokens", "concurrency", "decode_steps", "median_step_ms",
+          "decode_tok_per_s", "mean_tok_per_s", "decode_ratio", "stock_op_calls")
 
 
 def _cells(row: dict) -> list[str]:
@@ -189,7 +211,8 @@ def _cells(row: dict) -> list[str]:
     if row["scorer"] != "none":
         ratio += " ok" if row["decode_ratio"] >= TARGET_RATIO else " UNDER"
     return [row["scorer"], row["granularity"], row.get("path", "-"), str(row["prompt_tokens"]), str(row["concurrency"]),
-            str(row["decode_steps"]), f"{row['decode_tokens_per_s']:.2f}", ratio, str(row["stock_op_calls"])]
+            str(row["decode_steps"]), f"{row['median_step_seconds'] * 1000:.1f}", f"{row['decode_tokens_per_s']:.2f}",
+            f"{row['mean_tokens_per_s']:.2f}", ratio, str(row["stock_op_calls"])]
 
 
 def print_row(row: dict) -> None:
@@ -204,7 +227,7 @@ def table(rows: list[dict]) -> str:
 def _write_results(path: Path, decode: dict, rows: list[dict]) -> None:
     switch = f", {SWITCH}={decode['head_decode_switch']}" if decode["head_decode_switch"] else ""
     block = (f"{MARK_START}\nRun `{decode['label'] or 'latest'}`: {decode['model']}, budget {decode['budget']}, "
-             f"{decode['max_tokens']} tokens per request, {decode['torch_threads']} torch threads on "
+             f"{decode['max_tokens']} tokens per request, {decode['rounds']} round(s), {decode['torch_threads']} torch threads on "
              f"{decode['cpus']} CPUs{switch}, {decode['seconds']} s (`benchmarks/overhead/decode.py`; target: "
              f"decode_ratio >= {decode['target_ratio']:.2f}).\n\n{table(rows)}\n{MARK_END}")
     text = path.read_text() if path.exists() else "# Eviction overhead on CPU\n\n"
