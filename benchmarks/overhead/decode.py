@@ -18,7 +18,8 @@ from its compact region), up to the last. Over those steps
 The median, not the mean (``mean_tokens_per_s``, also written): on this shared 2-core machine
 other users' unlocked jobs stall a step now and then (OpenMP threads descheduled), and one such
 burst in one arm would decide its mean. Arms run in rounds (``--rounds``, each round every arm
-once, in turn) and an arm's steps of every round are pooled.
+once, in turn) and an arm's steps of every round are pooled. Only steps in which every request
+of the arm decoded count (the KV cache, 2 GiB by default, holds all of them at once).
 
 With ``--torch-arms`` every scorer runs a second time with ``KVEVICT_CPU_HEAD_DECODE=torch`` set
 for its requests (``path: torch``): every compacted row through the torch two-segment path after
@@ -48,7 +49,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from run import _csv, _engine, _policy  # noqa: E402
+from run import _csv, _policy  # noqa: E402
 
 TARGET_RATIO = 0.90
 SWITCH = "KVEVICT_CPU_HEAD_DECODE"
@@ -66,6 +67,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1, help="every arm this many times, in turn; steps pooled")
     p.add_argument("--torch-arms", action="store_true", help="also every scorer through the torch path")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0,
+                   help="KV cache size: 8 stock requests of 4k tokens + 128 need ~1.5 GiB (46 KB a token)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's default if unset")
     p.add_argument("--label", default="", help="a name for this run in summary.json")
     p.add_argument("--out", type=Path, default=HERE)
@@ -147,12 +150,27 @@ class DecodeBench:
 def pooled(runs: list[dict], concurrency: int) -> dict:
     """An arm's rounds as one row: its decode steps pooled, tokens/s from the median step."""
     steps = sorted(s for run in runs for s in run["step_seconds"])
-    median = steps[len(steps) // 2] if steps else float("inf")
+    if not steps:
+        raise RuntimeError(f"no decode step ran all {concurrency} requests together (KV cache too small?)")
+    median = steps[len(steps) // 2]
     seconds, tokens = sum(r["decode_seconds"] for r in runs), sum(r["decode_tokens"] for r in runs)
     return {"decode_steps": len(steps), "decode_tokens": tokens, "decode_seconds": seconds,
             "median_step_seconds": median, "decode_tokens_per_s": concurrency / median,
             "mean_tokens_per_s": tokens / seconds if seconds else 0.0,
             "stock_op_calls": sum(r["stock_op_calls"] for r in runs)}
+
+
+def _engine(args, max_seqs: int):
+    """run.py's engine with a KV cache that holds every stock request at once (at 1 GiB, 8 x 4k
+    stock requests do not all run together, and stock then decodes a smaller batch)."""
+    from vllm_kvevict.vllm.inprocess import open_llm
+
+    options = dict(max_model_len=8192, block_size=32, kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)),
+                   max_num_seqs=max_seqs,
+                   additional_config={"kv_eviction": {"scorer": "criticalkv", "budget": args.budget}})
+    if args.max_num_batched_tokens:
+        options["max_num_batched_tokens"] = args.max_num_batched_tokens
+    return open_llm(args.model, **options)
 
 
 def main(argv=None) -> int:
