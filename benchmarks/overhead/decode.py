@@ -245,7 +245,8 @@ def table(rows: list[dict]) -> str:
 def _write_results(path: Path, decode: dict, rows: list[dict]) -> None:
     switch = f", {SWITCH}={decode['head_decode_switch']}" if decode["head_decode_switch"] else ""
     block = (f"{MARK_START}\nRun `{decode['label'] or 'latest'}`: {decode['model']}, budget {decode['budget']}, "
-             f"{decode['max_tokens']} tokens per request, {decode['rounds']} round(s), {decode['torch_threads']} torch threads on "
+             f"{decode['max_tokens']} tokens per request, {decode['rounds']} round(s), "
+             f"{decode['torch_threads']} torch threads on "
              f"{decode['cpus']} CPUs{switch}, {decode['seconds']} s (`benchmarks/overhead/decode.py`; target: "
              f"decode_ratio >= {decode['target_ratio']:.2f}).\n\n{table(rows)}\n{MARK_END}")
     text = path.read_text() if path.exists() else "# Eviction overhead on CPU\n\n"
