@@ -166,7 +166,11 @@ def main(argv=None) -> int:
         "cpus": os.cpu_count(), "value_norms": value_norms, "seconds": round(time.perf_counter() - started, 1), "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    path = args.out / "summary.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    kept = {"decode": previous["decode"]} if "decode" in previous else {}  # decode.py's rows and header stay
+    decode_rows = [r for r in previous.get("rows", []) if "decode_ratio" in r]
+    path.write_text(json.dumps({**summary, **kept, "rows": summary["rows"] + decode_rows}, indent=1) + "\n")
     _write_results(args.out / "RESULTS.md", summary)
     _plot(args.out / "scoring_share.png", summary)
     print(f"wrote {args.out / 'summary.json'} ({summary['seconds']} s)")

@@ -35,7 +35,9 @@ def _served(tiny_llama_dir, prompt):
 
 @pytest.fixture(scope="module")
 def torch_path(tiny_llama_dir, prompt):
-    return _served(tiny_llama_dir, prompt)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(head_rows_paged.SWITCH, "torch")  # every compacted row (whole pages too) through torch
+        return _served(tiny_llama_dir, prompt)
 
 
 @pytest.fixture(scope="module")

@@ -34,16 +34,19 @@ class CompactRegion:
     tail_start: int
     #: index of the first tail block in the request's positional block list.
     first_tail_block: int
+    #: per layer ``[N_l]`` int64, the prompt position each entry was copied from (same order).
+    source: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def from_plan(cls, plan: CompactionPlan, tail_start: int) -> "CompactRegion":
-        block, plane, slot = [], [], []
+        block, plane, slot, source = [], [], [], []
         for layer in range(plan.num_layers):
             g = plan.layer_gather(layer)
             block.append(g.dst_page // plan.num_kv_heads)
             plane.append(g.dst_page % plan.num_kv_heads)
             slot.append(g.dst_slot)
-        return cls(block, plane, slot, plan.lens.clone(), tail_start, tail_start // plan.block_size)
+            source.append(g.src_positions)
+        return cls(block, plane, slot, plan.lens.clone(), tail_start, tail_start // plan.block_size, source)
 
 
 @dataclass

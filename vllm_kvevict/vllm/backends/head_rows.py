@@ -10,6 +10,7 @@ same from the same data.
 from __future__ import annotations
 
 import logging
+from typing import Iterable, Optional
 
 import torch
 
@@ -21,14 +22,15 @@ logger = logging.getLogger(__name__)
 
 
 def attend_head_rows(step: EvictionStep, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor,
-                     layout: PagedLayout, output: torch.Tensor, num_heads: int, scale: float) -> list[str]:
-    """Overwrite the output of every head row of ``step`` for this layer; returns the request ids
-    whose attention failed (logged; their output stays the stock kernel's, over the tail only)."""
+                     layout: PagedLayout, output: torch.Tensor, num_heads: int, scale: float,
+                     rows: Optional[Iterable[HeadRow]] = None) -> list[str]:
+    """Overwrite the output of every head row of ``step`` (or of ``rows``) for this layer; returns
+    the request ids whose attention failed (logged; their output stays the stock kernel's)."""
     failed = []
     d = layout.head_dim
     q_all = query.view(query.shape[0], num_heads, d)
     out_all = output.view(output.shape[0], num_heads, d)
-    for row in step.head_rows.values():
+    for row in step.head_rows.values() if rows is None else rows:
         try:
             out = attend_row(row, layer_idx, q_all, kv_cache, layout, scale)
             out_all[row.query_offset : row.query_offset + row.num_queries] = out.to(output.dtype)

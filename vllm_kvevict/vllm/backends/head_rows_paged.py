@@ -21,15 +21,22 @@ from vllm_kvevict.vllm.backends.head_batch import HeadRowBuffers, decode_head_ro
 from vllm_kvevict.vllm.layouts import CpuPackedLayout, SplitHeadDimLayout
 from vllm_kvevict.vllm.step import EvictionStep
 
-#: The environment switch (``paged``: this path; unset: the torch two-segment reference).
+#: The environment switch: ``paged``, this path for every compacted row; ``torch``, the torch
+#: two-segment reference for every one; unset, vLLM's own op on single-head pages where that is
+#: exact (:mod:`.cpu_head_pages`) and the torch reference for the other rows.
 SWITCH = "KVEVICT_CPU_HEAD_DECODE"
+MODES = ("", "paged", "torch")
+
+
+def head_decode_mode() -> str:
+    value = os.environ.get(SWITCH, "")
+    if value not in MODES:
+        raise ValueError(f"{SWITCH}={value!r}: allowed values are 'paged', 'torch' or unset")
+    return value
 
 
 def paged_path_selected() -> bool:
-    value = os.environ.get(SWITCH, "")
-    if value not in ("", "paged"):
-        raise ValueError(f"{SWITCH}={value!r}: allowed values are 'paged' or unset")
-    return value == "paged"
+    return head_decode_mode() == "paged"
 
 
 def unpacked(kv_cache: torch.Tensor, layout: CpuPackedLayout) -> torch.Tensor:
