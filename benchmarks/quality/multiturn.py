@@ -12,7 +12,9 @@
   blocks, which eviction never changes; the plugin evicts turn 2's prompt afresh with the
   follow-up inside);
 - turn 2, ``cold`` (``--cold``): the same request under a salt of its own (no prefix hit), so a
-  warm output can be checked against a full prefill's.
+  warm output can be checked against a full prefill's;
+- turn 2, ``alone`` (``--cold``): the follow-up asked as a first turn on the same context (no
+  conversation before it), under a salt of its own: what the follow-up scores by itself.
 
 Rows (``OUT/results.jsonl``) carry ``turn``, ``cache``, ``prompt_tokens`` and ``cached_tokens``
 (``usage.prompt_tokens_details``). ``OUT/summary.md`` / ``summary.json``: per arm, accuracy of each
@@ -54,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--policies", default="criticalkv:head,snapkv:head,keydiff:head,streamingllm:page",
                     help="policy:granularity arms besides stock vLLM")
     ap.add_argument("--budget", type=float, default=0.1)
-    ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold turn 2")
+    ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold turn 2 and the follow-up alone")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--time-limit", type=float, default=None)
     return ap.parse_args(argv)
@@ -102,14 +104,15 @@ def summarize(rows: list[dict]) -> list[dict]:
     for r in rows:
         for length in (r["context_tokens"], "all"):
             key = (r["engine"], r["policy"], r["granularity"], r["budget"], length)
-            cell = cells.setdefault(key, {"turn1": [], "warm": [], "cold": [], "cached": [], "pairs": {}})
+            cell = cells.setdefault(key, {"turn1": [], "warm": [], "cold": [], "alone": [], "cached": [], "pairs": {}})
             if r["turn"] == 1:
                 cell["turn1"].append(r["score"])
             else:
                 cell[r["cache"]].append(r["score"])
                 if r["cache"] == "warm" and r["cached_tokens"] is not None:
                     cell["cached"].append(r["cached_tokens"] / r["prompt_tokens"])
-                cell["pairs"].setdefault(r["uid"], {})[r["cache"]] = r["output"].strip()
+                if r["cache"] in ("warm", "cold"):
+                    cell["pairs"].setdefault(r["uid"], {})[r["cache"]] = r["output"].strip()
     out = []
     for (engine, policy, granularity, budget, length), c in sorted(cells.items(), key=str):
         def acc(xs):
@@ -119,7 +122,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         both = [p for p in c["pairs"].values() if len(p) == 2]
         out.append({"run": RUN, "engine": engine, "protocol": "inside", "policy": policy, "granularity": granularity,
                     "budget": budget, "context_tokens": length, "turn1": acc(c["turn1"]), "turn2_warm": acc(c["warm"]),
-                    "turn2_cold": acc(c["cold"]),
+                    "turn2_cold": acc(c["cold"]), "followup_alone": acc(c["alone"]),
                     "turn2_cached_share": sum(c["cached"]) / len(c["cached"]) if c["cached"] else None,
                     "warm_equals_cold": [sum(p["warm"] == p["cold"] for p in both), len(both)]})
     return out
@@ -128,12 +131,14 @@ def summarize(rows: list[dict]) -> list[dict]:
 def table(summary: list[dict]) -> str:
     fmt = lambda a: "-" if a["accuracy"] is None else f"{a['accuracy']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]"  # noqa: E731
     lines = ["| engine | policy | granularity | budget | tokens | n | turn 1 | turn 2 (warm) | turn 2 (cold) | "
-             "turn 2 prompt from prefix cache | warm = cold |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "follow-up alone | turn 2 prompt from prefix cache | warm = cold |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         share = "-" if s["turn2_cached_share"] is None else f"{s['turn2_cached_share']:.2f}"
         same, n = s["warm_equals_cold"]
         lines.append(f"| {s['engine']} | {s['policy']} | {s['granularity']} | {s['budget']:g} | {s['context_tokens']} | "
                      f"{s['turn1']['n']} | {fmt(s['turn1'])} | {fmt(s['turn2_warm'])} | {fmt(s['turn2_cold'])} | "
+                     f"{fmt(s['followup_alone'])} | "
                      f"{share} | {same}/{n} |")
     return "\n".join(lines)
 
@@ -153,7 +158,8 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    done = {(r["uid"], r["policy"], r["granularity"], r["budget"]) for r in rows if r["turn"] == 2 and r["cache"] == "warm"}
+    done = {(r["uid"], r["policy"], r["granularity"], r["budget"]) for r in rows if r["turn"] == 2
+            and r["cache"] == ("alone" if args.cold else "warm")}
     before = counters(args.base_url)
     deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
 
@@ -183,6 +189,7 @@ def main(argv=None) -> None:
         out = [first, ask(conversation, arm, second, warm, 2, "warm")]
         if args.cold:
             out.append(ask(conversation, arm, second, warm + "-cold", 2, "cold"))
+            out.append(ask(conversation, arm, conversation.followup_alone(), warm + "-alone", 2, "alone"))
         return out
 
     jobs = [(c, a) for c in conversations for a in arms(args.policies, args.budget)

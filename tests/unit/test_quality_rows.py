@@ -105,6 +105,9 @@ def test_multiturn_summary_counts_turns_cache_share_and_warm_cold_agreement():
     assert cell["turn1"]["accuracy"] == 0.5 and cell["turn2_warm"]["accuracy"] == 1.0
     assert cell["turn2_cold"]["n"] == 2 and cell["turn2_cached_share"] == pytest.approx(0.9)
     assert cell["warm_equals_cold"] == [1, 2] and cell["protocol"] == "inside"
+    rows.append(dict(base, uid="c0", turn=2, cache="alone", score=0.0, output="z", prompt_tokens=1000, cached_tokens=0))
+    cell = next(s for s in mt_summarize(rows) if s["context_tokens"] == "all")
+    assert cell["followup_alone"]["accuracy"] == 0.0 and cell["warm_equals_cold"] == [1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +128,9 @@ def test_conversation_first_turn_is_a_prefix_of_the_second_and_fits(tokenizer, k
     assert second.startswith(first) and c.followup in second and c.followup not in first
     assert all(a in c.user for a in c.answers + c.followup_answers)  # both facts are in the context
     assert c.followup_answers != c.answers
+    alone = tokenizer.apply_chat_template(c.followup_alone(), tokenize=False, continue_final_message=True)
+    assert c.followup in alone and c.question not in alone and alone.endswith(c.followup_prefix)
+    assert alone[:200] == first[:200]  # the same context before the question
     assert make_conversation(kind, tokenizer, 1024, 0) == c
     with pytest.raises(ValueError, match="unknown conversation kind 'vt'"):
         make_conversation("vt", tokenizer, 1024, 0)

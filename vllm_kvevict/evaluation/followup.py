@@ -32,6 +32,7 @@ class Conversation:
     seed: int
     context_tokens: int
     user: str
+    question: str
     answer_prefix: str
     answers: list[str]
     followup: str
@@ -46,6 +47,12 @@ class Conversation:
 
     def first_turn(self) -> list[dict]:
         return [{"role": "user", "content": self.user}, {"role": "assistant", "content": self.answer_prefix}]
+
+    def followup_alone(self) -> list[dict]:
+        """The follow-up asked as a first turn (the context, then the follow-up in place of the
+        first question): what the follow-up scores without the conversation before it."""
+        user = self.user[: len(self.user) - len(self.question)] + self.followup
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": self.followup_prefix}]
 
     def second_turn(self, first_reply: str) -> list[dict]:
         """The conversation re-sent with the model's first reply, then the follow-up."""
@@ -89,7 +96,8 @@ def make_conversation(kind: str, tokenizer, context_tokens: int, seed: int) -> C
         lo, hi = (mid, hi) if length(mid) <= context_tokens else (lo, mid)
     user, answers = _user(draft, lo)
     question, prefix, followup_answers = draft.followups[0]
-    return Conversation(kind=kind, seed=seed, context_tokens=context_tokens, user=user, answer_prefix=draft.answer_prefix,
+    return Conversation(kind=kind, seed=seed, context_tokens=context_tokens, user=user, question=draft.question,
+                        answer_prefix=draft.answer_prefix,
                         answers=list(answers), followup=question, followup_prefix=prefix,
                         followup_answers=list(followup_answers), max_new_tokens=draft.max_new_tokens,
                         first_prompt_tokens=length(lo))
