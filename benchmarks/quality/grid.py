@@ -4,9 +4,15 @@ Budget 1.0 keeps everything under every policy, so it is run once per task, as t
 baseline ``policy="none"`` (``allocation``/``granularity`` ``"none"``); every policy's curve
 starts from it. A result row (one JSON line) is::
 
-    {"engine", "policy", "allocation", "granularity", "budget", "task", "uid",
+    {"run", "engine", "policy", "allocation", "granularity", "budget", "task", "uid",
      "context_tokens", "prompt_tokens", "protocol", "question_position", "min_tokens",
      "score", "output", "answers", "seconds", "memory_fraction"}
+
+``run`` names the sweep (``--engine-name``: rows of two runs never pool) and ``engine`` what
+answered (:data:`ENGINES`): ``reference`` (our reference engine), ``kvpress`` (NVIDIA kvpress),
+``server`` (vLLM with the plugin evicting), ``stock`` (vLLM, the request sent with
+``kv_eviction: none``). Rows written before ``run`` existed held the run's name in ``engine``;
+:func:`read_rows` gives them both fields (:func:`normalized`).
 
 ``min_tokens`` is the floor of the fractional budget (``EvictionConfig.min_tokens``; 0 for the
 full cache and for rows written before the floor existed, which had none). A VECTOR point's rows
@@ -23,6 +29,10 @@ from typing import Iterable, Iterator, Optional
 
 DEFAULT_BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 FULL = "none"
+#: What answered a row (its ``engine``).
+ENGINES = ("reference", "kvpress", "server", "stock")
+#: ``run.py --target`` -> the engine of its rows (the server target's full-cache rows: ``stock``).
+TARGET_ENGINES = {"reference": "reference", "kvpress": "kvpress", "server": "server"}
 
 
 @dataclass(frozen=True)
@@ -76,21 +86,52 @@ def sweep_points(
     return points
 
 
+def engine_of(label: str, target: Optional[str] = None) -> str:
+    """The engine of a row written before rows carried ``run``: its folder's ``meta.json``
+    target if known, else from the run's name (``kvpress*``, ``reference*`` / ``lkv-*`` /
+    ``vector-*``, ``vllm`` / ``server*``: the server target's default names)."""
+    if target in TARGET_ENGINES:
+        return TARGET_ENGINES[target]
+    for prefix, engine in (("kvpress", "kvpress"), ("reference", "reference"), ("lkv", "reference"),
+                           ("vector", "reference"), ("vllm", "server"), ("server", "server")):
+        if label.startswith(prefix):
+            return engine
+    raise ValueError(f"engine of run {label!r}: not one of {', '.join(ENGINES)} and no meta.json target")
+
+
+def normalized(row: dict, target: Optional[str] = None) -> dict:
+    """``row`` with ``run`` and ``engine`` (:data:`ENGINES`); a row written before ``run``
+    existed held the run's name in ``engine`` (a server run's full-cache rows then went out with
+    no ``vllm_xargs`` to a server with the plugin: ``server``, not ``stock``)."""
+    if "run" in row:
+        return row
+    return dict(row, run=row["engine"], engine=engine_of(row["engine"], target))
+
+
 def result_key(row: dict) -> tuple:
     """Identity of a result: a resumed run skips rows already written."""
-    return (row["engine"], row["uid"], row["policy"], row["allocation"], row["granularity"], float(row["budget"]),
+    row = normalized(row)
+    return (row["run"], row["uid"], row["policy"], row["allocation"], row["granularity"], float(row["budget"]),
             row["protocol"], int(row.get("min_tokens", 0)), bool(row.get("vector", False)))
 
 
+def folder_target(folder: Path) -> Optional[str]:
+    """The ``--target`` a results folder was made with (its ``meta.json``), if it has one."""
+    meta = Path(folder) / "meta.json"
+    return json.loads(meta.read_text()).get("target") if meta.is_file() else None
+
+
 def read_rows(paths: Iterable[Path]) -> Iterator[dict]:
+    """Result rows of the ``*.jsonl`` files (or folders of them), :func:`normalized`."""
     for path in paths:
         path = Path(path)
         files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         for file in files:
+            target = folder_target(file.parent)
             with open(file) as fh:
                 for line in fh:
                     if line.strip():
-                        yield json.loads(line)
+                        yield normalized(json.loads(line), target)
 
 
 class ResultWriter:
@@ -115,10 +156,13 @@ class ResultWriter:
         self._fh.close()
 
 
-def base_row(engine: str, task, point: Point, protocol: str, allocation: str) -> dict:
-    """The identifying part of a row (no outcome yet)."""
+def base_row(run: str, engine: str, task, point: Point, protocol: str, allocation: str) -> dict:
+    """The identifying part of a row (no outcome yet); ``engine`` one of :data:`ENGINES`."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     vector = {"vector": True} if point.vector else {}
     return vector | {
+        "run": run,
         "engine": engine,
         "policy": point.policy,
         "allocation": allocation,

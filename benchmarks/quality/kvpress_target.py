@@ -88,7 +88,7 @@ def run_kvpress(tasks, points: list[Point], writer, *, model_dir, threads: int, 
     todo = []
     for task in tasks:
         for run in runs:
-            row = base_row("kvpress", task, run["point"], "context", run["allocation"])
+            row = base_row("kvpress", "kvpress", task, run["point"], "context", run["allocation"])
             if writer.has(row):
                 progress(1)
             else:

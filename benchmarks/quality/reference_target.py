@@ -94,7 +94,7 @@ def run_reference(
     for task in tasks:
         pending = []
         for point in points:
-            row = base_row(engine_name, task, point, protocol, allocation_label(point))
+            row = base_row(engine_name, "reference", task, point, protocol, allocation_label(point))
             if writer.has(row):
                 progress(1)
             else:

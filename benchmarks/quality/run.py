@@ -11,8 +11,10 @@ appended as JSON lines to ``OUT/results.jsonl`` (a rerun skips what is already t
 Targets
 -------
 reference : ``vllm_kvevict.reference`` (one prefill per prompt, then every policy x budget).
-server    : an OpenAI-compatible server (vLLM with the plugin; stock vLLM answers the
-            full-cache rows only). Protocol ``prompt``: the whole prompt is compressed.
+server    : an OpenAI-compatible server (vLLM with the plugin, started with a policy and
+            ``--kv-budget 1``; the full-cache rows go out with ``kv_eviction: none``, engine
+            ``stock``). Protocol ``prompt``: the whole prompt is compressed. Each setting has its
+            own prefix-cache salt (``--cache-salt``), so each prefills every prompt itself.
 kvpress   : NVIDIA kvpress 0.5.5 in ``.venv-kvpress`` (one prefill per policy x budget).
 """
 
@@ -73,12 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--base-url", default="http://localhost:8000/v1", help="server target")
     ap.add_argument("--served-model", default=None, help="server target: model name (default: the first served)")
     ap.add_argument("--engine-name", default=None,
-                    help="engine label in the results (default: vllm for server, else the target's name)")
+                    help="the run's name in the results (rows' \"run\"; default: the target's name); rows of two "
+                         "runs never pool. Rows' \"engine\" says what answered: reference, kvpress, server, stock")
     ap.add_argument("--kvpress-settings", action="store_true",
                     help="reference: kvpress's windows for knorm, keydiff, expected_attention (0) and tova (1) and "
                          "criticalkv's epsilon 1e-4, so they share kvpress's definition (label the engine apart, "
                          "e.g. reference-kvsettings)")
     ap.add_argument("--concurrency", type=int, default=4, help="server target: requests in flight")
+    ap.add_argument("--cache-salt", choices=("setting", "none"), default="setting",
+                    help="server target: a prefix-cache salt per setting (each prefills every prompt itself) or none")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="server target: send nothing after this many seconds (a rerun resumes the rest)")
     ap.add_argument("--min-full-accuracy", type=float, default=0.1, help="report: retention threshold")
     ap.add_argument("--workers", type=int, default=2,
                     help="reference/kvpress: processes, each on its share of the tasks (one per core)")
@@ -139,8 +146,12 @@ def main(argv=None) -> None:
         elif args.target == "server":
             from benchmarks.quality.server_target import run_server
 
-            run_server(tasks, points, writer, base_url=args.base_url, model=args.served_model,
-                       engine_name=args.engine_name or "vllm", concurrency=args.concurrency, progress=bar.update)
+            deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+            left = run_server(tasks, points, writer, base_url=args.base_url, model=args.served_model,
+                              engine_name=args.engine_name or "server", concurrency=args.concurrency,
+                              progress=bar.update, salt=args.cache_salt, deadline=deadline)
+            if left:
+                print(f"--time-limit: {left} requests not sent; rerun the same command to resume", file=sys.stderr)
         else:
             from benchmarks.quality.kvpress_target import run_kvpress
 

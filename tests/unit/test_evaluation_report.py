@@ -49,7 +49,7 @@ def test_summary_accuracy_interval_retention_and_flags():
     assert avg["n"] == 8 and avg["accuracy"] == pytest.approx((0.25 + 0.25) / 2)
     assert avg["retention"] == pytest.approx(0.25 / 0.75)  # vt left out of retention
     assert get[("none", "all", "all")]["retention"] == pytest.approx(1.0)
-    assert set(niah) == {"engine", "policy", "allocation", "granularity", "budget", "min_tokens", "protocol", "task",
+    assert set(niah) == {"run", "engine", "policy", "allocation", "granularity", "budget", "min_tokens", "protocol", "task",
                          "context_tokens", "n", "accuracy", "ci_low", "ci_high", "retention"}
     assert niah["protocol"] == "after"  # the runner's "context" protocol: the question after it
 
@@ -73,7 +73,7 @@ def test_writer_resumes_and_report_writes_files(tmp_path):
 
 
 def test_server_xargs():
-    assert vllm_xargs(FULL_CACHE) is None
+    assert vllm_xargs(FULL_CACHE) == {"kv_eviction": "none"}  # stock vLLM, said so
     assert vllm_xargs(Point("snapkv", None, "page", 0.2)) == {
         "kv_eviction": "snapkv", "kv_budget": 0.2, "kv_granularity": "page"}
     assert vllm_xargs(Point("knorm", "uniform", "head", 0.1))["kv_allocation"] == "uniform"
@@ -96,8 +96,8 @@ def test_kvpress_mapping():
 def test_one_engine_under_two_protocols_is_not_pooled():
     rows = [_row("none", 1.0, "niah", 1.0, uid="a"), dict(_row("none", 1.0, "niah", 0.0, uid="a"), protocol="prompt")]
     summary, _ = summarize(rows)
-    engines = {r["engine"] for r in summary}
-    assert engines == {"reference/context", "reference/prompt"}
+    assert {r["run"] for r in summary} == {"reference/context", "reference/prompt"}
+    assert {r["engine"] for r in summary} == {"reference"}
     assert all(r["n"] == 1 for r in summary)
 
 
@@ -196,8 +196,8 @@ def test_compare_pairs_engines_on_shared_prompts_and_flags_differences():
         rows.append(dict(_row("knorm", 0.1, "niah", 0.0, engine="reference", uid=f"u{i}"), output="7"))
     rows.append(dict(_row("knorm", 0.1, "niah", 1.0, engine="reference", uid="only-ours"), output="42"))
     text = compare(rows, "kvpress", "reference")
-    assert "| knorm | adakv | 0.5 | 0 | 10 | 1.000 | [0.72, 1.00] | 0.900 |" in text and "| no | 9/10 | 9/10 |" in text
-    assert "| knorm | adakv | 0.1 | 0 | 10 | 1.000 |" in text and "| **yes** | 0/10 | 0/10 |" in text
+    assert "| knorm | adakv | page | 0.5 | 0 | 10 | 1.000 | [0.72, 1.00] | 0.900 |" in text and "| no | 9/10 | 9/10 |" in text
+    assert "| knorm | adakv | page | 0.1 | 0 | 10 | 1.000 |" in text and "| **yes** | 0/10 | 0/10 |" in text
 
 
 def test_vector_rows_carry_vector_true_and_the_base_scorer_and_never_pool_with_plain(tmp_path):
@@ -214,7 +214,7 @@ def test_vector_rows_carry_vector_true_and_the_base_scorer_and_never_pool_with_p
     class Task:
         kind, uid, context_tokens, prompt_ids, question_position = "niah", "u", 1024, [1, 2], "after"
 
-    plain_row, vector_row = (base_row("reference", Task, p, "context", "adakv") for p in points[1:])
+    plain_row, vector_row = (base_row("reference", "reference", Task, p, "context", "adakv") for p in points[1:])
     assert "vector" not in plain_row and vector_row["vector"] is True and vector_row["policy"] == "keydiff"
     assert result_key(plain_row) != result_key(vector_row)
     rows = [_row("none", 1.0, "niah", 1.0, uid="a"), _row("keydiff", 0.1, "niah", 0.0, uid="a"),

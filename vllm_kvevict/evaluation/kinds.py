@@ -29,6 +29,9 @@ class Draft:
     max_new_tokens : decode budget large enough for a correct answer after ``answer_prefix``.
     answer_prefix : RULER's start of the answer, put after the generation prompt so that the
         model answers at once (shorter decodes); ``make_task(..., answer_prefix=False)`` drops it.
+    followups : other questions on the same context, each ``(question, answer_prefix, answers)``
+        (a conversation's later turns, :mod:`vllm_kvevict.evaluation.followup`); drawn after
+        everything else, so they change no task.
     """
 
     header: str
@@ -36,6 +39,7 @@ class Draft:
     render: Callable[[int], tuple[str, list[str]]]
     max_new_tokens: int
     answer_prefix: str = ""
+    followups: tuple[tuple[str, str, list[str]], ...] = ()
 
 
 class _Stream:
@@ -120,11 +124,17 @@ def _niah(rng: random.Random, *, n_keys: int, n_values: int, n_queries: int, noi
         question = f"What is the special magic number for {asked[0]} mentioned in the provided text?"
         prefix = f"The special magic number for {asked[0]} mentioned in the provided text is"
     question += " Answer with the number" + ("s" if len(answers) > 1 else "") + " only."
+    followups = ()
+    if n_values == 1 and n_queries == 1:  # one key asked: the other keys are the follow-ups
+        followups = tuple((f"What is the special magic number for {k} mentioned in the provided text? Answer with "
+                           "the number only.", f"The special magic number for {k} mentioned in the provided text is",
+                           [values[k][0]]) for k in keys[1:])
 
     def render(n: int) -> tuple[str, list[str]]:
         return " ".join(_insert(filler.take(n), needles, depths)), answers
 
-    return Draft(_NIAH_HEADER, question, render, max_new_tokens=8 + 10 * len(answers), answer_prefix=prefix)
+    return Draft(_NIAH_HEADER, question, render, max_new_tokens=8 + 10 * len(answers), answer_prefix=prefix,
+                 followups=followups)
 
 
 def niah_single(rng: random.Random) -> Draft:
@@ -141,6 +151,12 @@ def niah_multivalue(rng: random.Random) -> Draft:
 
 def niah_multiquery(rng: random.Random) -> Draft:
     return _niah(rng, n_keys=4, n_values=1, n_queries=4, noise=False)
+
+
+def niah_twokey(rng: random.Random) -> Draft:
+    """Two single-value needles in noise (``niah_single``'s haystack): the first key is asked,
+    the second is the follow-up. Not in :data:`KINDS` (the conversation check's kind)."""
+    return _niah(rng, n_keys=2, n_values=1, n_queries=1, noise=True)
 
 
 # --------------------------------------------------------------------------- variable tracking
@@ -241,9 +257,11 @@ def document_qa(rng: random.Random, n_residents: int = 4) -> Draft:
     """
     names: list[str] = []
     facts: list[str] = []
+    cities: list[str] = []
     for _ in range(n_residents):
         names.append(text.person_name(rng, avoid=names))
         job, city = rng.choice(text.JOBS), rng.choice(text.CITIES)
+        cities.append(city)
         facts.append(f"{names[-1]} works as {text.with_article(job)} and lives in {city}.")
         if len(facts) == 1:
             asks_city = rng.random() < 0.5
@@ -264,7 +282,11 @@ def document_qa(rng: random.Random, n_residents: int = 4) -> Draft:
         return " ".join(_insert(filler.take(n), needles, depths)), [answer]
 
     header = f"{instruction}\n\nThe following is the given document."
-    return Draft(header, f"{instruction}\n\nQuestion: {question}", render, max_new_tokens=16, answer_prefix="Answer:")
+    # follow-ups: the city of each other resident whose city differs from the first answer's
+    followups = tuple((f"{instruction}\n\nQuestion: In which city does {name} live?", "Answer:", [city])
+                      for name, city in zip(names[1:], cities[1:]) if city != answer)
+    return Draft(header, f"{instruction}\n\nQuestion: {question}", render, max_new_tokens=16, answer_prefix="Answer:",
+                 followups=followups)
 
 
 #: Kind name -> draft builder. Names follow RULER's task names where one exists.
