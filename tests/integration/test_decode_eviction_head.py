@@ -227,6 +227,8 @@ def test_blocks_return_to_the_pool_and_are_counted(served):
     returned = sum(sum(_returned(name, r["decode"])) for name, r in result.items())
     assert returned > 0
     assert reduced["kvevict decode blocks returned"] == returned
+    assert {tuple(d[:2]) for d in stats.data["decode"]} == {(config_of(n).scorer, "head") for n in POLICIES}
+    assert ["knorm", "head", "decode_only"] in stats.data["outcomes"]  # its prompt was kept whole
     for name, r in result.items():
         config = config_of(name)
         for e in r["decode"]:

@@ -67,14 +67,18 @@ class SchedulerSide:
     # ----------------------------------------------------------------- admission
     def note_allocation(self, request: Any) -> None:
         """Every allocation of a waiting request: remember it; on its first admission, count it
-        as ``opted_out`` when its policy leaves it whole."""
+        as ``opted_out`` when its policy leaves it whole, ``decode_only`` when it keeps its
+        prompt whole and evicts only during decode (its prompt has no other fate to count)."""
         self._requests[request.request_id] = request
         if request.request_id in self._generation:
             return  # resumed after preemption: counted already
         try:
-            if self.state.config_for(request) is None:
+            config = self.state.config_for(request)
+            if config is None:
                 labels = requested_labels(extra_args_of(request), self.state.server_default)
                 self.stats.record_outcome(*labels, "opted_out")
+            elif config.evicts_during_decode and not config.evicts_prompt:
+                self.stats.record_outcome(config.scorer, config.resolved_granularity, "decode_only")
         except Exception as exc:  # metrics never break scheduling
             logger.debug("kvevict: admission not counted: %s", exc)
 
@@ -193,7 +197,7 @@ class SchedulerSide:
         (head granularity: ``recompacted``, the blocks its recompaction returned, already freed)."""
         if recompacted is not None:
             cfg = self.state.known_config(req_id)
-            self.stats.record_decode_evictions(cfg.scorer if cfg is not None else "other", evictions, recompacted)
+            self.stats.record_decode_evictions(cfg.scorer if cfg is not None else "other", evictions, recompacted, "head")
             return
         returned = self._free(req_id, blocks, "decode-evicted") if blocks else 0
         if returned is None:
