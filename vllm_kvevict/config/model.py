@@ -84,7 +84,7 @@ class EvictionConfig(BaseModel):
         ge=0,
         description="decode-time eviction: once N tokens were generated since the last eviction, "
         "score every held token again (window: the last W generated tokens' queries) and evict back "
-        "to the budget; 0 never (page granularity only)",
+        "to the budget; 0 never (docs/DECODE_EVICTION.md: what it supports)",
     )
     prompt_eviction: Literal[PROMPT_EVICTIONS] = Field(  # type: ignore[valid-type]
         "on",
