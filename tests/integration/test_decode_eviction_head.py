@@ -260,8 +260,24 @@ def test_held_blocks_stay_bounded_and_abort_frees_all(llm, prompt):
     assert pool.get_num_free_blocks() == free0
 
 
+def test_prefix_cache_hit_gives_the_same_recompactions_and_output(llm, prompt, served):
+    """The prompt is in the prefix cache now (the batch above); a warm request keeps the same
+    tokens per head at every recompaction and writes the same tokens (no block filled after a
+    compaction was cached: the request is frozen)."""
+    recorder = record_evictions(llm)
+    out = llm.generate([{"prompt_token_ids": prompt}], _greedy(MAX_TOKENS, POLICIES["snapkv_pages_cap"]),
+                       use_tqdm=False)[0]
+    assert out.num_cached_tokens > 0, "no prefix-cache hit: this checks nothing"
+    cold = served[0]["snapkv_pages_cap"]
+    warm = _history(recorder.decode, out.request_id)
+    assert len(warm) == len(cold["decode"])
+    for w, c in zip(warm, cold["decode"]):
+        assert all(torch.equal(a, b) for ra, rb in zip(w["kept"], c["kept"]) for a, b in zip(ra, rb)), w["seq_len"]
+    assert list(out.outputs[0].token_ids) == cold["tokens"]
+
+
 def test_preempted_request_recompacts_again_and_frees_everything(tiny_llama_dir):
-    """A request recompacting during decode is preempted by two larger high-priority requests:
+    """(Last: its own engine replaces the module's.) A request recompacting during decode is preempted by two larger high-priority requests:
     it re-prefills, compacts its prompt and recompacts again during decode, finishes; no block
     leaks."""
     block_bytes = 2 * 2 * KV_HEADS * 32 * BLOCK * 4  # layers x (K, V) x KV heads x head dim x block x float32
@@ -289,19 +305,3 @@ def test_preempted_request_recompacts_again_and_frees_everything(tiny_llama_dir)
         assert recorder.decode[victim][-1]["seq_len"] > 900 + 200, "no recompaction after the re-prefill"
         assert sorted(finished.values()) == [160, 160, 400]
         assert pool.get_num_free_blocks() == free0
-
-
-def test_prefix_cache_hit_gives_the_same_recompactions_and_output(llm, prompt, served):
-    """The prompt is in the prefix cache now (the batch above); a warm request keeps the same
-    tokens per head at every recompaction and writes the same tokens (no block filled after a
-    compaction was cached: the request is frozen)."""
-    recorder = record_evictions(llm)
-    out = llm.generate([{"prompt_token_ids": prompt}], _greedy(MAX_TOKENS, POLICIES["snapkv_pages_cap"]),
-                       use_tqdm=False)[0]
-    assert out.num_cached_tokens > 0, "no prefix-cache hit: this checks nothing"
-    cold = served[0]["snapkv_pages_cap"]
-    warm = _history(recorder.decode, out.request_id)
-    assert len(warm) == len(cold["decode"])
-    for w, c in zip(warm, cold["decode"]):
-        assert all(torch.equal(a, b) for ra, rb in zip(w["kept"], c["kept"]) for a, b in zip(ra, rb)), w["seq_len"]
-    assert list(out.outputs[0].token_ids) == cold["tokens"]
