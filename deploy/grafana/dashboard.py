@@ -143,7 +143,7 @@ ROWS: list[tuple[str, list[PanelSpec]]] = [
             PanelSpec(
                 "Requests by policy and outcome", "timeseries", "reqps",
                 [q(f"sum by (policy, outcome) (rate(kvevict_requests_total{{{M}}}[{RATE}]))", "{{policy}} {{outcome}}")],
-                "evicted, skipped_short (nothing worth evicting), opted_out, rejected (HTTP 400), error.",
+                "evicted, skipped_short (nothing worth evicting), opted_out, decode_only (prompt kept whole, evicted during decode), rejected (HTTP 400), error.",
                 stacked=True,
             ),
             PanelSpec(

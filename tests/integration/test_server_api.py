@@ -31,7 +31,7 @@ CLI_RUNS = {
     "bad_flag": ["serve", "{model}", "--kv-budget", "2.5"],
     "bad_additional_config": ["serve", "{model}", "--additional-config", '{"kv_eviction": {"scorer": "snapkv", "budget": 7.5}}'],
     "flags_that_do_not_fit": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-budget", "64", "--kv-window", "100"],
-    "decode_interval_flag": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-decode-interval", "64"],
+    "decode_interval_flag": ["serve", "{model}", "--kv-eviction", "pyramidkv", "--kv-decode-interval", "64"],
     "floor_with_token_budget": ["serve", "{model}", "--kv-eviction", "snapkv", "--kv-budget", "64", "--kv-min-tokens", "32"],
 }
 
@@ -145,11 +145,11 @@ def test_flags_that_do_not_fit_together_are_a_usage_error_not_a_traceback(cli_ru
     assert "Traceback" not in output
 
 
-def test_decode_interval_at_head_granularity_is_a_usage_error(cli_runs):
+def test_decode_interval_at_head_granularity_beyond_its_allocations_is_a_usage_error(cli_runs):
     code, output = finished(cli_runs["decode_interval_flag"])
     assert code == 2, output
     assert "do not fit together" in output
-    assert "invalid kv_decode_interval=64: 0 at granularity 'head'" in output
+    assert "invalid kv_decode_interval=64: 0 with allocation 'pyramid' at granularity 'head'" in output
     assert "Traceback" not in output
 
 
@@ -178,6 +178,8 @@ def test_valid_requests_pass(client):
     decoding = complete(client, {"kv_eviction": "snapkv", "kv_granularity": "page", "kv_budget": 64,
                                  "kv_decode_interval": 32, "kv_prompt_eviction": "off"})
     assert decoding.usage.completion_tokens == 4
+    head_decoding = complete(client, {"kv_eviction": "snapkv", "kv_budget": 64, "kv_decode_interval": 32})
+    assert head_decoding.usage.completion_tokens == 4
     chat = client.chat.completions.create(
         model=MODEL_NAME,
         messages=[{"role": "user", "content": "Hi"}],
@@ -198,7 +200,7 @@ def test_valid_requests_pass(client):
         ({"kv_buget": 0.2}, "kv_buget"),
         ({"kv_budget": True}, "kv_budget"),
         ({"kv_window": True}, "kv_window"),
-        ({"kv_decode_interval": 10}, "kv_decode_interval"),
+        ({"kv_eviction": "pyramidkv", "kv_decode_interval": 64}, "kv_decode_interval"),
         ({"kv_eviction": "h2o", "kv_granularity": "page", "kv_decode_interval": 64}, "kv_decode_interval"),
         ({"kv_eviction": "snapkv", "kv_prompt_eviction": "off"}, "kv_prompt_eviction"),
         ({"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_rho": 0.3}, "kv_rho"),

@@ -188,12 +188,20 @@ def test_blocks_to_tokens_covers_whole_blocks():
 
 
 def test_decode_interval_is_refused_where_it_is_not_supported():
-    """Head granularity, scorers whose statistics are not gathered during decode, and windows
-    larger than the interval: a usage error naming the field and what is allowed."""
+    """Head granularity beyond its scorers and allocations, scorers whose statistics are not
+    gathered during decode, and windows larger than the interval: a usage error naming the
+    field and what is allowed."""
     from vllm_kvevict.config import EvictionConfigError
 
-    with pytest.raises(EvictionConfigError, match="decode_interval=64: 0 at granularity 'head'.*page granularity only"):
-        EvictionConfig.from_fields(scorer="snapkv", budget=0.5, decode_interval=64)
+    assert EvictionConfig.from_fields(scorer="snapkv", budget=0.5, decode_interval=64).resolved_granularity == "head"
+    with pytest.raises(EvictionConfigError, match="decode_interval=64: 0 with allocation 'pyramid' at granularity "
+                                                  "'head'.*uniform, adakv, adakv_floor"):
+        EvictionConfig.from_fields(scorer="pyramidkv", budget=0.5, decode_interval=64)
+    for scorer in ("defensivekv", "laprox", "value_aware"):
+        with pytest.raises(EvictionConfigError, match=f"decode_interval=64: 0 with scorer '{scorer}' at granularity "
+                                                      "'head'.*page granularity supports"):
+            EvictionConfig.from_fields(scorer=scorer, budget=0.5, granularity="head", allocation="adakv",
+                                       decode_interval=64)
     for scorer in ("h2o", "tova", "expected_attention", "criticalkv", "lkv"):
         with pytest.raises(EvictionConfigError, match=f"kv_decode_interval=64: 0 with scorer '{scorer}'"):
             EvictionConfig.from_flat({"kv_eviction": scorer, "kv_granularity": "page", "kv_decode_interval": 64})

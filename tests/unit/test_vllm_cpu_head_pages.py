@@ -93,7 +93,7 @@ def test_regions_with_a_hole_are_left_to_the_torch_path():
     assert cpu_head_pages.region_pages(region, HKV, BS) is None
     # a region built without its source positions is never taken for whole pages
     _, _, region = compacted(100, 120, whole_pages(100, seed=3), table, [2, 5, 3, 7], seed=2)
-    region.source = []
+    region.positions = []
     assert cpu_head_pages.region_pages(region, HKV, BS) is None
 
 

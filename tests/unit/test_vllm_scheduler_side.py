@@ -50,6 +50,18 @@ def test_admissions_carry_the_resolved_policy_once(monkeypatch):
     assert side.stats.take() is None
 
 
+def test_a_request_evicting_only_during_decode_is_counted_decode_only(monkeypatch):
+    side = _side(monkeypatch, [])
+    side.note_allocation(_request("d", kv_decode_interval=64, kv_prompt_eviction="off"))
+    side.note_allocation(_request("h", kv_granularity="head", kv_allocation="adakv", kv_decode_interval=64,
+                                  kv_prompt_eviction="off"))
+    side.note_allocation(_request("both", kv_decode_interval=64))  # its prompt's eviction has an outcome
+    assert side.stats.take().data["outcomes"] == [["snapkv", "page", "decode_only"], ["snapkv", "head", "decode_only"]]
+    _schedule(side, new=["d", "h", "both"])
+    side.note_allocation(_request("d", kv_decode_interval=64, kv_prompt_eviction="off"))  # resumed
+    assert side.stats.take() is None
+
+
 def test_report_about_an_earlier_admission_is_dropped(monkeypatch):
     """Async scheduling: a report arriving after the request was preempted and re-admitted
     must not null the blocks of its new admission."""

@@ -109,6 +109,14 @@ PROMPT_EVICTIONS: tuple[str, ...] = ("on", "off")
 DECODE_SCORERS: tuple[str, ...] = (
     "streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff", "defensivekv", "laprox", "value_aware",
 )
+#: Head granularity: the scorers that score each KV head from its own tokens alone (every head
+#: holds its own tokens at decode time, so they are scored head by head: policies/held.py);
+#: defensivekv normalises across heads, laprox and value_aware read ``o_proj`` across heads
+#: (not split per head yet). And the allocations that split one layer's budget from that
+#: layer's scores (pyramid, global and lkv are refused: their budgets are not planned on held
+#: tokens yet).
+HEAD_DECODE_SCORERS: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff")
+HEAD_DECODE_ALLOCATIONS: tuple[str, ...] = ("uniform", "adakv", "adakv_floor")
 #: Settings of the server, never of one request (a request naming one is refused).
 SERVER_ONLY: frozenset[str] = frozenset({"request_override"})
 #: ``--kv-request-override``: what a request's ``vllm_xargs`` may change (docs/ARCHITECTURE.md).
@@ -148,9 +156,11 @@ SCORER_SETTINGS: dict[str, str] = {
     "alpha": "the adakv and adakv_floor allocations",
     "head_selection": "head granularity",
     "lkv_artifact": "the lkv scorer and the lkv allocation",
-    "decode_interval": "page granularity with " + ", ".join(DECODE_SCORERS),
+    "decode_interval": "page granularity with " + ", ".join(DECODE_SCORERS) + "; head granularity with "
+    + ", ".join(HEAD_DECODE_SCORERS) + " under allocation " + ", ".join(HEAD_DECODE_ALLOCATIONS),
     "prompt_eviction": "decode-time eviction (decode_interval > 0): page granularity with "
-    + ", ".join(DECODE_SCORERS),
+    + ", ".join(DECODE_SCORERS) + "; head granularity with " + ", ".join(HEAD_DECODE_SCORERS)
+    + " under allocation " + ", ".join(HEAD_DECODE_ALLOCATIONS),
     "vector": "every scorer (not none)",
     "vector_share": "kv_vector on",
     "vector_artifact": "kv_vector on",
@@ -177,7 +187,10 @@ def reads_setting(fields: Mapping[str, Any], name: str) -> bool:
     allocation = fields.get("allocation") or DEFAULT_ALLOCATION.get(scorer, "uniform")
     if name in ("decode_interval", "prompt_eviction"):
         granularity = fields.get("granularity") or ("page" if allocation == "uniform" else "head")
-        return scorer in DECODE_SCORERS and granularity == "page"
+        if granularity == "head":
+            return (scorer in HEAD_DECODE_SCORERS and allocation in HEAD_DECODE_ALLOCATIONS
+                    and fields.get("vector", "off") != "on")
+        return scorer in DECODE_SCORERS
     if name == "alpha":
         return allocation in ("adakv", "adakv_floor")
     if name == "head_selection":

@@ -13,6 +13,8 @@ from vllm_kvevict.config.choices import (
     ALLOCATIONS,
     CRITICALKV_BASES,
     DECODE_SCORERS,
+    HEAD_DECODE_ALLOCATIONS,
+    HEAD_DECODE_SCORERS,
     DEFAULT_ALLOCATION,
     DEFAULT_MIN_TOKENS,
     DEFAULT_SINKS,
@@ -82,7 +84,7 @@ class EvictionConfig(BaseModel):
         ge=0,
         description="decode-time eviction: once N tokens were generated since the last eviction, "
         "score every held token again (window: the last W generated tokens' queries) and evict back "
-        "to the budget; 0 never (page granularity only)",
+        "to the budget; 0 never (docs/DECODE_EVICTION.md: what it supports)",
     )
     prompt_eviction: Literal[PROMPT_EVICTIONS] = Field(  # type: ignore[valid-type]
         "on",
@@ -196,13 +198,9 @@ class EvictionConfig(BaseModel):
         if self.decode_interval == 0:
             return
         n = self.decode_interval
-        if self.resolved_granularity != "page":
-            raise EvictionConfigError(
-                "decode_interval", n,
-                f"0 at granularity {self.resolved_granularity!r}: decode-time eviction runs at page "
-                "granularity only (set granularity to 'page')",
-            )
-        if self.scorer not in DECODE_SCORERS:
+        if self.resolved_granularity == "head":
+            self._check_head_decode(n)
+        elif self.scorer not in DECODE_SCORERS:
             raise EvictionConfigError(
                 "decode_interval", n,
                 f"0 with scorer {self.scorer!r}: decode-time eviction supports " + ", ".join(DECODE_SCORERS),
@@ -212,6 +210,25 @@ class EvictionConfig(BaseModel):
                 "decode_interval", n, f"an integer >= the window ({self.window}): the window's queries are "
                 "those of tokens generated since the last eviction",
             )
+
+    def _check_head_decode(self, n: int) -> None:
+        """What decode-time eviction at head granularity supports (docs/DECODE_EVICTION.md)."""
+        page = "; page granularity supports " + ", ".join(DECODE_SCORERS)
+        if self.scorer not in HEAD_DECODE_SCORERS:
+            raise EvictionConfigError(
+                "decode_interval", n,
+                f"0 with scorer {self.scorer!r} at granularity 'head': decode-time eviction at head granularity "
+                "supports " + ", ".join(HEAD_DECODE_SCORERS) + page,
+            )
+        if self.resolved_allocation not in HEAD_DECODE_ALLOCATIONS:
+            raise EvictionConfigError(
+                "decode_interval", n,
+                f"0 with allocation {self.resolved_allocation!r} at granularity 'head': decode-time eviction at "
+                "head granularity supports the allocations " + ", ".join(HEAD_DECODE_ALLOCATIONS)
+                + " (or set granularity to 'page')",
+            )
+        if self.vector == "on":
+            raise EvictionConfigError("decode_interval", n, "0 with vector on: VECTOR is not evicted during decode")
 
     # ----------------------------------------------------------------- derived values
     @property

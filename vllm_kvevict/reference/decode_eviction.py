@@ -1,5 +1,5 @@
-"""Decode-time eviction in the reference engine (page granularity): greedy decoding whose held
-tokens are scored again and evicted back to the budget every ``decode_interval`` tokens.
+"""Decode-time eviction in the reference engine: greedy decoding whose held tokens are scored
+again and evicted back to the budget every ``decode_interval`` tokens (page and head granularity).
 
 The served plugin does the same (docs/DECODE_EVICTION.md), call for call:
 
@@ -14,6 +14,11 @@ The served plugin does the same (docs/DECODE_EVICTION.md), call for call:
   blocks to drop: a fractional budget keeps that share of the request's whole length so far, a
   token budget is a fixed cap;
 * the next token is run over what is left; RoPE positions keep counting from the true position.
+
+Head granularity: each (layer, KV head) holds its own tokens (its kept set, then every token run
+since); they are scored head by head and planned on their positions
+(:func:`~vllm_kvevict.policies.held.held_layer_scores`, :func:`~vllm_kvevict.policies.held.plan_held`,
+the plugin's two calls), and every store keeps its head's kept positions.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from vllm_kvevict.policies import LayerScores, build_policy
 from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.policies.held import held_layer_scores, plan_held
 from vllm_kvevict.reference.forward import greedy_loop, run_tokens
 from vllm_kvevict.reference.head_cache import HeadCache
 from vllm_kvevict.reference.model_parts import DecoderParts
@@ -38,27 +44,32 @@ class DecodeEviction:
     ----------
     seq_len : tokens of the request so far (the budget's length).
     held_blocks : positional block indices held before it, in order.
-    evicted : positional block indices it evicted, sorted.
-    scores : per layer, the ``[Hkv, held_len]`` scores of the held tokens.
+    evicted : positional block indices it evicted, sorted (page granularity).
+    scores : per layer, the ``[Hkv, held_len]`` scores of the held tokens (head granularity:
+        ``[Hkv, seq_len]`` on positions, ``-inf`` where a head holds nothing).
+    held, kept : head granularity: ``[layer][kv_head]`` positions held before it and kept after.
     """
 
     seq_len: int
     held_blocks: list[int]
     evicted: list[int]
     scores: list[LayerScores]
+    held: Optional[list[list[torch.Tensor]]] = None
+    kept: Optional[list[list[torch.Tensor]]] = None
 
     @property
     def held_len(self) -> int:
         return int(self.scores[0].values.shape[1]) if self.scores else 0
 
 
-#: ``choose(index, eviction) -> evicted positional blocks``: forces the choice of the
-#: ``index``-th eviction (e.g. the served plugin's), given what the policy computed.
+#: ``choose(index, eviction) -> evicted positional blocks`` (head granularity: the kept positions
+#: ``[layer][kv_head]``): forces the choice of the ``index``-th eviction (e.g. the served
+#: plugin's), given what the policy computed.
 Chooser = Callable[[int, DecodeEviction], list[int]]
 
 
 class DecodeEvictor:
-    """The decode-time eviction of one generation (page granularity)."""
+    """The decode-time eviction of one generation."""
 
     def __init__(self, parts: DecoderParts, config, block_size: int, decode_from: int, model=None,
                  choose: Optional[Chooser] = None):
@@ -84,6 +95,9 @@ class DecodeEvictor:
         return logits
 
     def evict(self, cache: HeadCache, seq_len: int) -> None:
+        if self.config.resolved_granularity == "head":
+            self.evict_heads(cache, seq_len)
+            return
         bs = self.block_size
         positions = cache.stores[0][0].positions
         held_len = int(positions.numel())
@@ -98,6 +112,27 @@ class DecodeEvictor:
         drop = torch.isin(positions // bs, torch.tensor(eviction.evicted, dtype=torch.long))
         if drop.any():
             cache.keep_rows(~drop)
+
+    def evict_heads(self, cache: HeadCache, seq_len: int) -> None:
+        """Head granularity: each (layer, KV head) keeps its planned positions among those it holds."""
+        if self.config.budget_tokens(seq_len) >= seq_len:
+            return  # a budget of the whole length keeps everything (the plugin orders nothing)
+        held = [[s.positions.clone() for s in row] for row in cache.stores]
+        scores = []
+        for layer, row in enumerate(cache.stores):
+            scores.append(held_layer_scores(
+                self.policy, [s.keys for s in row], [s.values for s in row], held[layer],
+                torch.cat(self.window[layer], dim=1), seq_len, layer_idx=layer, num_layers=cache.num_layers,
+                scale=self.parts.scale))
+        kept = plan_held(self.policy, scores, seq_len, held).indices
+        eviction = DecodeEviction(seq_len, [], [], scores, held=held, kept=kept)
+        if self.choose is not None:
+            eviction.kept = [[torch.as_tensor(k, dtype=torch.long) for k in row]
+                             for row in self.choose(len(self.evictions), eviction)]
+        self.evictions.append(eviction)
+        for row, kept_row in zip(cache.stores, eviction.kept):
+            for store, k in zip(row, kept_row):
+                store.keep_rows(torch.isin(store.positions, k))
 
     def _inputs(self, cache: HeadCache, layer: int) -> LayerInputs:
         stores = cache.stores[layer]
@@ -126,5 +161,6 @@ def check_same_positions(cache: HeadCache) -> None:
 def greedy_decode_evicting(evictor: DecodeEvictor, cache: HeadCache, logits: torch.Tensor, position: int,
                            max_new_tokens: int, stop_ids: frozenset[int]) -> tuple[list[int], torch.Tensor]:
     """:func:`~vllm_kvevict.reference.forward.greedy_decode` with ``evictor`` running every token."""
-    check_same_positions(cache)
+    if evictor.config.resolved_granularity != "head":
+        check_same_positions(cache)
     return greedy_loop(lambda token, at: evictor.run(cache, token, at), logits, position, max_new_tokens, stop_ids)

@@ -35,7 +35,8 @@ class Admission:
 class KVEvictConnectorMetadata(KVConnectorMetadata):
     reset_req_ids: set[str] = field(default_factory=set)
     admissions: dict[str, Admission] = field(default_factory=dict)
-    #: head granularity: request id -> its ``K`` compact block ids (prompt completes this step).
+    #: head granularity: request id -> its ``K`` compact block ids (prompt completes this step, or
+    #: ``decode_interval`` tokens were run since its last eviction: a decode-time recompaction).
     compact_orders: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -51,6 +52,9 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
     decode_count: dict[str, int] = field(default_factory=dict)
     #: head granularity: request id -> tokens kept per (layer, KV head), compaction done.
     head_compacted: dict[str, list[int]] = field(default_factory=dict)
+    #: decode-time eviction at head granularity: request id -> tokens kept per (layer, KV head)
+    #: of its recompaction (its order's blocks swapped in; old compact and consumed tail blocks freed).
+    decode_compacted: dict[str, list[int]] = field(default_factory=dict)
     #: head granularity: orders not used (left whole, or compaction failed): blocks go back.
     head_failed: set[str] = field(default_factory=set)
     #: request id -> the admission generation the report belongs to.
@@ -59,7 +63,8 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
     passes: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
-        return not (self.evicted or self.decode_count or self.head_compacted or self.head_failed)
+        return not (self.evicted or self.decode_count or self.head_compacted or self.head_failed
+                    or self.decode_compacted)
 
     def merge(self, other: "KVEvictWorkerMetadata") -> None:
         """Add ``other``'s reports (a later step of the same worker) into this one."""
@@ -69,6 +74,7 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
         for req_id, count in other.decode_count.items():
             self.decode_count[req_id] = self.decode_count.get(req_id, 0) + count
         self.head_compacted.update(other.head_compacted)
+        self.decode_compacted.update(other.decode_compacted)
         self.head_failed |= other.head_failed
         self.generations.update(other.generations)
         self.passes.update(other.passes)
@@ -79,6 +85,7 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
         merged = KVEvictWorkerMetadata(
             evicted=dict(self.evicted), decode_evicted=dict(self.decode_evicted),
             decode_count=dict(self.decode_count), head_compacted=dict(self.head_compacted),
+            decode_compacted=dict(self.decode_compacted),
             head_failed=set(self.head_failed), generations=dict(self.generations), passes=dict(self.passes),
         )
         for req_id, blocks in getattr(other, "evicted", {}).items():
@@ -91,6 +98,8 @@ class KVEvictWorkerMetadata(KVConnectorWorkerMetadata):
                 merged.decode_evicted[req_id] = []
         for req_id, count in getattr(other, "decode_count", {}).items():
             merged.decode_count.setdefault(req_id, count)
+        for req_id, kept in getattr(other, "decode_compacted", {}).items():
+            merged.decode_compacted.setdefault(req_id, kept)
         merged.head_failed |= set(getattr(other, "head_failed", ()))
         for name in ("generations", "passes"):
             for key, value in getattr(other, name, {}).items():

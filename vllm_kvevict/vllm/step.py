@@ -30,23 +30,30 @@ class CompactRegion:
     plane: list[torch.Tensor]
     slot: list[torch.Tensor]
     lens: torch.Tensor  # [L, Hkv]
-    #: first position of the tail (the prompt length at eviction).
+    #: first position of the tail (the length at the last eviction: the prompt's, then the
+    #: length at each decode-time recompaction).
     tail_start: int
     #: index of the first tail block in the request's positional block list.
     first_tail_block: int
-    #: per layer ``[N_l]`` int64, the prompt position each entry was copied from (same order).
-    source: list[torch.Tensor] = field(default_factory=list)
+    #: per layer ``[N_l]`` int64, the position each entry was copied from (same order; ascending
+    #: within a head): prompt positions after the prompt's eviction, held positions after a
+    #: decode-time recompaction.
+    positions: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def from_plan(cls, plan: CompactionPlan, tail_start: int) -> "CompactRegion":
-        block, plane, slot, source = [], [], [], []
+        block, plane, slot, positions = [], [], [], []
         for layer in range(plan.num_layers):
             g = plan.layer_gather(layer)
             block.append(g.dst_page // plan.num_kv_heads)
             plane.append(g.dst_page % plan.num_kv_heads)
             slot.append(g.dst_slot)
-            source.append(g.src_positions)
-        return cls(block, plane, slot, plan.lens.clone(), tail_start, tail_start // plan.block_size, source)
+            positions.append(g.src_positions.clone())
+        return cls(block, plane, slot, plan.lens.clone(), tail_start, tail_start // plan.block_size, positions)
+
+    def head_positions(self, layer: int) -> list[torch.Tensor]:
+        """Per KV head, the positions of layer ``layer``'s entries."""
+        return list(torch.split(self.positions[layer], self.lens[layer].tolist()))
 
 
 @dataclass
@@ -199,6 +206,46 @@ class DecodeRow:
 
 
 @dataclass(frozen=True)
+class HeadDecodeRow:
+    """A batch row of a head-granular request with decode-time eviction: its queries join its
+    window; with ``score`` (the scheduler ordered ``compact_blocks`` for this step, every
+    ``decode_interval`` tokens) each (layer, KV head)'s held tokens, its compact region then
+    the positional tail from ``tail_start``, are scored after the stock kernel wrote this
+    step's K/V, and recompacted into ``compact_blocks`` after the forward.
+
+    ``region``: ``None`` while the request is still positional (``prompt_eviction="off"``,
+    before its first eviction: every head holds ``0 .. seq_len - 1``); ``tail_blocks``: its
+    positional block ids from ``first_tail_block``; ``seq_len``: its length after this step.
+    """
+
+    req_id: str
+    query_offset: int
+    num_queries: int
+    seq_len: int
+    score: bool
+    region: Optional[CompactRegion]
+    tail_blocks: torch.Tensor
+    compact_blocks: tuple[int, ...]
+    sink: DecodeWindow
+    policy: "Policy"
+
+    @property
+    def tail_start(self) -> int:
+        return self.region.tail_start if self.region is not None else 0
+
+    @property
+    def first_tail_block(self) -> int:
+        return self.region.first_tail_block if self.region is not None else 0
+
+    def held_positions(self, layer: int, num_kv_heads: int) -> list[torch.Tensor]:
+        """Per KV head, the positions layer ``layer`` holds (region, then tail), ascending."""
+        tail = torch.arange(self.tail_start, self.seq_len)
+        if self.region is None:
+            return [tail.clone() for _ in range(num_kv_heads)]
+        return [torch.cat([p, tail]) for p in self.region.head_positions(layer)]
+
+
+@dataclass(frozen=True)
 class EvictionStep:
     """Everything the attention layers do for eviction in one step, by batch row."""
 
@@ -206,7 +253,8 @@ class EvictionStep:
     head_rows: dict[int, HeadRow]
     table_rows: dict[int, TableRow]
     model: "ModelInfo"
-    decode: dict[int, DecodeRow] = field(default_factory=dict)
+    #: page rows (:class:`DecodeRow`) and head rows (:class:`HeadDecodeRow`) of decode-time eviction.
+    decode: dict[int, "DecodeRow | HeadDecodeRow"] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.observe or self.head_rows or self.table_rows or self.decode)

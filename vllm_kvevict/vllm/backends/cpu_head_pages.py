@@ -44,7 +44,7 @@ class RegionPages:
 
 def region_pages(region: CompactRegion, num_kv_heads: int, block_size: int) -> Optional[RegionPages]:
     """``region`` as :class:`RegionPages`, or ``None`` where no hole-free sequence exists."""
-    if len(region.source) != len(region.block):
+    if len(region.positions) != len(region.block):
         return None
     bs, skipped = block_size, region.tail_start % block_size
     partial_start = region.first_tail_block * bs
@@ -68,7 +68,7 @@ def region_pages(region: CompactRegion, num_kv_heads: int, block_size: int) -> O
         if not torch.equal(table[head, page], ids):
             return None  # a page mixes entries of two head-pages
         in_partial = page == count[layer][head]
-        source = region.source[layer].to(torch.int64)
+        source = region.positions[layer].to(torch.int64)
         if not torch.equal(source[in_partial], partial_start + slot[in_partial]):
             return None  # the short page is not the prompt's last partial page
         width = min(table.shape[1], pages.shape[2])

@@ -1,10 +1,13 @@
-"""What the attention impl does for rows with decode-time eviction (page granularity).
+"""What the attention impl does for rows with decode-time eviction (page and head granularity).
 
 Per layer, after the stock kernel wrote the step's K/V: the row's queries join its request's
 window (:class:`~vllm_kvevict.vllm.step.DecodeWindow`, the last ``window`` tokens' post-RoPE
 queries) and, in a scoring step, the held tokens (the kept blocks in order, then the tail: what
 the stock kernel attends) are scored with the request's policy on the host, exactly as the
-reference engine does (:mod:`vllm_kvevict.reference.decode_eviction`). A failure marks the window (that
+reference engine does (:mod:`vllm_kvevict.reference.decode_eviction`). Head granularity: each KV
+head's held tokens are its compact region, then the positional tail (what
+:mod:`.head_rows` attends), scored head by head on their positions
+(:func:`~vllm_kvevict.policies.held.held_layer_scores`). A failure marks the window (that
 eviction is skipped) and never reaches the engine.
 """
 
@@ -13,9 +16,10 @@ from __future__ import annotations
 import torch
 
 from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.policies.held import held_layer_scores
 from vllm_kvevict.vllm.backends.observe import guarded, scored
 from vllm_kvevict.vllm.layouts import PagedLayout
-from vllm_kvevict.vllm.step import DecodeRow, EvictionStep
+from vllm_kvevict.vllm.step import DecodeRow, EvictionStep, HeadDecodeRow
 
 
 def observe_decode_rows(step: EvictionStep, layer_name: str, layer_idx: int, query: torch.Tensor,
@@ -23,8 +27,9 @@ def observe_decode_rows(step: EvictionStep, layer_name: str, layer_idx: int, que
                         unsupported: str = "") -> None:
     """Every row of ``step.decode`` for this layer (``query [tokens, H * d]``)."""
     for row in step.decode.values():
+        observe = _observe_heads if isinstance(row, HeadDecodeRow) else _observe
         guarded(row, "decode-time scoring", "that eviction skipped", unsupported,
-                lambda: _observe(step, row, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale))
+                lambda: observe(step, row, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale))
 
 
 def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale) -> None:
@@ -47,3 +52,29 @@ def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layou
         scale=scale,
     )
     sink.scores[layer_idx] = scored(row.policy, inputs, layout.num_kv_heads, row.held_len)
+
+
+def _observe_heads(step, row: HeadDecodeRow, layer_name, layer_idx, query, kv_cache, layout, num_heads,
+                   scale) -> None:
+    sink = row.sink
+    q = query.view(query.shape[0], num_heads, layout.head_dim)[row.query_offset : row.query_offset + row.num_queries]
+    sink.append(layer_idx, q)
+    if not row.score or sink.error is not None:
+        return
+    if sink.fault == "scoring":
+        raise RuntimeError("injected scoring fault")
+    tail_k, tail_v = layout.read_tail(kv_cache, row.tail_blocks, row.tail_start, row.seq_len)  # [T, Hkv, d]
+    num_kv_heads = layout.num_kv_heads
+    if row.region is None:
+        keys, values = list(tail_k.transpose(0, 1)), list(tail_v.transpose(0, 1))
+    else:
+        region = row.region
+        region_k, region_v = layout.read_region(kv_cache, region.block[layer_idx], region.plane[layer_idx],
+                                                region.slot[layer_idx])
+        lens = region.lens[layer_idx].tolist()
+        keys = [torch.cat([k, tail_k[:, g]]) for g, k in enumerate(torch.split(region_k, lens))]
+        values = [torch.cat([v, tail_v[:, g]]) for g, v in enumerate(torch.split(region_v, lens))]
+    sink.scores[layer_idx] = held_layer_scores(
+        row.policy, [k.float().cpu() for k in keys], [v.float().cpu() for v in values],
+        row.held_positions(layer_idx, num_kv_heads), sink.queries[layer_idx].transpose(0, 1).cpu(), row.seq_len,
+        layer_idx=layer_idx, num_layers=step.model.num_layers, scale=scale)

@@ -13,6 +13,8 @@ the plugin does with a cache is built on those two operations here, once:
 * :meth:`PagedLayout.compact`: copy kept entries into head-pages (the copy list checked by
   :func:`vllm_kvevict.cache.compact.copy_indices`; a layout whose K and V are head-major views
   runs the one compaction, :func:`vllm_kvevict.cache.compact.compact_layer`);
+  :meth:`PagedLayout.compact_from`: the same from explicit sources (decode-time recompaction of
+  a compact region + tail);
 * :meth:`PagedLayout.read_region` / :meth:`PagedLayout.read_tail`: what a compacted request
   attends (its compact region, then its positional tail).
 """
@@ -69,6 +71,28 @@ class PagedLayout(ABC):
                          kv_cache.device)
         keys, values = self.read(kv_cache, c.src_block, c.head, c.src_slot)
         self.write(kv_cache, c.dst_block, c.dst_plane, c.dst_slot, keys, values)
+
+    def compact_from(self, kv_cache: torch.Tensor, sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     plan: CompactionPlan, layer: int) -> None:
+        """:meth:`compact` from explicit ``(block, plane, slot)`` sources, one per entry of
+        ``plan.layer_gather(layer)`` in its order: a decode-time recompaction reads each head's
+        compact region and the positional tail. Every source is read before any write; a
+        destination block may not be a source block."""
+        gather = plan.layer_gather(layer)
+        if gather.head.numel() == 0:
+            return
+        device = kv_cache.device
+        src_block, src_plane, src_slot = (t.to(device, torch.int64) for t in sources)
+        dst_page = gather.dst_page.to(device)
+        dst_block = dst_page // self.num_kv_heads
+        if src_block.shape != dst_page.shape:
+            raise ValueError(f"{src_block.numel()} sources for {dst_page.numel()} entries")
+        if bool(torch.isin(dst_block, src_block).any()):
+            raise ValueError("a compact block is also a source block of this compaction")
+        if int(dst_block.max()) >= kv_cache.shape[0] or int(dst_page.min()) < 0 or int(src_block.min()) < 0:
+            raise ValueError(f"an entry out of range for a cache of {kv_cache.shape[0]} blocks")
+        keys, values = self.read(kv_cache, src_block, src_plane, src_slot)
+        self.write(kv_cache, dst_block, dst_page % self.num_kv_heads, gather.dst_slot.to(device), keys, values)
 
     def read_region(self, kv_cache: torch.Tensor, block: torch.Tensor, plane: torch.Tensor,
                     slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from closed sets; never a request id). docs/OBSERVABILITY.md has the PromQL that
 ================================================  =========  ===================================
 ``kvevict_requests_total``                        counter    requests by ``outcome``: evicted,
                                                              skipped_short, opted_out, rejected,
-                                                             error
+                                                             error, decode_only
 ``kvevict_requests_evicted_total``                counter    eviction passes (one per request
                                                              unless ``--kv-decode-interval``)
 ``kvevict_tokens_evicted_total``                  counter    token positions whose KV was dropped

@@ -47,7 +47,7 @@ class EvictionPromMetrics(KVConnectorPromMetrics):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         policy_labels = [*labelnames, "policy", "granularity"]
         self.requests = self._counter(
-            "requests", "Requests by eviction outcome (evicted, skipped_short, opted_out, rejected, error).",
+            "requests", "Requests by eviction outcome (evicted, skipped_short, opted_out, rejected, error, decode_only).",
             [*policy_labels, "outcome"],
         )  # fmt: skip
         self.requests_evicted = self._counter(
@@ -162,9 +162,10 @@ class EvictionPromMetrics(KVConnectorPromMetrics):
                 self.last_head_kept.labels(*engine, policy, granularity, stat).set(value)
         for stage in data.get(_ERRORS, []):
             self.errors.labels(*engine, stage).inc()
-        for policy, evictions, blocks in data.get(_DECODE, []):
-            self.decode_evictions.labels(*engine, policy, "page").inc(evictions)
-            self.decode_blocks_returned.labels(*engine, policy, "page").inc(blocks)
+        for *labels, evictions, blocks in data.get(_DECODE, []):
+            policy, granularity = labels if len(labels) == 2 else (labels[0], "page")
+            self.decode_evictions.labels(*engine, policy, granularity).inc(evictions)
+            self.decode_blocks_returned.labels(*engine, policy, granularity).inc(blocks)
         if _HELD in data:
             seen = self._held_labels.setdefault(engine_idx, set())
             now = set()

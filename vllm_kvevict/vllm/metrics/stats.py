@@ -22,7 +22,7 @@ HEAD_TOKENS_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 163
 #: Label value for a policy or granularity outside the known sets (keeps label sets bounded).
 OTHER = "other"
 #: ``outcome`` label values of ``kvevict_requests_total``.
-OUTCOMES = ("evicted", "skipped_short", "opted_out", "rejected", "error")
+OUTCOMES = ("evicted", "skipped_short", "opted_out", "rejected", "error", "decode_only")
 #: ``stage`` label values of ``kvevict_errors_total``.
 ERROR_STAGES = ("scoring", "selection", "compaction", "invariant", "free")
 HEAD_STATS = ("min", "mean", "max")
@@ -37,7 +37,7 @@ _HEADS = "head_budgets"  # [[policy, granularity, [kept per (layer, head)]], ...
 _ERRORS = "errors"  # [stage, ...]
 _HELD = "held"  # latest snapshot: [[policy, granularity, logical, kept], ...]
 _POOL = "pool"  # latest snapshot: [num_blocks, block_size, bytes_per_block]
-_DECODE = "decode"  # decode-time evictions: [[policy, evictions, blocks returned], ...]
+_DECODE = "decode"  # decode-time evictions: [[policy, granularity, evictions, blocks returned], ...]
 _LISTS = (_EVICTIONS, _BLOCKS_RETURNED, _BYTES_RETURNED, _OUTCOMES, _SCORING, _MEMORY, _HEADS, _ERRORS, _DECODE)
 _SNAPSHOTS = (_HELD, _POOL)
 
@@ -81,11 +81,11 @@ class EvictionStats(KVConnectorStats):
         if num_bytes:
             self.data.setdefault(_BYTES_RETURNED, []).append(int(num_bytes))
 
-    def record_decode_evictions(self, policy: str, evictions: int, blocks: int) -> None:
-        """Decode-time evictions of one request (page granularity) and the blocks they returned
-        (those are also in :meth:`record_blocks_returned`)."""
+    def record_decode_evictions(self, policy: str, evictions: int, blocks: int, granularity: str = "page") -> None:
+        """Decode-time evictions of one request and the blocks they returned (those are also in
+        :meth:`record_blocks_returned`)."""
         if evictions or blocks:
-            self.data.setdefault(_DECODE, []).append([bounded_labels(policy, "page")[0], int(evictions), int(blocks)])
+            self.data.setdefault(_DECODE, []).append([*bounded_labels(policy, granularity), int(evictions), int(blocks)])
 
     def record_memory(
         self, policy: str, granularity: str, ideal_blocks: int, held_blocks: int, logical_tokens: int, kept_tokens: int
@@ -129,8 +129,8 @@ class EvictionStats(KVConnectorStats):
             "kvevict blocks returned": sum(self.data.get(_BLOCKS_RETURNED, [])),
             "kvevict eviction seconds": round(sum(e[4] for e in evictions), 6),
             "kvevict errors": len(self.data.get(_ERRORS, [])),
-            "kvevict decode evictions": sum(d[1] for d in self.data.get(_DECODE, [])),
-            "kvevict decode blocks returned": sum(d[2] for d in self.data.get(_DECODE, [])),
+            "kvevict decode evictions": sum(d[-2] for d in self.data.get(_DECODE, [])),
+            "kvevict decode blocks returned": sum(d[-1] for d in self.data.get(_DECODE, [])),
         }
 
     def is_empty(self) -> bool:
@@ -165,9 +165,9 @@ class EvictionStatsRecorder:
         with self._lock:
             self._stats.record_blocks_returned(num_blocks, num_bytes)
 
-    def record_decode_evictions(self, policy: str, evictions: int, blocks: int) -> None:
+    def record_decode_evictions(self, policy: str, evictions: int, blocks: int, granularity: str = "page") -> None:
         with self._lock:
-            self._stats.record_decode_evictions(policy, evictions, blocks)
+            self._stats.record_decode_evictions(policy, evictions, blocks, granularity)
 
     def record_memory(
         self, policy: str, granularity: str, ideal_blocks: int, held_blocks: int, logical_tokens: int, kept_tokens: int

@@ -26,6 +26,8 @@ class PendingCompaction:
     blocks: list  # vLLM KVCacheBlock
     first_tail_block: int
     generation: int
+    #: a decode-time recompaction (region + tail into fresh blocks), not the prompt's compaction.
+    decode: bool = False
 
 
 class SchedulerEvictionState:

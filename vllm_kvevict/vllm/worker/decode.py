@@ -1,4 +1,5 @@
-"""After a step's forward: decode-time evictions (page granularity) of the rows scored this step.
+"""After a step's forward: decode-time evictions of the rows scored this step (head granularity's
+recompactions: :mod:`.head_decode`).
 
 For every :class:`~vllm_kvevict.vllm.step.DecodeRow` with ``score``: the held blocks to drop,
 ``policy.evicted_blocks(scores, held_len, budget=config.budget_tokens(seq_len))`` (the reference
@@ -17,22 +18,30 @@ from typing import Any, Optional
 
 import torch
 
-from vllm_kvevict.vllm.step import EvictionStep
+from vllm_kvevict.vllm.step import EvictionStep, HeadDecodeRow
 from vllm_kvevict.vllm.worker.failure import EvictionFailure
-from vllm_kvevict.vllm.worker.requests import PAGE, RequestTable
+from vllm_kvevict.vllm.worker.head_decode import finish_head_decode
+from vllm_kvevict.vllm.worker.requests import HEAD, PAGE, RequestTable
 
 logger = logging.getLogger(__name__)
 
 
 def finish_decode(step: Optional[EvictionStep], table: RequestTable, num_layers: int, done: Any,
-                  recorder: Any = None) -> None:
+                  recorder: Any = None, orders: Optional[dict] = None, block_size: int = 0, caches: Any = None) -> None:
     """Evict every row of ``step.decode`` scored this step; results go into ``done``
-    (a :class:`~vllm_kvevict.vllm.worker.finish.FinishedStep`)."""
+    (a :class:`~vllm_kvevict.vllm.worker.finish.FinishedStep`). ``orders``: the step's
+    compaction orders not used yet (head rows take theirs), ``caches``: layer -> (cache, layout)."""
     for row in (step.decode.values() if step else ()):
         if not row.score:
             continue
         state = table.get(row.req_id)
-        if state is None or state.decode is not row.sink or state.status != PAGE:
+        if state is None or state.decode is not row.sink or state.status not in (PAGE, HEAD):
+            continue
+        if isinstance(row, HeadDecodeRow):
+            finish_head_decode(row, state, orders if orders is not None else {}, block_size, caches, num_layers, done,
+                               recorder)
+            continue
+        if state.status != PAGE:
             continue
         sink, config = row.sink, state.config
         started = time.perf_counter()

@@ -13,3 +13,16 @@ class EvictionFailure(RuntimeError):
 
 #: Where an eviction can fail (the ``stage`` label of ``kvevict_errors_total``).
 STAGES = ("scoring", "selection", "compaction", "invariant")
+
+
+def check_compaction(kept, plan, length: int, num_blocks: int) -> None:
+    """What must hold before a compacted request attends its head-pages (else it stays whole)."""
+    for layer, heads in enumerate(kept.indices):
+        for g, positions in enumerate(heads):
+            if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < length):
+                raise EvictionFailure("invariant", f"layer {layer} head {g} keeps a position outside the scored length")
+    most = max((sum(len(pages) for pages in layer) for layer in plan.head_pages), default=0)
+    if most > num_blocks * plan.num_kv_heads:
+        raise EvictionFailure("invariant", f"a layer uses {most} head-pages of {num_blocks} compact blocks")
+    if int(plan.lens.sum()) != kept.kept_tokens():
+        raise EvictionFailure("invariant", "the compact region does not hold every kept token")

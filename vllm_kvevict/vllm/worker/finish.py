@@ -20,7 +20,7 @@ from vllm_kvevict.cache import plan_compaction
 from vllm_kvevict.vllm.channel import KVEvictWorkerMetadata
 from vllm_kvevict.vllm.step import CompactRegion, EvictionStep
 from vllm_kvevict.vllm.worker.decode import finish_decode
-from vllm_kvevict.vllm.worker.failure import STAGES, EvictionFailure  # noqa: F401 (re-exported)
+from vllm_kvevict.vllm.worker.failure import STAGES, EvictionFailure, check_compaction  # noqa: F401 (re-exported)
 from vllm_kvevict.vllm.worker.requests import HEAD, PAGE, WHOLE, RequestTable
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
             recorder.seconds[row.req_id] = {"scoring": sink.seconds, "selection": sink.selection_seconds,
                                             "compaction": sink.compaction_seconds}
     if step is not None and step.decode:
-        finish_decode(step, table, step.model.num_layers, done, recorder)
+        finish_decode(step, table, step.model.num_layers, done, recorder, unused, block_size, caches)
     for req_id in unused:  # not compacted this step (not scored, left whole, or failed)
         done.report.head_failed.add(req_id)
         state = table.get(req_id)
@@ -176,16 +176,3 @@ def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, 
     state.region = CompactRegion.from_plan(plan, state.prompt_len)
     state.settle(HEAD)
     done.report.head_compacted[req_id] = kept.head_budgets.flatten().tolist()
-
-
-def check_compaction(kept, plan, prompt_len: int, num_blocks: int) -> None:
-    """What must hold before a compacted request attends its head-pages (else it stays whole)."""
-    for layer, heads in enumerate(kept.indices):
-        for g, positions in enumerate(heads):
-            if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < prompt_len):
-                raise EvictionFailure("invariant", f"layer {layer} head {g} keeps a position outside the prompt")
-    most = max((sum(len(pages) for pages in layer) for layer in plan.head_pages), default=0)
-    if most > num_blocks * plan.num_kv_heads:
-        raise EvictionFailure("invariant", f"a layer uses {most} head-pages of {num_blocks} compact blocks")
-    if int(plan.lens.sum()) != kept.kept_tokens():
-        raise EvictionFailure("invariant", "the compact region does not hold every kept token")

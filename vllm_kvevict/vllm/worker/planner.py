@@ -3,8 +3,10 @@
 Per batch row: a compacted request attends its compact region + tail (and the stock kernel
 gets its tail only); a page-evicted request's table drops its evicted blocks; a request whose
 prompt is being prefilled is observed (window queries, statistics) and, in the chunk that
-completes the prompt, scored; a page-evicted request with decode-time eviction adds its queries
-to its window and, every ``decode_interval`` tokens, has its held tokens scored. Everything is
+completes the prompt, scored; a request with decode-time eviction adds its queries to its window
+and, every ``decode_interval`` tokens, has its held tokens scored (page granularity: when the
+worker counts the interval reached; head granularity: when the scheduler ordered the blocks to
+recompact into, ``orders``). Everything is
 read from the runner's CPU-side batch (block table, offsets), so nothing here reads a device
 tensor.
 """
@@ -13,13 +15,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from vllm_kvevict.vllm import block_tables
 from vllm_kvevict.vllm.model_info import ModelInfo
-from vllm_kvevict.vllm.step import DecodeRow, EvictionStep, HeadRow, RowObservation, TableRow
+from vllm_kvevict.vllm.step import DecodeRow, EvictionStep, HeadDecodeRow, HeadRow, RowObservation, TableRow
 from vllm_kvevict.vllm.worker.requests import HEAD, OBSERVING, PAGE, RequestTable
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,10 @@ class BatchRow:
     block_ids: torch.Tensor
 
 
-def plan_step(table: RequestTable, rows: Sequence[BatchRow], block_size: int, model: ModelInfo) -> EvictionStep:
+def plan_step(table: RequestTable, rows: Sequence[BatchRow], block_size: int, model: ModelInfo,
+              orders: Optional[Mapping[str, list[int]]] = None) -> EvictionStep:
+    """``orders``: this step's compaction orders (request id -> compact block ids)."""
+    orders = orders or {}
     observe: dict[int, RowObservation] = {}
     head_rows: dict[int, HeadRow] = {}
     table_rows: dict[int, TableRow] = {}
@@ -58,10 +63,14 @@ def plan_step(table: RequestTable, rows: Sequence[BatchRow], block_size: int, mo
             head_rows[row] = HeadRow(batch_row.req_id, region, batch_row.query_offset, batch_row.num_queries,
                                      seq_len, batch_row.block_ids[region.first_tail_block :].long())
             table_rows[row] = block_tables.tail_row(batch_row.block_ids, seq_len, region.first_tail_block, block_size)
+            if state.decode is not None:
+                decode[row] = _head_decode_row(state, batch_row, seq_len, orders.get(batch_row.req_id))
         elif state.status == PAGE:
             if state.evicted.numel():
                 table_rows[row] = block_tables.page_row(batch_row.block_ids, seq_len, state.evicted, block_size)
-            if state.decode is not None:
+            if state.decode is not None and state.config.resolved_granularity == "head":  # still positional
+                decode[row] = _head_decode_row(state, batch_row, seq_len, orders.get(batch_row.req_id))
+            elif state.decode is not None:
                 decode[row] = _decode_row(state, batch_row, seq_len, block_size)
         elif state.status == OBSERVING and batch_row.num_computed < state.prompt_len:
             if state.observations is None:  # prompt_eviction "off": the prompt stays whole
@@ -90,6 +99,18 @@ def _decode_row(state, batch_row: BatchRow, seq_len: int, block_size: int) -> De
     positions = positions[positions < seq_len]
     return DecodeRow(batch_row.req_id, batch_row.query_offset, batch_row.num_queries, seq_len, score,
                      batch_row.block_ids[:used][keep].long().clone(), held_index, positions, window, state.policy)
+
+
+def _head_decode_row(state, batch_row: BatchRow, seq_len: int, order: Optional[list[int]]) -> HeadDecodeRow:
+    """Head granularity's decode row: scored when the scheduler ordered this step's compact
+    blocks (it counts the interval) and the window is full."""
+    window = state.decode
+    window.observed += batch_row.num_queries
+    region = state.region if state.status == HEAD else None
+    first_tail = region.first_tail_block if region is not None else 0
+    score = order is not None and window.observed >= window.window
+    return HeadDecodeRow(batch_row.req_id, batch_row.query_offset, batch_row.num_queries, seq_len, score, region,
+                         batch_row.block_ids[first_tail:].long().clone(), tuple(order or ()), window, state.policy)
 
 
 def _observation(state, batch_row: BatchRow, seq_len: int, block_size: int):

@@ -118,7 +118,7 @@ class WorkerSide:
         if self.block_size is None or model is None or not rows:
             return
         try:
-            self._step = plan_step(self.table, rows, self.block_size, model)
+            self._step = plan_step(self.table, rows, self.block_size, model, self._orders)
         except Exception as exc:  # never into the engine core
             logger.warning("kvevict: step plan failed, no eviction this step: %s", exc)
 
