@@ -118,13 +118,24 @@ def served(llm, prompt):
         return got
 
     stats.take = keep_taken
-    outs = llm.generate([{"prompt_token_ids": prompt}] * len(POLICIES), [_greedy(MAX_TOKENS, x) for x in POLICIES.values()],
-                        use_tqdm=False)
+    from vllm_kvevict.vllm.backends import cpu_head_pages
+
+    op_rows, attend = [], cpu_head_pages.attend_head_pages
+
+    def recording(batch, *args):  # which rows vLLM's own op attended, at which recompaction
+        op_rows.extend((row.req_id, row.region.tail_start) for row in batch.head_rows)
+        return attend(batch, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_head_pages, "attend_head_pages", recording)
+        outs = llm.generate([{"prompt_token_ids": prompt}] * len(POLICIES),
+                            [_greedy(MAX_TOKENS, x) for x in POLICIES.values()], use_tqdm=False)
     assert not recorder.failures, recorder.failures
     result = {}
     for name, out in zip(POLICIES, outs):
         result[name] = {"tokens": list(out.outputs[0].token_ids), "prompt_kept": _history(recorder.kept, out.request_id),
-                        "decode": _history(recorder.decode, out.request_id)}
+                        "decode": _history(recorder.decode, out.request_id),
+                        "op_tail_starts": {t for r, t in op_rows if r == out.request_id or r.startswith(f"{out.request_id}-")}}
     keep_taken()
     del stats.take
     total = EvictionStats()
@@ -184,6 +195,16 @@ def test_held_sets_and_scores_match_reference_and_kept_is_their_plan(name, serve
         _held_scores_close(s["scores"], r.scores, s["held"], what)
         replanned = plan_held(policy, s["scores"], s["seq_len"], s["held"])
         assert differing_heads(s["kept"], replanned.indices) == 0, what
+
+
+def test_whole_page_regions_decode_through_vllms_op_after_every_recompaction(served):
+    """Whole pages per head stay whole after a recompaction (the prompt's partial last page is the
+    tail's first block, 300 % 32 == 364 % 32), so every recompacted region decodes through vLLM's
+    own attention op (backends/cpu_head_pages), as the prompt's region did; single tokens per head
+    keep the torch path."""
+    got = served[0]["snapkv_pages_cap"]
+    assert got["op_tail_starts"] == {PROMPT_LEN} | {e["seq_len"] for e in got["decode"]}
+    assert served[0]["snapkv_tokens_cap"]["op_tail_starts"] == set()
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
