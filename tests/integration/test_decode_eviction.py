@@ -73,26 +73,14 @@ def llm(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def served(llm, prompt):
-    from vllm_kvevict.vllm.inprocess import scheduler_side
-
-    from vllm_kvevict.vllm.metrics.stats import EvictionStats
+    from vllm_kvevict.vllm.inprocess import collected_stats
 
     recorder = record_evictions(llm)
     pool = block_pool(llm)
     free0 = pool.get_num_free_blocks()
-    stats = scheduler_side(llm).stats
-    stats.take()
-    taken, take = [], stats.take
-
-    def keep_taken():  # the engine drains the connector's stats every step: keep a copy
-        got = take()
-        if got is not None:
-            taken.append(got)
-        return got
-
-    stats.take = keep_taken
     params = [_greedy(MAX_TOKENS, x) for x in POLICIES.values()]
-    outs = llm.generate([{"prompt_token_ids": prompt}] * len(POLICIES), params, use_tqdm=False)
+    with collected_stats(llm) as total:
+        outs = llm.generate([{"prompt_token_ids": prompt}] * len(POLICIES), params, use_tqdm=False)
     assert not recorder.failures, recorder.failures
     result = {}
     for name, out in zip(POLICIES, outs):
@@ -101,11 +89,6 @@ def served(llm, prompt):
             "prompt_evicted": _history(recorder.evicted, out.request_id),
             "decode": _history(recorder.decode, out.request_id),
         }
-    keep_taken()
-    del stats.take
-    total = EvictionStats()
-    for got in taken:
-        total.aggregate(got)
     return result, free0, pool.get_num_free_blocks(), total
 
 

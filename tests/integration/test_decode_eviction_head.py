@@ -101,24 +101,12 @@ def llm(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def served(llm, prompt):
-    from vllm_kvevict.vllm.inprocess import scheduler_side
-    from vllm_kvevict.vllm.metrics.stats import EvictionStats
+    from vllm_kvevict.vllm.backends import cpu_head_pages
+    from vllm_kvevict.vllm.inprocess import collected_stats
 
     recorder = record_evictions(llm)
     pool = block_pool(llm)
     free0 = pool.get_num_free_blocks()
-    stats = scheduler_side(llm).stats
-    stats.take()
-    taken, take = [], stats.take
-
-    def keep_taken():  # the engine drains the connector's stats every step: keep a copy
-        got = take()
-        if got is not None:
-            taken.append(got)
-        return got
-
-    stats.take = keep_taken
-    from vllm_kvevict.vllm.backends import cpu_head_pages
 
     op_rows, attend = [], cpu_head_pages.attend_head_pages
 
@@ -126,7 +114,7 @@ def served(llm, prompt):
         op_rows.extend((row.req_id, row.region.tail_start) for row in batch.head_rows)
         return attend(batch, *args)
 
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, collected_stats(llm) as total:
         mp.setattr(cpu_head_pages, "attend_head_pages", recording)
         outs = llm.generate([{"prompt_token_ids": prompt}] * len(POLICIES),
                             [_greedy(MAX_TOKENS, x) for x in POLICIES.values()], use_tqdm=False)
@@ -136,11 +124,6 @@ def served(llm, prompt):
         result[name] = {"tokens": list(out.outputs[0].token_ids), "prompt_kept": _history(recorder.kept, out.request_id),
                         "decode": _history(recorder.decode, out.request_id),
                         "op_tail_starts": {t for r, t in op_rows if r == out.request_id or r.startswith(f"{out.request_id}-")}}
-    keep_taken()
-    del stats.take
-    total = EvictionStats()
-    for got in taken:
-        total.aggregate(got)
     return result, free0, pool.get_num_free_blocks(), total
 
 

@@ -90,6 +90,30 @@ def record_evictions(llm: Any) -> Any:
     return side.recorder
 
 
+@contextlib.contextmanager
+def collected_stats(llm: Any) -> Iterator[Any]:
+    """The scheduler side's eviction stats of the steps run inside the block, summed into the
+    yielded ``EvictionStats`` (the engine drains them every step, so each drained batch is kept)."""
+    from vllm_kvevict.vllm.metrics.stats import EvictionStats
+
+    stats = scheduler_side(llm).stats
+    stats.take()
+    total, take = EvictionStats(), stats.take
+
+    def keep() -> Any:
+        got = take()
+        if got is not None:
+            total.aggregate(got)
+        return got
+
+    stats.take = keep
+    try:
+        yield total
+    finally:
+        keep()
+        del stats.take
+
+
 def run_until_done(llm: Any, watched: str) -> tuple[int, dict[str, int]]:
     """Step the engine until every request finished: ``(the most preemptions request
     ``watched`` went through, {request id: generated tokens} of the finished ones)``."""

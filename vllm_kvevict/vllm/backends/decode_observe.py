@@ -32,14 +32,22 @@ def observe_decode_rows(step: EvictionStep, layer_name: str, layer_idx: int, que
                 lambda: observe(step, row, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale))
 
 
-def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale) -> None:
+def _window_appended(row, layer_idx: int, query: torch.Tensor, num_heads: int, head_dim: int) -> bool:
+    """Append the row's queries to its window; whether this step scores it (raises an injected fault)."""
     sink = row.sink
-    q = query.view(query.shape[0], num_heads, layout.head_dim)[row.query_offset : row.query_offset + row.num_queries]
+    q = query.view(query.shape[0], num_heads, head_dim)[row.query_offset : row.query_offset + row.num_queries]
     sink.append(layer_idx, q)
     if not row.score or sink.error is not None:
-        return
+        return False
     if sink.fault == "scoring":
         raise RuntimeError("injected scoring fault")
+    return True
+
+
+def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale) -> None:
+    sink = row.sink
+    if not _window_appended(row, layer_idx, query, num_heads, layout.head_dim):
+        return
     keys, values = layout.gather(kv_cache, row.held_blocks, row.held_len)
     inputs = LayerInputs(
         keys=keys.float().cpu(),
@@ -57,12 +65,8 @@ def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layou
 def _observe_heads(step, row: HeadDecodeRow, layer_name, layer_idx, query, kv_cache, layout, num_heads,
                    scale) -> None:
     sink = row.sink
-    q = query.view(query.shape[0], num_heads, layout.head_dim)[row.query_offset : row.query_offset + row.num_queries]
-    sink.append(layer_idx, q)
-    if not row.score or sink.error is not None:
+    if not _window_appended(row, layer_idx, query, num_heads, layout.head_dim):
         return
-    if sink.fault == "scoring":
-        raise RuntimeError("injected scoring fault")
     tail_k, tail_v = layout.read_tail(kv_cache, row.tail_blocks, row.tail_start, row.seq_len)  # [T, Hkv, d]
     num_kv_heads = layout.num_kv_heads
     if row.region is None:
