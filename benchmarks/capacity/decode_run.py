@@ -25,11 +25,14 @@ HERE = Path(__file__).resolve().parent
 
 def _arms(args) -> dict:
     page = {"scorer": args.scorer, "granularity": "page", "decode_interval": args.interval, "window": 32}
-    return {
+    arms = {
         "stock": None,
         f"cap {args.cap}": {**page, "budget": args.cap},
         f"fraction {args.fraction}": {**page, "budget": args.fraction},
     }
+    if args.head:  # whole pages per head, Ada-KV (issue 20's head granularity)
+        arms[f"head cap {args.cap}"] = {**page, "granularity": "head", "allocation": "adakv", "budget": args.cap}
+    return arms
 
 
 def run_arm(args, eviction) -> dict:
@@ -108,15 +111,27 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--interval", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head", action="store_true", help="also a head-granular arm at the cap")
+    parser.add_argument("--name", default="decode", help="output files NAME_summary.json and NAME_capacity.png")
     args = parser.parse_args()
     results = {name: run_arm(args, eviction) for name, eviction in _arms(args).items()}
+    for r in results.values():  # what a running request holds once long: the mean over the run's second half
+        late = [b for b in r["blocks_per_request"][len(r["blocks_per_request"]) // 2 :] if b]
+        r["late_blocks_per_request"] = round(sum(late) / len(late), 2) if late else 0.0
+    stock = results["stock"]
+    for name, r in results.items():
+        if name != "stock" and r["late_blocks_per_request"]:
+            # issue 20's bar: running >= 0.8 x (stock's cache per request / the plugin's) x stock's running
+            r["running_target"] = round(0.8 * stock["late_blocks_per_request"] / r["late_blocks_per_request"]
+                                        * stock["mean_running"], 2)
     summary = {"args": vars(args), "arms": {n: {k: v for k, v in r.items() if k not in ("running", "blocks_per_request")}
                                            for n, r in results.items()}}
     for name, r in summary["arms"].items():
         print(f"{name:>16}: max running {r['max_running']}, mean running {r['mean_running']:.1f}, "
-              f"steps {r['steps']}, {r['seconds']} s, leaked {r['leaked']}")
-    (HERE / "decode_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(results, HERE / "decode_capacity.png")
+              f"steps {r['steps']}, {r['seconds']} s, leaked {r['leaked']}, blocks per request late "
+              f"{r['late_blocks_per_request']}" + (f", running target {r['running_target']}" if "running_target" in r else ""))
+    (HERE / f"{args.name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(results, HERE / f"{args.name}_capacity.png")
 
 
 if __name__ == "__main__":
