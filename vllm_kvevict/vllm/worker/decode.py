@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from vllm_kvevict.vllm.step import EvictionStep, HeadDecodeRow
-from vllm_kvevict.vllm.worker.failure import EvictionFailure
+from vllm_kvevict.vllm.worker.failure import EvictionFailure, injected, layer_scores
 from vllm_kvevict.vllm.worker.head_decode import finish_head_decode
 from vllm_kvevict.vllm.worker.requests import HEAD, PAGE, RequestTable
 
@@ -46,13 +46,8 @@ def finish_decode(step: Optional[EvictionStep], table: RequestTable, num_layers:
         sink, config = row.sink, state.config
         started = time.perf_counter()
         try:
-            if sink.error is not None:
-                raise EvictionFailure("scoring", sink.error)
-            if set(sink.scores) != set(range(num_layers)):
-                raise EvictionFailure("scoring", f"scores for {len(sink.scores)}/{num_layers} layers")
-            if sink.fault == "selection":
-                raise EvictionFailure("selection", "injected selection fault")
-            scores = [sink.scores[i] for i in range(num_layers)]
+            scores = layer_scores(sink, num_layers)
+            injected(sink, "selection")
             try:
                 chosen = state.policy.evicted_blocks(scores, row.held_len, budget=config.budget_tokens(row.seq_len))
             except Exception as exc:

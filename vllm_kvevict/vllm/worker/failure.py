@@ -15,6 +15,22 @@ class EvictionFailure(RuntimeError):
 STAGES = ("scoring", "selection", "compaction", "invariant")
 
 
+def layer_scores(sink, num_layers: int) -> list:
+    """Every layer's scores of the scoring step, in layer order (a failure observing them, or a
+    missing layer, is the scoring stage's)."""
+    if sink.error is not None:
+        raise EvictionFailure("scoring", sink.error)
+    if set(sink.scores) != set(range(num_layers)):
+        raise EvictionFailure("scoring", f"scores for {len(sink.scores)}/{num_layers} layers")
+    return [sink.scores[i] for i in range(num_layers)]
+
+
+def injected(sink, stage: str) -> None:
+    """Fail at ``stage`` when a fault-injection test asked for it (the sink's ``fault``)."""
+    if sink.fault == stage:
+        raise EvictionFailure(stage, f"injected {stage} fault")
+
+
 def check_compaction(kept, plan, length: int, num_blocks: int) -> None:
     """What must hold before a compacted request attends its head-pages (else it stays whole)."""
     for layer, heads in enumerate(kept.indices):

@@ -20,7 +20,13 @@ from vllm_kvevict.cache import plan_compaction
 from vllm_kvevict.vllm.channel import KVEvictWorkerMetadata
 from vllm_kvevict.vllm.step import CompactRegion, EvictionStep
 from vllm_kvevict.vllm.worker.decode import finish_decode
-from vllm_kvevict.vllm.worker.failure import STAGES, EvictionFailure, check_compaction  # noqa: F401 (re-exported)
+from vllm_kvevict.vllm.worker.failure import (  # noqa: F401 (STAGES re-exported)
+    STAGES,
+    EvictionFailure,
+    check_compaction,
+    injected,
+    layer_scores,
+)
 from vllm_kvevict.vllm.worker.requests import HEAD, PAGE, WHOLE, RequestTable
 
 logger = logging.getLogger(__name__)
@@ -64,7 +70,7 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
         sink = state.observations
         started = time.perf_counter()
         try:
-            scores = _scores(sink, step.model.num_layers)
+            scores = layer_scores(sink, step.model.num_layers)
             if recorder is not None:
                 recorder.scores[row.req_id] = scores
             if config.resolved_granularity == "head":
@@ -101,31 +107,16 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
     return done
 
 
-def _scores(sink, num_layers: int) -> list:
-    """Every layer's scores of the scoring step (a failure observing them is the scoring stage's)."""
-    if sink.error is not None:
-        raise EvictionFailure("scoring", sink.error)
-    if set(sink.scores) != set(range(num_layers)):
-        raise EvictionFailure("scoring", f"scores for {len(sink.scores)}/{num_layers} layers")
-    return [sink.scores[i] for i in range(num_layers)]
-
-
-def _stage(sink, stage: str) -> None:
-    """Fail at ``stage`` when a fault-injection test asked for it (:attr:`Observations.fault`)."""
-    if sink.fault == stage:
-        raise EvictionFailure(stage, f"injected {stage} fault")
-
-
 def _evict_pages(req_id: str, state, scores, block_size: int, done: FinishedStep, recorder: Any) -> None:
     sink = state.observations
     try:
-        _stage(sink, "selection")
+        injected(sink, "selection")
         evicted = state.policy.evicted_blocks(scores, state.prompt_len)
     except EvictionFailure:
         raise
     except Exception as exc:
         raise EvictionFailure("selection", f"{type(exc).__name__}: {exc}") from exc
-    _stage(sink, "invariant")
+    injected(sink, "invariant")
     last_block = (state.prompt_len - 1) // block_size
     if sorted(set(evicted)) != list(evicted) or (evicted and not 0 <= evicted[0] <= evicted[-1] < last_block):
         raise EvictionFailure("invariant", f"evicted blocks {evicted} are not sorted full blocks before {last_block}")
@@ -145,7 +136,7 @@ def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, 
     sink = state.observations
     try:
         try:
-            _stage(sink, "selection")
+            injected(sink, "selection")
             kept = state.policy.plan_head(scores, state.prompt_len)
             plan = plan_compaction(kept, block_ids, block_size, kept.head_budgets.shape[1])
         except EvictionFailure:
@@ -158,14 +149,14 @@ def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, 
                 raise RuntimeError("compaction sources not seen in the scoring step")
             for layer in range(plan.num_layers):
                 if layer == plan.num_layers // 2:
-                    _stage(sink, "compaction")  # a copy that breaks off half-way
+                    injected(sink, "compaction")  # a copy that breaks off half-way
                 kv_cache, layout = caches(layer)
                 layout.compact(kv_cache, sink.source_blocks, plan, layer)
         except EvictionFailure:
             raise
         except Exception as exc:
             raise EvictionFailure("compaction", f"{type(exc).__name__}: {exc}") from exc
-        _stage(sink, "invariant")
+        injected(sink, "invariant")
         check_compaction(kept, plan, state.prompt_len, len(block_ids))
         sink.compaction_seconds += time.perf_counter() - copy_started
     except Exception:

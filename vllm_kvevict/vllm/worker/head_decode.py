@@ -22,7 +22,7 @@ import torch
 from vllm_kvevict.cache import plan_compaction
 from vllm_kvevict.policies.held import plan_held
 from vllm_kvevict.vllm.step import CompactRegion, HeadDecodeRow
-from vllm_kvevict.vllm.worker.failure import EvictionFailure, check_compaction
+from vllm_kvevict.vllm.worker.failure import EvictionFailure, check_compaction, injected, layer_scores
 from vllm_kvevict.vllm.worker.requests import HEAD
 
 logger = logging.getLogger(__name__)
@@ -37,16 +37,11 @@ def finish_head_decode(row: HeadDecodeRow, state, unused: dict, block_size: int,
     try:
         if order is None or tuple(order) != row.compact_blocks:
             raise EvictionFailure("invariant", "scored without this step's compaction order")
-        if sink.error is not None:
-            raise EvictionFailure("scoring", sink.error)
-        if set(sink.scores) != set(range(num_layers)):
-            raise EvictionFailure("scoring", f"scores for {len(sink.scores)}/{num_layers} layers")
-        scores = [sink.scores[i] for i in range(num_layers)]
+        scores = layer_scores(sink, num_layers)
         num_kv_heads = scores[0].num_kv_heads
         held = [row.held_positions(layer, num_kv_heads) for layer in range(num_layers)]
         try:
-            if sink.fault == "selection":
-                raise EvictionFailure("selection", "injected selection fault")
+            injected(sink, "selection")
             kept = plan_held(state.policy, scores, row.seq_len, held)
             plan = plan_compaction(kept, order, block_size, num_kv_heads)
         except EvictionFailure:
