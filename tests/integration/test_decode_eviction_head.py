@@ -1,7 +1,8 @@
 """Decode-time eviction at head granularity in real vLLM == the reference engine (tiny Llama).
 
 One engine serves one request per policy in the same batch; each generates 260 tokens and is
-recompacted every ``decode_interval`` of them (four to six times): each (layer, KV head)'s held
+recompacted every ``decode_interval`` of them (four to six times; a prompt under a cap over its
+length is left whole and recompacted from the first interval): each (layer, KV head)'s held
 tokens (its compact region, then the positional tail) are scored head by head, planned
 (whole pages per head, or single tokens) and copied into ``K'`` fresh blocks; the old compact
 blocks and the consumed tail blocks go back to vLLM's pool. For every recompaction the served
@@ -46,11 +47,19 @@ POLICIES = {
                                    "kv_prompt_eviction": "off", "kv_min_tokens": 0},
     "streamingllm_uniform_cap": {"kv_eviction": "streamingllm", "kv_budget": 128, "kv_window": 8,
                                  "kv_decode_interval": 40, "kv_granularity": "head"},
+    # TriAttention's setting: a cap over the prompt, so the prompt's own eviction gains nothing
+    # and leaves it whole; the first interval recompacts it.
+    "snapkv_cap_over_prompt": {"kv_eviction": "snapkv", "kv_budget": 320, "kv_window": 16, "kv_decode_interval": 64},
 }
 
 
 def config_of(name: str) -> EvictionConfig:
     return EvictionConfig.from_flat(POLICIES[name])
+
+
+def prompt_compacted(config: EvictionConfig) -> bool:
+    """The prompt's own eviction compacts it (else it stays whole until the first interval)."""
+    return config.evicts_prompt and config.budget_tokens(PROMPT_LEN) < PROMPT_LEN
 
 
 def _greedy(max_tokens: int, extra: dict):
@@ -144,7 +153,7 @@ def reference(tiny_engine, prompt, served, one_torch_thread):
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_every_interval_recompacts(name, served):
     config, got = config_of(name), served[0][name]
-    assert (got["prompt_kept"] is not None) == config.evicts_prompt
+    assert (got["prompt_kept"] is not None) == prompt_compacted(config)
     decode = got["decode"]
     want = [PROMPT_LEN + k * config.decode_interval for k in range(1, (MAX_TOKENS - 1) // config.decode_interval + 1)]
     assert [e["seq_len"] for e in decode] == want
@@ -216,7 +225,7 @@ def _returned(name: str, decode: list[dict]) -> list[int]:
     """Blocks each recompaction gave back: the old compact blocks and the consumed tail blocks,
     less the ``K'`` it took."""
     config = config_of(name)
-    if config.evicts_prompt:
+    if prompt_compacted(config):
         compact, first_tail = compact_blocks_needed(config, PROMPT_LEN, BLOCK, LAYERS, KV_HEADS), PROMPT_LEN // BLOCK
     else:
         compact, first_tail = 0, 0
@@ -243,11 +252,12 @@ def test_blocks_return_to_the_pool_and_are_counted(served):
             assert len(e["blocks"]) == compact_blocks_needed(config, e["seq_len"], BLOCK, LAYERS, KV_HEADS)
 
 
-def test_held_blocks_stay_bounded_and_abort_frees_all(llm, prompt):
+@pytest.mark.parametrize("name", ["snapkv_pages_cap", "snapkv_cap_over_prompt"])
+def test_held_blocks_stay_bounded_and_abort_frees_all(name, llm, prompt):
     engine, pool = llm.llm_engine, block_pool(llm)
     free0 = pool.get_num_free_blocks()
-    extra = POLICIES["snapkv_pages_cap"]
-    req_id = engine.add_request("abort-decode-head", {"prompt_token_ids": prompt}, _greedy(600, extra))
+    extra = POLICIES[name]
+    req_id = engine.add_request(f"abort-decode-head-{name}", {"prompt_token_ids": prompt}, _greedy(600, extra))
     most = 0
     while True:
         engine.step()
@@ -256,7 +266,7 @@ def test_held_blocks_stay_bounded_and_abort_frees_all(llm, prompt):
             most = max(most, held_blocks(llm, req_id))
         if req.num_output_tokens >= 300:
             break
-    cap = math.ceil(160 / BLOCK) + math.ceil(64 / BLOCK) + 2  # K' + the tail of one interval
+    cap = math.ceil(extra["kv_budget"] / BLOCK) + math.ceil(64 / BLOCK) + 2  # K' + the tail of one interval
     assert most <= cap, most
     engine.abort_request([req_id])
     while engine.has_unfinished_requests():

@@ -148,7 +148,12 @@ def test_the_scheduler_orders_every_interval_with_the_bound_of_the_whole_length(
     off = EvictionConfig.from_flat({**flat, "kv_prompt_eviction": "off"})
     r.admit("b", off, 300)  # the prompt whole: due from the start
     assert r.due("b", off, 364, 32, 2, 2) == 5
-    r.forget(["a", "b"])
+    over = EvictionConfig.from_flat({**flat, "kv_budget": 320})
+    r.admit("c", over, 300)  # a cap over the prompt: scored, left whole by the scheduler
+    assert r.due("c", over, 364, 32, 2, 2) is None
+    r.kept_whole("c")  # positional from now on: due at the first interval
+    assert r.due("c", over, 364, 32, 2, 2) == compact_blocks_needed(over, 364, 32, 2, 2) == 10
+    r.forget(["a", "b", "c"])
     assert r.due("a", cfg, 1000, 32, 2, 2) is None
 
 

@@ -7,7 +7,8 @@ tokens past the last eviction (the prompt's end at first), it orders ``K' =
 compact_blocks_needed(config, seq_len, ...)`` blocks (the bound of the budget of the whole
 length). The worker scores and recompacts in that step only. A request can be recompacted once
 its prompt was compacted, or from the start when its prompt is kept whole
-(``prompt_eviction="off"``: every head holds every position).
+(``prompt_eviction="off"``, or a prompt whose compaction would gain nothing, such as a token cap
+at least its length: every head holds every position).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class Recompactions:
             self._since[req_id] = prompt_len
             if not config.evicts_prompt:
                 self._held[req_id] = (0.0, 0)  # positional: the whole length is its tail
+
+    def kept_whole(self, req_id: str) -> None:
+        """Its prompt was scored but left whole (nothing to gain, or no room): positional, it can
+        be recompacted from its first interval, as with ``prompt_eviction="off"``."""
+        if req_id in self._since:
+            self._held[req_id] = (0.0, 0)
 
     def compacted(self, req_id: str, kept_mean: float, prompt_len: int) -> None:
         """Its prompt was compacted: it can be recompacted from now on."""

@@ -135,8 +135,9 @@ class SchedulerSide:
             k, released = blocks_released_by_compaction(cfg, prompt_len, self.block_size, self.num_layers,
                                                         self.num_kv_heads)
             blocks = take_compact_blocks(self.manager, req_id, k) if k < released else None
-            if blocks is None:
-                continue  # left whole: nothing to gain, or no room in the pool
+            if blocks is None:  # left whole: nothing to gain, or no room in the pool
+                self.recompactions.kept_whole(req_id)  # the worker keeps it positional
+                continue
             self.state.pending_compactions[req_id] = PendingCompaction(blocks, released, self._generation.get(req_id, 0))
             self.state.frozen.add(req_id)  # tokens from here on attend a compacted context
             orders[req_id] = [b.block_id for b in blocks]

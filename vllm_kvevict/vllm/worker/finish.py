@@ -76,7 +76,7 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
             if config.resolved_granularity == "head":
                 order = unused.pop(row.req_id, None)
                 if order is None:  # compaction would not release more blocks than it takes, or no room
-                    state.settle(WHOLE)
+                    _keep_whole(state)
                     done.nothing_evicted.add(row.req_id)
                 else:
                     _compact(row.req_id, state, scores, order, block_size, caches, done, recorder)
@@ -105,6 +105,17 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
         if state is not None:
             done.report.generations[req_id] = state.admission.generation
     return done
+
+
+def _keep_whole(state) -> None:
+    """A head-granular prompt left whole: positional (nothing evicted) when it evicts during
+    decode, so its first interval recompacts it (the scheduler marks it the same way), else
+    whole."""
+    if state.decode is not None:
+        state.evicted = torch.zeros(0, dtype=torch.long)
+        state.settle(PAGE)
+    else:
+        state.settle(WHOLE)
 
 
 def _evict_pages(req_id: str, state, scores, block_size: int, done: FinishedStep, recorder: Any) -> None:
