@@ -24,7 +24,8 @@ from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, rando
 pytestmark = pytest.mark.slow
 
 BLOCK, PROMPT_LEN, MAX_TOKENS = 32, 300, 260
-#: name -> the request's ``vllm_xargs`` (prompt and decode, decode only, token caps, o_proj; the
+#: name -> the request's ``vllm_xargs`` (prompt and decode, decode only, token caps, o_proj
+#: (value_aware, criticalkv's value norms), the last query alone (tova); the
 #: knorm fraction under the default floor of 192 tokens, which binds below 640 tokens, the
 #: value_aware one without a floor, so that its budget follows the length).
 POLICIES = {
@@ -34,6 +35,8 @@ POLICIES = {
     "streamingllm_cap": {"kv_eviction": "streamingllm", "kv_budget": 128, "kv_window": 8, "kv_decode_interval": 40},
     "value_aware_fraction": {"kv_eviction": "value_aware", "kv_budget": 0.25, "kv_window": 16,
                              "kv_decode_interval": 64, "kv_min_tokens": 0},
+    "criticalkv_cap": {"kv_eviction": "criticalkv", "kv_budget": 160, "kv_window": 16, "kv_decode_interval": 64},
+    "tova_cap": {"kv_eviction": "tova", "kv_budget": 128, "kv_decode_interval": 40},
 }
 
 

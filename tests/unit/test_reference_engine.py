@@ -202,7 +202,7 @@ def test_decode_interval_is_refused_where_it_is_not_supported():
                                                       "'head'.*page granularity supports"):
             EvictionConfig.from_fields(scorer=scorer, budget=0.5, granularity="head", allocation="adakv",
                                        decode_interval=64)
-    for scorer in ("h2o", "tova", "expected_attention", "criticalkv", "lkv"):
+    for scorer in ("h2o", "expected_attention", "lkv"):
         with pytest.raises(EvictionConfigError, match=f"kv_decode_interval=64: 0 with scorer '{scorer}'"):
             EvictionConfig.from_flat({"kv_eviction": scorer, "kv_granularity": "page", "kv_decode_interval": 64})
     with pytest.raises(EvictionConfigError, match="kv_decode_interval=16: an integer >= the window \\(32\\)"):

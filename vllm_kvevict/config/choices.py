@@ -102,12 +102,13 @@ FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
 #: decode-time eviction, ``--kv-decode-interval``, evicts).
 PROMPT_EVICTIONS: tuple[str, ...] = ("on", "off")
 #: Scorers decode-time eviction supports: they read keys, values, the window's queries and the
-#: ``o_proj`` weight only, and nothing of the budget (docs/DECODE_EVICTION.md). Refused, with the
-#: reason: h2o and tova (their statistics are not accumulated during decode yet),
-#: expected_attention (pre-RoPE query statistics, same), criticalkv (its stage split reads the
-#: budget of the scored length), lkv (trained on prompt positions only).
+#: ``o_proj`` weight only, and nothing of the budget at page granularity (docs/DECODE_EVICTION.md;
+#: tova reads the window's last query, criticalkv its page score, which has no stage split).
+#: Refused, with the reason: h2o (its attention sums are not accumulated during decode yet),
+#: expected_attention (pre-RoPE query statistics, same), lkv (trained on prompt positions only).
 DECODE_SCORERS: tuple[str, ...] = (
-    "streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff", "defensivekv", "laprox", "value_aware",
+    "streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff", "defensivekv", "laprox", "value_aware", "tova",
+    "criticalkv",
 )
 #: Head granularity: the scorers that score each KV head from its own tokens alone (every head
 #: holds its own tokens at decode time, so they are scored head by head: policies/held.py);
