@@ -50,6 +50,9 @@ POLICIES = {
     # TriAttention's setting: a cap over the prompt, so the prompt's own eviction gains nothing
     # and leaves it whole; the first interval recompacts it.
     "snapkv_cap_over_prompt": {"kv_eviction": "snapkv", "kv_budget": 320, "kv_window": 16, "kv_decode_interval": 64},
+    # the main job's scorer: whole pages per head (32-token blocks), value norms from each KV
+    # head's group of o_proj
+    "criticalkv_pages_cap": {"kv_eviction": "criticalkv", "kv_budget": 160, "kv_window": 16, "kv_decode_interval": 64},
 }
 
 

@@ -50,6 +50,14 @@ def test_request_overrides_server_default_and_other_keys_pass():
     assert not api.request_config({"kv_eviction": "none"}, SNAPKV_SERVER).enabled
 
 
+def test_what_only_the_block_size_decides_is_checked_with_it():
+    xargs = {"kv_eviction": "criticalkv", "kv_budget": 0.2, "kv_decode_interval": 64}
+    assert api.request_config(xargs, SNAPKV_SERVER, block_size=16).scorer == "criticalkv"
+    with pytest.raises(EvictionConfigError, match="block size is 128") as info:
+        api.request_config(xargs, SNAPKV_SERVER, block_size=128)
+    assert info.value.field == "kv_decode_interval"
+
+
 def test_policy_on_a_server_without_eviction_is_refused():
     with pytest.raises(EvictionConfigError) as info:
         api.request_config({"kv_eviction": "snapkv"}, EvictionConfig())

@@ -69,3 +69,30 @@ def test_a_budget_of_the_whole_length_keeps_what_is_held_and_a_head_over_its_hol
     scores, _ = _scores(policy, held, 24)
     with pytest.raises(ValueError, match="layer 0 head 0 keeps 18 tokens, not all of its 12 held ones"):
         plan_held(policy, [scores], 24, [held])
+
+
+def test_criticalkv_reads_each_heads_group_of_o_proj_and_equals_the_layers_page_score_when_all_hold_all():
+    """Whole pages per head: every head holding every position scores as the whole layer does
+    (value norms from the columns of its group's heads only; to rounding: shapes differ)."""
+    from vllm_kvevict.policies.base import LayerInputs
+
+    cfg = EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_budget": 12, "kv_window": 4,
+                                    "kv_decode_interval": 8, "kv_head_selection": "page"})
+    policy = build_policy(cfg, BS)
+    seq_len, model_dim = 24, 16
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(HKV, seq_len, D, generator=gen), torch.randn(HKV, seq_len, D, generator=gen)
+    queries, o_proj = torch.randn(HKV * G, 4, D, generator=gen), torch.randn(model_dim, HKV * G * D, generator=gen)
+    held = [torch.arange(seq_len)] * HKV
+    per_head = held_layer_scores(policy, list(keys), list(values), held, queries, seq_len, layer_idx=0, num_layers=1,
+                                 scale=None, o_proj=o_proj)
+    layer = policy.score_layer(LayerInputs(keys=keys, values=values, queries=queries, o_proj=o_proj))
+    assert torch.allclose(per_head.values, layer.values, rtol=1e-5, atol=0)
+    assert torch.equal(per_head.protected, layer.protected)
+    o_proj[:, :G * D] = 0  # head 0's group: its value norms vanish, head 1's scores do not move
+    changed = held_layer_scores(policy, list(keys), list(values), held, queries, seq_len, layer_idx=0, num_layers=1,
+                                scale=None, o_proj=o_proj)
+    assert torch.equal(changed.values[1], per_head.values[1]) and not torch.equal(changed.values[0], per_head.values[0])
+    with pytest.raises(ValueError, match="o_proj"):
+        held_layer_scores(policy, list(keys), list(values), held, queries, seq_len, layer_idx=0, num_layers=1,
+                          scale=None)

@@ -202,6 +202,20 @@ def test_decode_interval_is_refused_where_it_is_not_supported():
                                                       "'head'.*page granularity supports"):
             EvictionConfig.from_fields(scorer=scorer, budget=0.5, granularity="head", allocation="adakv",
                                        decode_interval=64)
+    with pytest.raises(EvictionConfigError, match="kv_decode_interval=64: 0 with scorer 'criticalkv' and single tokens "
+                                                  "per head.*whole pages per head"):
+        EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_decode_interval": 64, "kv_head_selection": "token"})
+    with pytest.raises(EvictionConfigError, match="kv_decode_interval=64: 0 with criticalkv over 'h2o' at granularity "
+                                                  "'page'"):
+        EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_criticalkv_base": "h2o", "kv_granularity": "page",
+                                  "kv_decode_interval": 64})
+    critical = EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_decode_interval": 64})  # head, adakv
+    critical.check_block_size(32)  # whole pages per head at 32 tokens
+    with pytest.raises(EvictionConfigError, match="decode_interval=64.*block size is 128"):
+        critical.check_block_size(128)  # single tokens per head: refused
+    EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_decode_interval": 64,
+                              "kv_head_selection": "page"}).check_block_size(128)
+    EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_decode_interval": 64}).check_block_size(128)
     for scorer in ("h2o", "expected_attention", "lkv"):
         with pytest.raises(EvictionConfigError, match=f"kv_decode_interval=64: 0 with scorer '{scorer}'"):
             EvictionConfig.from_flat({"kv_eviction": scorer, "kv_granularity": "page", "kv_decode_interval": 64})

@@ -77,3 +77,14 @@ def test_model_runner_v2_is_off_when_eviction_is_configured(monkeypatch):
     assert v0_32.EVICTION_FEATURE in VllmConfig._get_v2_model_runner_unsupported_features(fake)
     fake.additional_config = {}
     assert v0_32.EVICTION_FEATURE not in VllmConfig._get_v2_model_runner_unsupported_features(fake)
+
+
+def test_a_policy_only_the_block_size_refuses_is_refused_at_startup():
+    """criticalkv's decode-time eviction at head granularity needs whole pages per head: refused
+    with the block size that picks single tokens, started with one that picks pages."""
+    policy = {"kv_eviction": {"scorer": "criticalkv", "budget": 0.2, "decode_interval": 64}}
+    with pytest.raises(UnsupportedEvictionSetup) as err:
+        configure_eviction(_config(additional_config=policy, cache_config__block_size=128))
+    assert "at block size 128" in str(err.value) and "whole pages per head" in str(err.value)
+    assert unsupported_reasons(_config(additional_config=policy, cache_config__block_size=32)) == []
+    assert unsupported_reasons(_config(additional_config=EVICTION, cache_config__block_size=128)) == []

@@ -116,7 +116,12 @@ DECODE_SCORERS: tuple[str, ...] = (
 #: (not split per head yet). And the allocations that split one layer's budget from that
 #: layer's scores (pyramid, global and lkv are refused: their budgets are not planned on held
 #: tokens yet).
-HEAD_DECODE_SCORERS: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff")
+HEAD_DECODE_SCORERS: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff", "criticalkv")
+#: Of those, the ones served with whole pages per head only (``head_selection_for(block_size)
+#: == "page"``): criticalkv's page score reads each KV head's group of ``o_proj`` and no budget;
+#: its single-token scores carry a two-stage split over the layer's heads, not planned on held
+#: tokens yet.
+HEAD_PAGE_DECODE_SCORERS: tuple[str, ...] = ("criticalkv",)
 HEAD_DECODE_ALLOCATIONS: tuple[str, ...] = ("uniform", "adakv", "adakv_floor")
 #: Settings of the server, never of one request (a request naming one is refused).
 SERVER_ONLY: frozenset[str] = frozenset({"request_override"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,6 +15,7 @@ from vllm_kvevict.config.choices import (
     DECODE_SCORERS,
     HEAD_DECODE_ALLOCATIONS,
     HEAD_DECODE_SCORERS,
+    HEAD_PAGE_DECODE_SCORERS,
     DEFAULT_ALLOCATION,
     DEFAULT_MIN_TOKENS,
     DEFAULT_SINKS,
@@ -205,6 +206,15 @@ class EvictionConfig(BaseModel):
                 "decode_interval", n,
                 f"0 with scorer {self.scorer!r}: decode-time eviction supports " + ", ".join(DECODE_SCORERS),
             )
+        if self.scorer == "criticalkv":
+            bases = HEAD_DECODE_SCORERS if self.resolved_granularity == "head" else DECODE_SCORERS
+            if self.criticalkv_base not in bases:
+                raise EvictionConfigError(
+                    "decode_interval", n,
+                    f"0 with criticalkv over {self.criticalkv_base!r} at granularity {self.resolved_granularity!r}: "
+                    "its base must be one decode-time eviction supports there: "
+                    + ", ".join(b for b in bases if b != "criticalkv"),
+                )
         if n < self.window:
             raise EvictionConfigError(
                 "decode_interval", n, f"an integer >= the window ({self.window}): the window's queries are "
@@ -229,6 +239,25 @@ class EvictionConfig(BaseModel):
             )
         if self.vector == "on":
             raise EvictionConfigError("decode_interval", n, "0 with vector on: VECTOR is not evicted during decode")
+        if self.scorer in HEAD_PAGE_DECODE_SCORERS and (self.head_selection == "token"
+                                                        or self.resolved_allocation not in HEAD_PAGE_ALLOCATIONS):
+            raise EvictionConfigError("decode_interval", n, self._whole_pages_only())
+
+    def _whole_pages_only(self) -> str:
+        return (f"0 with scorer {self.scorer!r} and single tokens per head: at head granularity its decode-time "
+                "eviction keeps whole pages per head (head_selection 'page', allocation "
+                + ", ".join(a for a in HEAD_PAGE_ALLOCATIONS if a != "lkv")
+                + f", block size <= {HEAD_PAGE_MAX_BLOCK_SIZE} unless head_selection is 'page'), or set granularity to 'page'")
+
+    def check_block_size(self, block_size: int, naming: Callable[[str], str] = lambda f: f) -> None:
+        """What only the KV cache's block size decides: a scorer of
+        :data:`HEAD_PAGE_DECODE_SCORERS` evicting during decode at head granularity needs whole
+        pages per head at this block size (``head_selection`` unset picks single tokens above
+        :data:`HEAD_PAGE_MAX_BLOCK_SIZE`). Raises :class:`EvictionConfigError`."""
+        if (self.evicts_during_decode and self.resolved_granularity == "head"
+                and self.scorer in HEAD_PAGE_DECODE_SCORERS and self.head_selection_for(block_size) != "page"):
+            raise EvictionConfigError(naming("decode_interval"), self.decode_interval,
+                                      self._whole_pages_only() + f" (the KV cache's block size is {block_size})")
 
     # ----------------------------------------------------------------- derived values
     @property

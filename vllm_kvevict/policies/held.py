@@ -26,7 +26,7 @@ NOT_HELD = float("-inf")
 
 def held_layer_scores(policy, keys: list[torch.Tensor], values: list[torch.Tensor], positions: list[torch.Tensor],
                       queries: torch.Tensor, seq_len: int, *, layer_idx: int, num_layers: int,
-                      scale: Optional[float]) -> LayerScores:
+                      scale: Optional[float], o_proj: Optional[torch.Tensor] = None) -> LayerScores:
     """``[Hkv, seq_len]`` positional scores of one layer's held tokens.
 
     Parameters
@@ -35,9 +35,12 @@ def held_layer_scores(policy, keys: list[torch.Tensor], values: list[torch.Tenso
     keys, values : per KV head ``g``, ``[n_g, d]`` the held tokens (post-RoPE keys), in position order.
     positions : per KV head, ``[n_g]`` int64 their positions (ascending, ``< seq_len``).
     queries : ``[H, W, d]`` the window's post-RoPE queries; KV head ``g`` reads heads ``g * G ..``.
+    o_proj : ``[D, H * d]`` the layer's output projection, for scorers that read it (CriticalKV's
+        value norms): KV head ``g`` reads the columns of its group's heads, ``[D, G * d]``.
     """
     num_kv_heads = len(keys)
     group = queries.shape[0] // num_kv_heads
+    head_dim = queries.shape[-1]
     out = torch.full((num_kv_heads, seq_len), NOT_HELD, dtype=torch.float32)
     protected = torch.zeros(num_kv_heads, seq_len, dtype=torch.bool)
     for g in range(num_kv_heads):
@@ -46,7 +49,8 @@ def held_layer_scores(policy, keys: list[torch.Tensor], values: list[torch.Tenso
             raise ValueError(f"head {g}: held positions must be ascending and below {seq_len}")
         inputs = LayerInputs(keys=keys[g][None].float(), values=values[g][None].float(),
                              queries=queries[g * group : (g + 1) * group].float(), positions=pos,
-                             layer_idx=layer_idx, num_layers=num_layers, scale=scale)
+                             layer_idx=layer_idx, num_layers=num_layers, scale=scale,
+                             o_proj=None if o_proj is None else o_proj[:, g * group * head_dim : (g + 1) * group * head_dim])
         scores = policy.score_layer(inputs)
         if tuple(scores.values.shape) != (1, pos.numel()):
             raise ValueError(f"head {g}: scores {tuple(scores.values.shape)} for {pos.numel()} held tokens")

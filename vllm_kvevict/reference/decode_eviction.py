@@ -123,7 +123,8 @@ class DecodeEvictor:
             scores.append(held_layer_scores(
                 self.policy, [s.keys for s in row], [s.values for s in row], held[layer],
                 torch.cat(self.window[layer], dim=1), seq_len, layer_idx=layer, num_layers=cache.num_layers,
-                scale=self.parts.scale))
+                scale=self.parts.scale,
+                o_proj=self.parts.o_proj_weight(layer).detach() if self.policy.needs.o_proj else None))
         kept = plan_held(self.policy, scores, seq_len, held).indices
         eviction = DecodeEviction(seq_len, [], [], scores, held=held, kept=kept)
         if self.choose is not None:

@@ -25,7 +25,7 @@ import functools
 import json
 from typing import Any, Mapping, Optional
 
-from vllm_kvevict.config import FLAT_KEYS, FLAT_PREFIX, SERVER_ONLY, EvictionConfig, EvictionConfigError
+from vllm_kvevict.config import FIELD_TO_FLAT, FLAT_KEYS, FLAT_PREFIX, SERVER_ONLY, EvictionConfig, EvictionConfigError
 from vllm_kvevict.vllm.served import check_served
 
 DISABLED_SERVER_HINT = (
@@ -35,9 +35,11 @@ DISABLED_SERVER_HINT = (
 )
 
 
-def request_config(extra_args: Optional[Mapping[str, Any]], server_default: EvictionConfig) -> EvictionConfig:
+def request_config(extra_args: Optional[Mapping[str, Any]], server_default: EvictionConfig,
+                   block_size: Optional[int] = None) -> EvictionConfig:
     """The policy of one request: its ``kv_*`` keys over the server default, within what the
-    server's ``--kv-request-override`` lets a request change.
+    server's ``--kv-request-override`` lets a request change (``block_size``: the KV cache's,
+    for what only it decides, :meth:`EvictionConfig.check_block_size`).
 
     Raises
     ------
@@ -57,6 +59,8 @@ def request_config(extra_args: Optional[Mapping[str, Any]], server_default: Evic
                                   "(--kv-request-override none)")
     config = EvictionConfig.from_flat(extra_args, base=server_default)
     check_served(config)
+    if block_size:
+        config.check_block_size(block_size, naming=lambda f: FIELD_TO_FLAT.get(f, f))
     if config.enabled and not server_default.enabled:
         raise EvictionConfigError("kv_eviction", config.scorer, DISABLED_SERVER_HINT)
     if mode == "stricter":
@@ -134,7 +138,7 @@ def check_request(params: Any, vllm_config: Any, remember: bool = False) -> None
 
     default = server_default(vllm_config.additional_config)
     try:
-        request_config(extra_args, default)
+        request_config(extra_args, default, getattr(getattr(vllm_config, "cache_config", None), "block_size", None))
     except EvictionConfigError as exc:
         from vllm_kvevict.vllm.metrics import record_rejected
 

@@ -104,6 +104,7 @@ def unsupported_reasons(vllm_config: Any, platform: Any = None) -> list[str]:
     cache = vllm_config.cache_config
     if cache is not None and str(getattr(cache, "cache_dtype", "auto")) not in ("auto", "float32", "bfloat16", "float16"):
         reasons.append(f"KV cache dtype {cache.cache_dtype}")
+    reasons += policy_reasons(vllm_config)
     ktc = vllm_config.kv_transfer_config
     if ktc is not None and ktc.kv_connector not in (None, "KVEvictConnector"):
         reasons.append(f"the KV connector {ktc.kv_connector}")
@@ -118,6 +119,25 @@ def unsupported_reasons(vllm_config: Any, platform: Any = None) -> list[str]:
         if getattr(model, "attention_chunk_size", None):
             reasons.append("chunked local attention")
     return reasons
+
+
+def policy_reasons(vllm_config: Any) -> list[str]:
+    """The server's policy against what only the KV cache's block size decides
+    (:meth:`~vllm_kvevict.config.EvictionConfig.check_block_size`); a bad policy itself is the
+    flags' usage error, not a reason here."""
+    from vllm_kvevict.config import EvictionConfigError
+    from vllm_kvevict.vllm.api import server_default
+
+    block_size = getattr(getattr(vllm_config, "cache_config", None), "block_size", None)
+    if not block_size:
+        return []
+    try:
+        server_default(vllm_config.additional_config).check_block_size(block_size)
+    except EvictionConfigError as exc:
+        return [f"the server's policy at block size {block_size}: {exc}"]
+    except Exception:
+        return []
+    return []
 
 
 def _name(value: Any) -> str:

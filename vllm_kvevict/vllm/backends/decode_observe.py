@@ -81,4 +81,5 @@ def _observe_heads(step, row: HeadDecodeRow, layer_name, layer_idx, query, kv_ca
     sink.scores[layer_idx] = held_layer_scores(
         row.policy, [k.float().cpu() for k in keys], [v.float().cpu() for v in values],
         row.held_positions(layer_idx, num_kv_heads), sink.queries[layer_idx].transpose(0, 1).cpu(), row.seq_len,
-        layer_idx=layer_idx, num_layers=step.model.num_layers, scale=scale)
+        layer_idx=layer_idx, num_layers=step.model.num_layers, scale=scale,
+        o_proj=step.model.o_proj_of(layer_name).cpu() if row.policy.needs.o_proj else None)
