@@ -101,18 +101,20 @@ FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
 #: ``--kv-prompt-eviction``: whether the prompt is evicted after its prefill (``off``: only
 #: decode-time eviction, ``--kv-decode-interval``, evicts).
 PROMPT_EVICTIONS: tuple[str, ...] = ("on", "off")
-#: Scorers decode-time eviction supports: they read keys, values, the window's queries and the
-#: ``o_proj`` weight only, and nothing of the budget (docs/DECODE_EVICTION.md). Refused, with the
-#: reason: h2o and tova (their statistics are not accumulated during decode yet),
+#: Scorers decode-time eviction supports at page granularity: they read keys, values, the
+#: window's queries and the ``o_proj`` weight, and nothing of the budget, or (h2o) the attention
+#: sums accumulated over every query run, decode steps included (docs/DECODE_EVICTION.md).
+#: Refused, with the reason: tova (its statistic is not accumulated during decode yet),
 #: expected_attention (pre-RoPE query statistics, same), criticalkv (its stage split reads the
 #: budget of the scored length), lkv (trained on prompt positions only).
 DECODE_SCORERS: tuple[str, ...] = (
-    "streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff", "defensivekv", "laprox", "value_aware",
+    "streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff", "defensivekv", "laprox", "value_aware", "h2o",
 )
 #: Head granularity: the scorers that score each KV head from its own tokens alone (every head
 #: holds its own tokens at decode time, so they are scored head by head: policies/held.py);
 #: defensivekv normalises across heads, laprox and value_aware read ``o_proj`` across heads
-#: (not split per head yet). And the allocations that split one layer's budget from that
+#: (not split per head yet), h2o's sums are accumulated over held tokens the same in every head
+#: (page granularity) only. And the allocations that split one layer's budget from that
 #: layer's scores (pyramid, global and lkv are refused: their budgets are not planned on held
 #: tokens yet).
 HEAD_DECODE_SCORERS: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff")
