@@ -1,7 +1,8 @@
 """Decode-time eviction (page granularity) in real vLLM == the reference engine (tiny Llama).
 
 One engine serves one request per policy in the same batch; each generates 260 tokens and is
-evicted again every ``decode_interval`` of them (four to six times). For every decode-time
+evicted again every ``decode_interval`` of them (four to six times; h2o with the attention sums
+it accumulates during decode). For every decode-time
 eviction the served plugin's scores of the held tokens equal the reference engine's (HF
 transformers, same held tokens) to rounding, the served evicted blocks are exactly the page
 selection of the served scores under the budget of the request's whole length, and the greedy
@@ -37,6 +38,10 @@ POLICIES = {
                              "kv_decode_interval": 64, "kv_min_tokens": 0},
     "criticalkv_cap": {"kv_eviction": "criticalkv", "kv_budget": 160, "kv_window": 16, "kv_decode_interval": 64},
     "tova_cap": {"kv_eviction": "tova", "kv_budget": 128, "kv_decode_interval": 40},
+    # h2o: attention sums of every query run (prompt, then each decode step), pruned at each eviction
+    "h2o_cap": {"kv_eviction": "h2o", "kv_budget": 160, "kv_window": 16, "kv_decode_interval": 48},
+    "h2o_cap_decode_only": {"kv_eviction": "h2o", "kv_budget": 128, "kv_window": 8, "kv_decode_interval": 40,
+                            "kv_prompt_eviction": "off"},
 }
 
 

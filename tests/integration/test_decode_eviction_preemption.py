@@ -16,6 +16,9 @@ pytestmark = pytest.mark.slow
 BLOCK = 32
 DECODE = {"kv_eviction": "snapkv", "kv_budget": 160, "kv_window": 16, "kv_decode_interval": 64,
           "kv_granularity": "page"}
+#: h2o: its re-prefill's first chunk runs past the prompt (tokens whose sums start at zero), the
+#: rest of it runs as decode rows of many queries, each adding its attention to the sums.
+H2O = {**DECODE, "kv_eviction": "h2o"}
 
 
 def _greedy(max_tokens: int, extra: dict):
@@ -24,7 +27,8 @@ def _greedy(max_tokens: int, extra: dict):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
 
 
-def test_preempted_request_evicts_again_during_decode_and_frees_everything(tiny_llama_dir):
+@pytest.mark.parametrize("xargs", [DECODE, H2O], ids=["snapkv", "h2o"])
+def test_preempted_request_evicts_again_during_decode_and_frees_everything(tiny_llama_dir, xargs):
     """A request with decode-time eviction is preempted by two larger high-priority requests:
     it re-prefills, evicts again during decode, finishes; no block leaks."""
     from vllm_kvevict.vllm.scheduler.state import state_of
@@ -43,7 +47,7 @@ def test_preempted_request_evicts_again_during_decode_and_frees_everything(tiny_
         state = state_of(sched.kv_cache_manager)
         free0 = pool.get_num_free_blocks()
         victim = engine.add_request("victim", {"prompt_token_ids": random_prompt(900, seed=31)},
-                                    _greedy(400, DECODE), priority=10)
+                                    _greedy(400, xargs), priority=10)
         while not recorder.decode.get(victim):
             engine.step()
         hog = _greedy(160, {"kv_eviction": "none"})
@@ -52,6 +56,7 @@ def test_preempted_request_evicts_again_during_decode_and_frees_everything(tiny_
         preemptions, finished = run_until_done(engine_llm, victim)
         assert preemptions >= 1, "the scenario did not preempt the evicting request"
         decode = recorder.decode[victim]
+        assert not recorder.failures, recorder.failures
         assert decode[-1]["seq_len"] > 900 + 200, "no decode-time eviction after the re-prefill"
         assert sorted(finished.values()) == [160, 160, 400]
         assert pool.get_num_free_blocks() == free0

@@ -201,7 +201,7 @@ def test_valid_requests_pass(client):
         ({"kv_budget": True}, "kv_budget"),
         ({"kv_window": True}, "kv_window"),
         ({"kv_eviction": "pyramidkv", "kv_decode_interval": 64}, "kv_decode_interval"),
-        ({"kv_eviction": "h2o", "kv_granularity": "page", "kv_decode_interval": 64}, "kv_decode_interval"),
+        ({"kv_eviction": "h2o", "kv_granularity": "head", "kv_decode_interval": 64}, "kv_decode_interval"),
         ({"kv_eviction": "snapkv", "kv_prompt_eviction": "off"}, "kv_prompt_eviction"),
         ({"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_rho": 0.3}, "kv_rho"),
         ({"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_min_tokens": -1}, "kv_min_tokens"),
@@ -209,7 +209,7 @@ def test_valid_requests_pass(client):
         ({"kv_min_tokens": True}, "kv_min_tokens"),
     ],
     ids=["unknown-policy", "budget-above-1", "budget-negative", "budget-text", "window-list", "unknown-kv-key",
-         "budget-boolean", "window-boolean", "decode-interval-head", "decode-interval-h2o", "prompt-off-no-decode",
+         "budget-boolean", "window-boolean", "decode-interval-head", "decode-interval-h2o-head", "prompt-off-no-decode",
          "setting-not-read", "floor-negative", "floor-with-token-budget", "floor-boolean"],
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])

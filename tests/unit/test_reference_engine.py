@@ -197,7 +197,7 @@ def test_decode_interval_is_refused_where_it_is_not_supported():
     with pytest.raises(EvictionConfigError, match="decode_interval=64: 0 with allocation 'pyramid' at granularity "
                                                   "'head'.*uniform, adakv, adakv_floor"):
         EvictionConfig.from_fields(scorer="pyramidkv", budget=0.5, decode_interval=64)
-    for scorer in ("defensivekv", "laprox", "value_aware"):
+    for scorer in ("defensivekv", "laprox", "value_aware", "h2o"):
         with pytest.raises(EvictionConfigError, match=f"decode_interval=64: 0 with scorer '{scorer}' at granularity "
                                                       "'head'.*page granularity supports"):
             EvictionConfig.from_fields(scorer=scorer, budget=0.5, granularity="head", allocation="adakv",
@@ -216,7 +216,7 @@ def test_decode_interval_is_refused_where_it_is_not_supported():
     EvictionConfig.from_flat({"kv_eviction": "criticalkv", "kv_decode_interval": 64,
                               "kv_head_selection": "page"}).check_block_size(128)
     EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_decode_interval": 64}).check_block_size(128)
-    for scorer in ("h2o", "expected_attention", "lkv"):
+    for scorer in ("expected_attention", "lkv"):
         with pytest.raises(EvictionConfigError, match=f"kv_decode_interval=64: 0 with scorer '{scorer}'"):
             EvictionConfig.from_flat({"kv_eviction": scorer, "kv_granularity": "page", "kv_decode_interval": 64})
     with pytest.raises(EvictionConfigError, match="kv_decode_interval=16: an integer >= the window \\(32\\)"):

@@ -114,8 +114,10 @@ def test_stricter_requests_may_not_evict_less_often_or_keep_the_prompt():
 def test_a_request_changing_scorer_drops_decode_settings_its_scorer_does_not_read():
     server = EvictionConfig.from_flat({"kv_eviction": "snapkv", "kv_granularity": "page", "kv_budget": 256,
                                        "kv_decode_interval": 64, "kv_prompt_eviction": "off"})
-    h2o = EvictionConfig.from_flat({"kv_eviction": "h2o"}, base=server)
-    assert h2o.decode_interval == 0 and h2o.prompt_eviction == "on"
+    other = EvictionConfig.from_flat({"kv_eviction": "expected_attention", "kv_granularity": "page"}, base=server)
+    assert other.decode_interval == 0 and other.prompt_eviction == "on"
+    h2o = EvictionConfig.from_flat({"kv_eviction": "h2o"}, base=server)  # reads them (page granularity)
+    assert h2o.decode_interval == 64 and h2o.prompt_eviction == "off"
     with pytest.raises(EvictionConfigError, match="kv_decode_interval=10: not read by none"):
         EvictionConfig.from_flat({"kv_decode_interval": 10})
 

@@ -101,19 +101,21 @@ FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
 #: ``--kv-prompt-eviction``: whether the prompt is evicted after its prefill (``off``: only
 #: decode-time eviction, ``--kv-decode-interval``, evicts).
 PROMPT_EVICTIONS: tuple[str, ...] = ("on", "off")
-#: Scorers decode-time eviction supports: they read keys, values, the window's queries and the
-#: ``o_proj`` weight only, and nothing of the budget at page granularity (docs/DECODE_EVICTION.md;
-#: tova reads the window's last query, criticalkv its page score, which has no stage split).
-#: Refused, with the reason: h2o (its attention sums are not accumulated during decode yet),
-#: expected_attention (pre-RoPE query statistics, same), lkv (trained on prompt positions only).
+#: Scorers decode-time eviction supports at page granularity: they read keys, values, the
+#: window's queries and the ``o_proj`` weight, and nothing of the budget (tova reads the
+#: window's last query, criticalkv its page score, which has no stage split), or (h2o) the
+#: attention sums accumulated over every query run, decode steps included
+#: (docs/DECODE_EVICTION.md). Refused, with the reason: expected_attention (pre-RoPE query
+#: statistics are not gathered during decode), lkv (trained on prompt positions only).
 DECODE_SCORERS: tuple[str, ...] = (
     "streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff", "defensivekv", "laprox", "value_aware", "tova",
-    "criticalkv",
+    "criticalkv", "h2o",
 )
 #: Head granularity: the scorers that score each KV head from its own tokens alone (every head
 #: holds its own tokens at decode time, so they are scored head by head: policies/held.py);
 #: defensivekv normalises across heads, laprox and value_aware read ``o_proj`` across heads
-#: (not split per head yet). And the allocations that split one layer's budget from that
+#: (not split per head yet), h2o's sums are accumulated over held tokens the same in every head
+#: (page granularity) only. And the allocations that split one layer's budget from that
 #: layer's scores (pyramid, global and lkv are refused: their budgets are not planned on held
 #: tokens yet).
 HEAD_DECODE_SCORERS: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "knorm", "keydiff", "criticalkv")

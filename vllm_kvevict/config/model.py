@@ -207,13 +207,14 @@ class EvictionConfig(BaseModel):
                 f"0 with scorer {self.scorer!r}: decode-time eviction supports " + ", ".join(DECODE_SCORERS),
             )
         if self.scorer == "criticalkv":
-            bases = HEAD_DECODE_SCORERS if self.resolved_granularity == "head" else DECODE_SCORERS
+            # h2o's decode-time sums are gathered for an h2o request, not for a base inside criticalkv
+            bases = [b for b in (HEAD_DECODE_SCORERS if self.resolved_granularity == "head" else DECODE_SCORERS)
+                     if b not in ("criticalkv", "h2o")]
             if self.criticalkv_base not in bases:
                 raise EvictionConfigError(
                     "decode_interval", n,
                     f"0 with criticalkv over {self.criticalkv_base!r} at granularity {self.resolved_granularity!r}: "
-                    "its base must be one decode-time eviction supports there: "
-                    + ", ".join(b for b in bases if b != "criticalkv"),
+                    "its base must be one decode-time eviction supports there: " + ", ".join(bases),
                 )
         if n < self.window:
             raise EvictionConfigError(

@@ -13,7 +13,10 @@ The served plugin does the same (docs/DECODE_EVICTION.md), call for call:
   ``policy.evicted_blocks(scores, held_len, budget=config.budget_tokens(p + 1))`` names the held
   blocks to drop: a fractional budget keeps that share of the request's whole length so far, a
   token budget is a fixed cap;
-* the next token is run over what is left; RoPE positions keep counting from the true position.
+* the next token is run over what is left; RoPE positions keep counting from the true position;
+* h2o: the held tokens' attention sums (the prompt's, of the kept tokens) gain every run token's
+  attention over the held tokens (:func:`~vllm_kvevict.policies.attention_sums.attention_paid`,
+  the plugin's function), are the scorer's ``attention_sum``, and lose the evicted tokens' columns.
 
 Head granularity: each (layer, KV head) holds its own tokens (its kept set, then every token run
 since); they are scored head by head and planned on their positions
@@ -29,6 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from vllm_kvevict.policies import LayerScores, build_policy
+from vllm_kvevict.policies.attention_sums import attention_paid
 from vllm_kvevict.policies.base import LayerInputs
 from vllm_kvevict.policies.held import held_layer_scores, plan_held
 from vllm_kvevict.reference.forward import greedy_loop, run_tokens
@@ -79,12 +83,23 @@ class DecodeEvictor:
         self.choose = choose
         self.window: list[list[torch.Tensor]] = [[] for _ in range(parts.num_layers)]
         self.evictions: list[DecodeEviction] = []
+        #: h2o: per layer ``[H, held]`` attention paid to each held token by every query run so far.
+        self.attention_sum: Optional[list[torch.Tensor]] = None
+
+    def start_sums(self, cache: HeadCache, prompt_sums: list[torch.Tensor]) -> None:
+        """h2o: the prompt's sums ``[H, L]`` (every prompt query's) of the tokens ``cache`` holds."""
+        self.attention_sum = [s[:, cache.stores[layer][0].positions].float() for layer, s in enumerate(prompt_sums)]
 
     def run(self, cache: HeadCache, token: int, position: int) -> torch.Tensor:
         """Run ``token`` at ``position``, then evict if the interval is reached; its logits ``[V]``."""
         queries: list[torch.Tensor] = []
         logits = run_tokens(self.parts, cache, torch.tensor([token]), torch.tensor([position]), queries)[0]
         for layer, q in enumerate(queries):
+            if self.attention_sum is not None:  # h2o: the new query's attention over the held tokens
+                keys = torch.stack([st.keys for st in cache.stores[layer]])
+                sums = self.attention_sum[layer]
+                sums = torch.cat([sums, sums.new_zeros(sums.shape[0], q.shape[1])], dim=1)
+                self.attention_sum[layer] = sums + attention_paid(q, keys, self.parts.scale)
             ring = self.window[layer]
             ring.append(q)
             del ring[: max(0, len(ring) - self.config.window)]
@@ -112,6 +127,8 @@ class DecodeEvictor:
         drop = torch.isin(positions // bs, torch.tensor(eviction.evicted, dtype=torch.long))
         if drop.any():
             cache.keep_rows(~drop)
+            if self.attention_sum is not None:
+                self.attention_sum = [sums[:, ~drop] for sums in self.attention_sum]
 
     def evict_heads(self, cache: HeadCache, seq_len: int) -> None:
         """Head granularity: each (layer, KV head) keeps its planned positions among those it holds."""
@@ -146,6 +163,7 @@ class DecodeEvictor:
             layer_idx=layer,
             num_layers=cache.num_layers,
             scale=self.parts.scale,
+            attention_sum=self.attention_sum[layer] if self.attention_sum is not None else None,
         )
 
 

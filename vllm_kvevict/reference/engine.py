@@ -191,6 +191,10 @@ class ReferenceEngine:
         evictor = None
         if config.evicts_during_decode:
             evictor = DecodeEvictor(self.parts, config, block_size, position, prefilled.model, decode_choices)
+            if evictor.policy.needs.attention_sums:
+                if suffix.numel():
+                    raise ValueError("h2o's decode-time eviction after suffix_ids: the suffix's attention is not summed")
+                evictor.start_sums(cache, [prefilled.attention_sum(layer) for layer in range(prefilled.num_layers)])
             tokens, step_logits = greedy_decode_evicting(evictor, cache, logits, position, max_new_tokens, stop_ids)
         else:
             tokens, step_logits = greedy_decode(self.parts, cache, logits, position, max_new_tokens, stop_ids)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 import torch
 
 from vllm_kvevict.cache.page_table import CompactionPlan
+from vllm_kvevict.policies.attention_sums import attention_paid
 
 if TYPE_CHECKING:
     from vllm_kvevict.config import EvictionConfig
@@ -163,12 +164,49 @@ class DecodeWindow:
     error: Optional[str] = None
     seconds: float = 0.0
     fault: Optional[str] = None
+    #: h2o (``policy.needs.attention_sums``), page granularity: layer -> ``[H, held]`` attention
+    #: paid to each held token (in held order) by every query run so far: the prompt's (kept
+    #: tokens' sums, set when the prompt completes; ``None`` before), then each decode step's;
+    #: the columns of evicted blocks are dropped at each eviction.
+    attention_sum: Optional[dict[int, torch.Tensor]] = None
 
     def append(self, layer: int, queries: torch.Tensor) -> None:
         q = queries.detach().float().clone()
         held = self.queries.get(layer)
         q = q if held is None else torch.cat([held, q], dim=0)
         self.queries[layer] = q[-self.window :]
+
+    def start_sums(self, prompt_sums: dict[int, torch.Tensor], kept: torch.Tensor, extra: int = 0) -> None:
+        """The prompt's sums ``[H, prompt_len]`` of its ``kept`` positions, plus ``extra`` zero
+        columns: tokens past the prompt run in its last chunk (a re-prefill after preemption),
+        whose attention received so far is not counted."""
+        self.attention_sum = {
+            layer: torch.cat([s[:, kept].float(), s.new_zeros(s.shape[0], extra)], dim=1)
+            for layer, s in prompt_sums.items()
+        }
+
+    def add_attention(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, scale: float) -> None:
+        """A step's ``queries [H, n, d]`` (the last ``n`` of the held ``keys [Hkv, T, d]``) add
+        their attention over the held tokens to layer ``layer``'s sums (``n`` new columns)."""
+        if self.attention_sum is None or layer not in self.attention_sum:
+            raise RuntimeError(f"no attention sums of the prompt for layer {layer}")
+        held, n = keys.shape[1], queries.shape[1]
+        sums = self.attention_sum[layer]
+        if sums.shape[1] != held - n:
+            raise RuntimeError(f"attention sums cover {sums.shape[1]} held tokens, expected {held - n}")
+        sums = torch.cat([sums, sums.new_zeros(sums.shape[0], n)], dim=1)
+        self.attention_sum[layer] = sums + attention_paid(queries, keys, scale)
+
+    def drop_blocks(self, held_blocks: list[int], block_size: int) -> None:
+        """After an eviction: drop the sums of the evicted held blocks (indices into the held
+        blocks, each full: every held block but the last is)."""
+        if self.attention_sum is None or not held_blocks:
+            return
+        for layer, sums in self.attention_sum.items():
+            keep = torch.ones(sums.shape[1], dtype=torch.bool)
+            for b in held_blocks:
+                keep[b * block_size : (b + 1) * block_size] = False
+            self.attention_sum[layer] = sums[:, keep]
 
     def fail(self, reason: str) -> None:
         if self.error is None:

@@ -4,7 +4,9 @@ Per layer, after the stock kernel wrote the step's K/V: the row's queries join i
 window (:class:`~vllm_kvevict.vllm.step.DecodeWindow`, the last ``window`` tokens' post-RoPE
 queries) and, in a scoring step, the held tokens (the kept blocks in order, then the tail: what
 the stock kernel attends) are scored with the request's policy on the host, exactly as the
-reference engine does (:mod:`vllm_kvevict.reference.decode_eviction`). Head granularity: each KV
+reference engine does (:mod:`vllm_kvevict.reference.decode_eviction`); for h2o every step's
+queries first add their attention over the held tokens to the window's running sums
+(:meth:`~vllm_kvevict.vllm.step.DecodeWindow.add_attention`). Head granularity: each KV
 head's held tokens are its compact region, then the positional tail (what
 :mod:`.head_rows` attends), scored head by head on their positions
 (:func:`~vllm_kvevict.policies.held.held_layer_scores`). A failure marks the window (that
@@ -32,11 +34,15 @@ def observe_decode_rows(step: EvictionStep, layer_name: str, layer_idx: int, que
                 lambda: observe(step, row, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale))
 
 
+def _row_queries(row, query: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """The row's queries ``[n, H, d]`` of the step's ``query [tokens, H * d]``."""
+    return query.view(query.shape[0], num_heads, head_dim)[row.query_offset : row.query_offset + row.num_queries]
+
+
 def _window_appended(row, layer_idx: int, query: torch.Tensor, num_heads: int, head_dim: int) -> bool:
     """Append the row's queries to its window; whether this step scores it (raises an injected fault)."""
     sink = row.sink
-    q = query.view(query.shape[0], num_heads, head_dim)[row.query_offset : row.query_offset + row.num_queries]
-    sink.append(layer_idx, q)
+    sink.append(layer_idx, _row_queries(row, query, num_heads, head_dim))
     if not row.score or sink.error is not None:
         return False
     if sink.fault == "scoring":
@@ -45,10 +51,15 @@ def _window_appended(row, layer_idx: int, query: torch.Tensor, num_heads: int, h
 
 
 def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layout, num_heads, scale) -> None:
-    sink = row.sink
+    sink, summing = row.sink, row.policy.needs.attention_sums
+    held = None
+    if summing:  # h2o: every step's queries add their attention over the held tokens to the sums
+        held = layout.gather(kv_cache, row.held_blocks, row.held_len)
+        queries = _row_queries(row, query, num_heads, layout.head_dim).transpose(0, 1)
+        sink.add_attention(layer_idx, queries.float().cpu(), held[0].float().cpu(), scale)
     if not _window_appended(row, layer_idx, query, num_heads, layout.head_dim):
         return
-    keys, values = layout.gather(kv_cache, row.held_blocks, row.held_len)
+    keys, values = held if held is not None else layout.gather(kv_cache, row.held_blocks, row.held_len)
     inputs = LayerInputs(
         keys=keys.float().cpu(),
         values=values.float().cpu(),
@@ -58,6 +69,7 @@ def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layou
         layer_idx=layer_idx,
         num_layers=step.model.num_layers,
         scale=scale,
+        attention_sum=sink.attention_sum[layer_idx] if summing else None,
     )
     sink.scores[layer_idx] = scored(row.policy, inputs, layout.num_kv_heads, row.held_len)
 

@@ -26,6 +26,21 @@ from vllm_kvevict.vllm.worker.requests import HEAD, PAGE, RequestTable
 logger = logging.getLogger(__name__)
 
 
+def start_attention_sums(state, sink, evicted: list[int], chunk_end: int, block_size: int, num_layers: int) -> None:
+    """h2o: hand the prompt's attention sums ``sink.attention_sum`` of the tokens it keeps (those
+    of blocks not ``evicted``) to the request's decode window, when it evicts during decode.
+    ``chunk_end``: where the prompt's last chunk ended (past the prompt after a preemption)."""
+    if state.decode is None or not state.policy.needs.attention_sums:
+        return
+    prompt_len = state.prompt_len
+    missing = [layer for layer in range(num_layers) if layer not in sink.attention_sum]
+    if sink.error is not None or missing:
+        raise EvictionFailure("scoring", sink.error or f"no prompt attention sums for layers {missing}")
+    positions = torch.arange(prompt_len)
+    kept = positions[~torch.isin(positions // block_size, torch.tensor(evicted, dtype=torch.long))]
+    state.decode.start_sums(sink.attention_sum, kept, extra=max(0, chunk_end - prompt_len))
+
+
 def finish_decode(step: Optional[EvictionStep], table: RequestTable, num_layers: int, done: Any,
                   recorder: Any = None, orders: Optional[dict] = None, block_size: int = 0, caches: Any = None) -> None:
     """Evict every row of ``step.decode`` scored this step; results go into ``done``
@@ -57,6 +72,7 @@ def finish_decode(step: Optional[EvictionStep], table: RequestTable, num_layers:
                 raise EvictionFailure("invariant",
                                       f"evicted held blocks {chosen} are not sorted full blocks before {last}")
             evicted = row.held_index[torch.tensor(chosen, dtype=torch.long)].tolist() if chosen else []
+            sink.drop_blocks(list(chosen), block_size)  # h2o: the evicted tokens' sums go with them
             if recorder is not None:
                 recorder.decode.setdefault(row.req_id, []).append(
                     {"seq_len": row.seq_len, "held_blocks": row.held_index.tolist(), "evicted": evicted,

@@ -19,7 +19,7 @@ import torch
 from vllm_kvevict.cache import plan_compaction
 from vllm_kvevict.vllm.channel import KVEvictWorkerMetadata
 from vllm_kvevict.vllm.step import CompactRegion, EvictionStep
-from vllm_kvevict.vllm.worker.decode import finish_decode
+from vllm_kvevict.vllm.worker.decode import finish_decode, start_attention_sums
 from vllm_kvevict.vllm.worker.failure import (  # noqa: F401 (STAGES re-exported)
     STAGES,
     EvictionFailure,
@@ -61,6 +61,8 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
     unused = dict(orders)
     for row in (step.observe.values() if step else ()):
         if not row.score:
+            if row.start + row.num_queries >= row.prompt_len:  # prompt_eviction "off" (h2o): whole
+                _keep_prompt(row, table, block_size, step.model.num_layers, done, recorder)
             continue
         state = table.get(row.req_id)
         if state is None or state.observations is not row.sink:
@@ -81,7 +83,7 @@ def finish_step(step: Optional[EvictionStep], table: RequestTable, orders: Mappi
                 else:
                     _compact(row.req_id, state, scores, order, block_size, caches, done, recorder)
             else:
-                _evict_pages(row.req_id, state, scores, block_size, done, recorder)
+                _evict_pages(row.req_id, state, scores, block_size, done, recorder, row.start + row.num_queries)
         except Exception as exc:  # never into the engine core
             stage = exc.stage if isinstance(exc, EvictionFailure) else "selection"
             logger.warning("kvevict: eviction of %s failed at %s, request left whole: %s", row.req_id, stage, exc)
@@ -118,7 +120,29 @@ def _keep_whole(state) -> None:
         state.settle(WHOLE)
 
 
-def _evict_pages(req_id: str, state, scores, block_size: int, done: FinishedStep, recorder: Any) -> None:
+def _keep_prompt(row, table: RequestTable, block_size: int, num_layers: int, done: FinishedStep,
+                 recorder: Any) -> None:
+    """A prompt kept whole that was observed for h2o's attention sums: positional (nothing
+    evicted) with its sums in its decode window, or whole if observing them failed (not evicted
+    during decode either, as after a failed prompt eviction)."""
+    state = table.get(row.req_id)
+    if state is None or state.observations is not row.sink:
+        return
+    try:
+        start_attention_sums(state, row.sink, [], row.start + row.num_queries, block_size, num_layers)
+    except EvictionFailure as exc:
+        logger.warning("kvevict: attention sums of %s's prompt failed, request left whole: %s", row.req_id, exc)
+        state.settle(WHOLE)
+        done.decode_failed[row.req_id] = (state.config.scorer, "page", exc.stage)
+        if recorder is not None:
+            recorder.failures[row.req_id] = f"prompt sums {exc.stage}: {exc}"
+        return
+    state.evicted = torch.zeros(0, dtype=torch.long)
+    state.settle(PAGE)
+
+
+def _evict_pages(req_id: str, state, scores, block_size: int, done: FinishedStep, recorder: Any,
+                 chunk_end: int = 0) -> None:
     sink = state.observations
     try:
         injected(sink, "selection")
@@ -131,6 +155,7 @@ def _evict_pages(req_id: str, state, scores, block_size: int, done: FinishedStep
     last_block = (state.prompt_len - 1) // block_size
     if sorted(set(evicted)) != list(evicted) or (evicted and not 0 <= evicted[0] <= evicted[-1] < last_block):
         raise EvictionFailure("invariant", f"evicted blocks {evicted} are not sorted full blocks before {last_block}")
+    start_attention_sums(state, sink, list(evicted), chunk_end, block_size, len(scores))  # h2o during decode
     state.evicted = torch.tensor(evicted, dtype=torch.long)
     state.settle(PAGE)
     done.report.evicted[req_id] = evicted

@@ -118,14 +118,14 @@ def _observation(state, batch_row: BatchRow, seq_len: int, block_size: int):
     config, needs, prompt_len = state.config, state.policy.needs, state.prompt_len
     start, end = batch_row.num_computed, min(seq_len, prompt_len)
     state.observed_until = seq_len
-    w_lo, w_hi = max(start, prompt_len - config.window), end
+    w_lo, w_hi = max(start, prompt_len - config.window), end if config.evicts_prompt else 0
     collect = (0, 0)
     if needs.query_stats or needs.attention_sums:
         first = config.resolved_sinks if needs.query_stats else 0
         c_lo = max(start, first)
         if end > c_lo:
             collect = (c_lo - start, end - start)
-    score = seq_len >= prompt_len
+    score = seq_len >= prompt_len and config.evicts_prompt  # "off" (h2o): its attention sums only
     window = (w_lo - start, w_hi - start) if w_hi > w_lo else (0, 0)
     if not (score or window[1] > window[0] or collect[1] > collect[0]):
         return None

@@ -7,7 +7,8 @@ prefilled), then *whole* (scored, nothing evicted, or failed), *page* (evicted b
 *head* (compacted into head-pages). A page-evicted request with decode-time eviction also
 carries its :class:`~vllm_kvevict.vllm.step.DecodeWindow` and the length at its last eviction
 (``decode_from``); with ``prompt_eviction="off"`` it goes from *observing* to *page* with nothing
-evicted when its prompt completes, unscored.
+evicted when its prompt completes, unscored (h2o: after that chunk's forward, its prompt's
+attention sums collected).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class RequestTable:
         policy = self._make_policy(admission.config)
         config = admission.config
         state = RequestState(admission, policy, decode_from=admission.prompt_len)
-        if config.evicts_prompt:
+        if config.evicts_prompt or (config.evicts_during_decode and policy.needs.attention_sums):
+            # prompt_eviction "off" with h2o: observed for its attention sums only, never scored
             state.observations = Observations(policy, config, admission.prompt_len, fault=admission.fault)
         if config.evicts_during_decode:
             state.decode = DecodeWindow(config.window, fault=admission.fault)
