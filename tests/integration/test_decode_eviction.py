@@ -42,6 +42,9 @@ POLICIES = {
     "h2o_cap": {"kv_eviction": "h2o", "kv_budget": 160, "kv_window": 16, "kv_decode_interval": 48},
     "h2o_cap_decode_only": {"kv_eviction": "h2o", "kv_budget": 128, "kv_window": 8, "kv_decode_interval": 40,
                             "kv_prompt_eviction": "off"},
+    # its recent half is a share of the whole length, not of the held tokens
+    "h2o_fraction": {"kv_eviction": "h2o", "kv_budget": 0.3, "kv_window": 8, "kv_decode_interval": 48,
+                     "kv_min_tokens": 0},
 }
 
 

@@ -196,3 +196,19 @@ def test_reference_sums_equal_a_full_prefill_of_everything_run(tiny_engine, one_
         for layer, scores in enumerate(e.scores):
             want = group_mean(full.attention_sum(layer), full.num_kv_heads)
             assert torch.allclose(scores.values, want, atol=1e-4, rtol=1e-4), (e.seq_len, layer)
+
+
+def test_h2o_protects_the_recent_half_of_the_budget_of_the_whole_length():
+    """Decode-time eviction scores the held tokens of a longer request: the recent half is
+    ``budget(seq_len) // 2``, not a share of the held count."""
+    from vllm_kvevict.config import EvictionConfig
+    from vllm_kvevict.policies.base import LayerInputs
+    from vllm_kvevict.policies.scorers.h2o import h2o
+
+    scorer = h2o(EvictionConfig.from_flat({"kv_eviction": "h2o", "kv_budget": 0.25, "kv_window": 4,
+                                           "kv_min_tokens": 0}))
+    held = 40
+    inputs = dict(keys=torch.randn(1, held, 8), values=torch.randn(1, held, 8), queries=torch.randn(2, 4, 8),
+                  attention_sum=torch.rand(2, held))
+    assert int(scorer.score(LayerInputs(**inputs)).protected.sum()) == 5  # 0.25 * 40 // 2
+    assert int(scorer.score(LayerInputs(**inputs, budget_len=128)).protected.sum()) == 16  # 0.25 * 128 // 2

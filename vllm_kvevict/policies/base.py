@@ -40,6 +40,9 @@ class LayerInputs:
     rope_cos, rope_sin : ``[P, d]`` cos/sin tables of the next positions (``L .. L+P-1``), HF
         ``rotate_half`` convention, for ``expected_attention``.
     attention_sum : ``[H, L]`` accumulated attention of every query so far, for ``h2o``.
+    budget_len : the request's length the budget is taken of, when not ``L`` (decode-time
+        eviction scores the ``L`` held tokens of a longer request: a fractional budget reads its
+        whole length); :attr:`budget_length` gives it.
     """
 
     keys: torch.Tensor
@@ -54,6 +57,12 @@ class LayerInputs:
     rope_cos: Optional[torch.Tensor] = None
     rope_sin: Optional[torch.Tensor] = None
     attention_sum: Optional[torch.Tensor] = None
+    budget_len: Optional[int] = None
+
+    @property
+    def budget_length(self) -> int:
+        """The length a scorer reading the budget takes it of (``budget_len``, else ``L``)."""
+        return self.budget_len if self.budget_len is not None else self.seq_len
 
     @property
     def num_kv_heads(self) -> int:

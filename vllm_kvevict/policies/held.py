@@ -49,7 +49,7 @@ def held_layer_scores(policy, keys: list[torch.Tensor], values: list[torch.Tenso
             raise ValueError(f"head {g}: held positions must be ascending and below {seq_len}")
         inputs = LayerInputs(keys=keys[g][None].float(), values=values[g][None].float(),
                              queries=queries[g * group : (g + 1) * group].float(), positions=pos,
-                             layer_idx=layer_idx, num_layers=num_layers, scale=scale,
+                             layer_idx=layer_idx, num_layers=num_layers, scale=scale, budget_len=seq_len,
                              o_proj=None if o_proj is None else o_proj[:, g * group * head_dim : (g + 1) * group * head_dim])
         scores = policy.score_layer(inputs)
         if tuple(scores.values.shape) != (1, pos.numel()):

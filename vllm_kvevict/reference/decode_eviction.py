@@ -116,7 +116,7 @@ class DecodeEvictor:
         bs = self.block_size
         positions = cache.stores[0][0].positions
         held_len = int(positions.numel())
-        scores = [self.policy.score_layer(self._inputs(cache, layer)) for layer in range(cache.num_layers)]
+        scores = [self.policy.score_layer(self._inputs(cache, layer, seq_len)) for layer in range(cache.num_layers)]
         budget = self.config.budget_tokens(seq_len)
         chosen = self.policy.evicted_blocks(scores, held_len, budget=budget)
         held_blocks = (positions[::bs] // bs).tolist()
@@ -152,7 +152,7 @@ class DecodeEvictor:
             for store, k in zip(row, kept_row):
                 store.keep_rows(torch.isin(store.positions, k))
 
-    def _inputs(self, cache: HeadCache, layer: int) -> LayerInputs:
+    def _inputs(self, cache: HeadCache, layer: int, seq_len: int) -> LayerInputs:
         stores = cache.stores[layer]
         return LayerInputs(
             keys=torch.stack([s.keys for s in stores]).float(),
@@ -164,6 +164,7 @@ class DecodeEvictor:
             num_layers=cache.num_layers,
             scale=self.parts.scale,
             attention_sum=self.attention_sum[layer] if self.attention_sum is not None else None,
+            budget_len=seq_len,
         )
 
 

@@ -3,7 +3,8 @@
 ``s[g, j]`` = mean over the group of ``attention_sum[h, j]`` (every query's attention so far);
 when ``LayerInputs.attention_sum`` is missing, the window queries' attention summed stands in.
 The last ``max(W, B // 2)`` positions are protected (the recent half), so the heavy hitters fill
-the other half of ``B = budget(L)``.
+the other half of ``B = budget(L)`` (at decode time ``L`` is the request's whole length,
+``LayerInputs.budget_length``, not the held tokens').
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class H2O(Scorer):
             accumulated = inputs.attention_sum.float()
         else:
             accumulated = window_attention(inputs, min(self.window, length)).sum(1)
-        recent = min(length, max(self.window, self.budget(length) // 2))
+        recent = min(length, max(self.window, self.budget(inputs.budget_length) // 2))
         scores = LayerScores.unprotected(group_mean(accumulated, inputs.num_kv_heads))
         return scores.protect(window_and_sinks(length, recent, 0))
 

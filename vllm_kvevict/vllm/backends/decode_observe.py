@@ -70,6 +70,7 @@ def _observe(step, row: DecodeRow, layer_name, layer_idx, query, kv_cache, layou
         num_layers=step.model.num_layers,
         scale=scale,
         attention_sum=sink.attention_sum[layer_idx] if summing else None,
+        budget_len=row.seq_len,
     )
     sink.scores[layer_idx] = scored(row.policy, inputs, layout.num_kv_heads, row.held_len)
 
