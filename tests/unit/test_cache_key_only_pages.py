@@ -199,3 +199,20 @@ def test_decode_over_key_only_pages_equals_attention_over_the_rebuilt_dense_cach
             want = masked_attention(queries[qi].view(1, 1, HKV, 3, D), torch.stack(pad)[None], torch.stack(pad_v)[None],
                                     mask_t[None, None], 0.125).reshape(HKV * 3, D)
             torch.testing.assert_close(got[qi], want, rtol=1e-4, atol=1e-5)
+
+
+def test_regions_with_key_only_pairs_are_left_to_the_torch_path():
+    """Whole-page regions map to vLLM's op on single-head pages; the same with key-only pairs
+    after them must not (the op would attend the whole tokens only)."""
+    from vllm_kvevict.vllm.backends.cpu_head_pages import region_pages
+
+    prompt, blocks = 4 * BS, list(range(40, 52))
+    whole = [[torch.arange(0, 2 * BS) for _ in range(HKV)] for _ in range(LAYERS)]
+    pairs = [[torch.tensor([2 * BS + 5, 3 * BS + 1]) for _ in range(HKV)] for _ in range(LAYERS)]
+    plain = KeptSet(indices=whole, head_budgets=torch.full((LAYERS, HKV), 2 * BS), scores=[])
+    assert region_pages(CompactRegion.from_plan(plan_compaction(plain, blocks, BS, HKV), prompt), HKV, BS) is not None
+    vector = KeptSet(indices=whole, head_budgets=torch.full((LAYERS, HKV), 2 * BS + 1), scores=[], key_only=pairs)
+    region = CompactRegion.from_plan(plan_compaction(vector, blocks, BS, HKV), prompt, small_artifact(0))
+    assert region_pages(region, HKV, BS) is None
+    with pytest.raises(ValueError, match="artifact"):
+        CompactRegion.from_plan(plan_compaction(vector, blocks, BS, HKV), prompt)
