@@ -18,10 +18,12 @@ from vllm_kvevict.cache.blocks import (
     prompt_tail_layout,
     simple_compact_blocks_bound,
 )
-from vllm_kvevict.cache.compact import compact_layer, copy_indices, gather_compact
+from vllm_kvevict.cache.compact import compact_layer, copy_indices, gather_compact, pack_key_pairs, unpack_key_pairs
 from vllm_kvevict.cache.page_table import (
     CompactionPlan,
     CompactRegionOverflow,
+    KeyOnlyGather,
+    KeyOnlyPlan,
     LayerGather,
     assign_head_pages,
     kept_positions_tensor,
@@ -33,6 +35,8 @@ __all__ = [
     "CompactRegionOverflow",
     "CompactionPlan",
     "HeldBlocks",
+    "KeyOnlyGather",
+    "KeyOnlyPlan",
     "LayerBudgetBound",
     "LayerGather",
     "TailLayout",
@@ -47,8 +51,10 @@ __all__ = [
     "kept_positions_tensor",
     "layer_budget_bounds",
     "memory_efficiency",
+    "pack_key_pairs",
     "page_table_tensor",
     "plan_compaction",
     "prompt_tail_layout",
     "simple_compact_blocks_bound",
+    "unpack_key_pairs",
 ]

@@ -3,6 +3,10 @@
 Cache layout (head-major, one layer): ``[num_blocks, Hkv, block_size, head_dim]``. Position
 ``p`` of the request is in block ``block_table[p // bs]``, slot ``p % bs``, plane ``g`` for head
 ``g``; head-page ``h`` is block ``h // Hkv``, plane ``h % Hkv``.
+
+VECTOR's key-only tokens share slots two by two (:class:`~vllm_kvevict.cache.page_table.KeyOnlyGather`):
+:func:`pack_key_pairs` makes the (K half, V half) rows a slot is written with from their keys,
+:func:`unpack_key_pairs` gives each entry its key back from the two halves its slot reads.
 """
 
 from __future__ import annotations
@@ -52,6 +56,24 @@ def copy_indices(
         dst_plane=dst_page % num_kv_heads,
         dst_slot=gather.dst_slot.to(device),
     )
+
+
+def pack_key_pairs(keys: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k_half, v_half)`` ``[M / 2, d]``: the rows of the ``M / 2`` slots ``M`` key-only
+    entries are written to, entry ``2i`` in slot ``i``'s K half and ``2i + 1`` in its V half.
+
+    ``keys [M, d]`` the entries' keys, ``half [M]`` their halves (must be ``0, 1, 0, 1, ...``:
+    a :class:`~vllm_kvevict.cache.page_table.KeyOnlyGather`'s order).
+    """
+    if keys.shape[0] % 2 or not torch.equal(half.to(torch.int64).cpu(), torch.arange(keys.shape[0]) % 2):
+        raise ValueError(f"{keys.shape[0]} key-only entries are not pairs of (K half, V half)")
+    return keys[0::2], keys[1::2]
+
+
+def unpack_key_pairs(k_half: torch.Tensor, v_half: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """``[M, d]`` each key-only entry's key: the K half (``half == 0``) or V half (``1``) of
+    what its slot holds (``k_half``, ``v_half`` ``[M, d]``, the slot's two rows read per entry)."""
+    return torch.where(half.to(k_half.device).view(-1, 1) == 0, k_half, v_half)
 
 
 def compact_layer(

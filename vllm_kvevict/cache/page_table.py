@@ -6,12 +6,19 @@ first takes its own plane ``g`` of the compact blocks, in block order (``min(n, 
 a head that needs more than ``K`` borrows the planes other heads leave free (blocks
 ``j >= n[l, p]`` of plane ``p``), in block-then-plane order, heads served in order. Kept token
 ``i`` of the head (``i``-th smallest position) goes to slot ``i % bs`` of its ``i // bs``-th page.
+
+With VECTOR's key-only tokens (``kept.key_only``) a head's segment is its ``W`` whole tokens,
+then its ``2a`` key-only tokens two to a slot: key-only token ``j`` goes to the head's slot
+``W + j // 2``, its key in the K half when ``j`` is even and in the V half when it is odd
+(:class:`KeyOnlyGather`). The head uses ``W + a`` slots, its budget ``B = head_budgets[l, g]``,
+so it needs ``ceil(B / bs)`` head-pages as without VECTOR (the page where the whole tokens end
+may hold key-only pairs in its last slots): ``K`` is unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -35,6 +42,36 @@ class LayerGather:
 
 
 @dataclass
+class KeyOnlyGather(LayerGather):
+    """One layer's key-only copy list: key of token ``src_positions[e]`` of head ``head[e]`` to
+    half ``half[e]`` (0: the slot's K half, 1: its V half) of slot ``dst_slot[e]`` of head-page
+    ``dst_page[e]``. Grouped by head, positions ascending; entries ``2i`` and ``2i + 1`` share
+    a slot (each head holds an even number)."""
+
+    half: torch.Tensor
+
+
+@dataclass
+class KeyOnlyPlan:
+    """Every layer's :class:`KeyOnlyGather` concatenated in layer order, as in
+    :class:`CompactionPlan`; ``lens [L, Hkv]`` key-only tokens per (layer, head)."""
+
+    lens: torch.Tensor
+    layer: torch.Tensor
+    head: torch.Tensor
+    src_positions: torch.Tensor
+    dst_page: torch.Tensor
+    dst_slot: torch.Tensor
+    half: torch.Tensor
+    offsets: torch.Tensor
+
+    def layer_gather(self, layer: int) -> KeyOnlyGather:
+        lo, hi = int(self.offsets[layer]), int(self.offsets[layer + 1])
+        return KeyOnlyGather(self.head[lo:hi], self.src_positions[lo:hi], self.dst_page[lo:hi], self.dst_slot[lo:hi],
+                             self.half[lo:hi])
+
+
+@dataclass
 class CompactionPlan:
     """Head-page assignment and copy lists of one request's compaction.
 
@@ -47,6 +84,8 @@ class CompactionPlan:
     layer, head, src_positions, dst_page, dst_slot : ``[N]`` int64, every layer's
         :class:`LayerGather` concatenated in layer order (``layer[e]`` says which).
     offsets : ``[L + 1]`` int64; layer ``l``'s entries are ``offsets[l]:offsets[l + 1]``.
+    key_only : VECTOR's key-only tokens (``None`` without them); the attributes above are the
+        whole tokens only.
     """
 
     block_size: int
@@ -60,10 +99,15 @@ class CompactionPlan:
     dst_page: torch.Tensor
     dst_slot: torch.Tensor
     offsets: torch.Tensor
+    key_only: Optional[KeyOnlyPlan] = None
 
     @property
     def num_layers(self) -> int:
         return len(self.head_pages)
+
+    def slots(self) -> torch.Tensor:
+        """``[L, Hkv]`` int64 slots used per (layer, head): whole tokens + key-only pairs."""
+        return self.lens if self.key_only is None else self.lens + self.key_only.lens // 2
 
     def layer_gather(self, layer: int) -> LayerGather:
         lo, hi = int(self.offsets[layer]), int(self.offsets[layer + 1])
@@ -121,15 +165,25 @@ def plan_compaction(
     if tuple(kept.head_budgets.shape) != (kept.num_layers, num_kv_heads):
         raise ValueError(f"head_budgets shape {tuple(kept.head_budgets.shape)} != "
                          f"(num_layers={kept.num_layers}, num_kv_heads={num_kv_heads})")
-    head_pages, lens, gathers = [], [], []
+    key_only = kept.key_only
+    if key_only is not None and len(key_only) != kept.num_layers:
+        raise ValueError(f"key_only has {len(key_only)} layers, indices {kept.num_layers}")
+    head_pages, lens, gathers, ko_lens, ko_gathers = [], [], [], [], []
     for layer, heads in enumerate(kept.indices):
         if len(heads) != num_kv_heads:
             raise ValueError(f"layer {layer} has {len(heads)} heads, expected num_kv_heads={num_kv_heads}")
         layer_lens = torch.tensor([int(h.numel()) for h in heads], dtype=torch.int64)
-        if not torch.equal(layer_lens, kept.head_budgets[layer].to(torch.int64)):
-            raise ValueError(f"layer {layer}: kept counts {layer_lens.tolist()} != head_budgets "
+        ko = key_only[layer] if key_only is not None else [torch.zeros(0, dtype=torch.int64)] * num_kv_heads
+        if len(ko) != num_kv_heads:
+            raise ValueError(f"layer {layer} has {len(ko)} key-only heads, expected num_kv_heads={num_kv_heads}")
+        layer_ko = torch.tensor([int(h.numel()) for h in ko], dtype=torch.int64)
+        if bool((layer_ko % 2).any()):
+            raise ValueError(f"layer {layer}: key-only counts {layer_ko.tolist()} are not even (two share a slot)")
+        slots = layer_lens + layer_ko // 2
+        if not torch.equal(slots, kept.head_budgets[layer].to(torch.int64)):
+            raise ValueError(f"layer {layer}: kept slots {slots.tolist()} != head_budgets "
                              f"{kept.head_budgets[layer].tolist()}")
-        counts = (layer_lens + block_size - 1) // block_size
+        counts = (slots + block_size - 1) // block_size
         try:
             pages = assign_head_pages(counts.tolist(), compact_block_ids, num_kv_heads)
         except CompactRegionOverflow as exc:
@@ -137,22 +191,28 @@ def plan_compaction(
         head_pages.append(pages)
         lens.append(layer_lens)
         gathers.append(_layer_gather(heads, pages, layer_lens, block_size))
-    sizes = torch.tensor([g.head.numel() for g in gathers], dtype=torch.int64)
-    offsets = torch.zeros(len(gathers) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(sizes, 0)
+        ko_lens.append(layer_ko)
+        ko_gathers.append(_key_only_gather(ko, pages, layer_lens, layer_ko, block_size))
     return CompactionPlan(
         block_size=block_size,
         num_kv_heads=num_kv_heads,
         compact_block_ids=[int(b) for b in compact_block_ids],
         head_pages=head_pages,
         lens=torch.stack(lens) if lens else torch.zeros(0, num_kv_heads, dtype=torch.int64),
-        layer=torch.repeat_interleave(torch.arange(len(gathers)), sizes),
-        head=_concat(gathers, "head"),
-        src_positions=_concat(gathers, "src_positions"),
-        dst_page=_concat(gathers, "dst_page"),
-        dst_slot=_concat(gathers, "dst_slot"),
-        offsets=offsets,
+        **_concatenated(gathers, ("head", "src_positions", "dst_page", "dst_slot")),
+        key_only=None if key_only is None else KeyOnlyPlan(
+            lens=torch.stack(ko_lens) if ko_lens else torch.zeros(0, num_kv_heads, dtype=torch.int64),
+            **_concatenated(ko_gathers, ("head", "src_positions", "dst_page", "dst_slot", "half"))),
     )
+
+
+def _concatenated(gathers: list[LayerGather], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``layer``, ``offsets`` and each of ``names`` of every layer's gather, concatenated."""
+    sizes = torch.tensor([g.head.numel() for g in gathers], dtype=torch.int64)
+    offsets = torch.zeros(len(gathers) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(sizes, 0)
+    out = {name: _concat(gathers, name) for name in names}
+    return {"layer": torch.repeat_interleave(torch.arange(len(gathers)), sizes), **out, "offsets": offsets}
 
 
 def _concat(gathers: list[LayerGather], name: str) -> torch.Tensor:
@@ -167,6 +227,19 @@ def _layer_gather(heads: list[torch.Tensor], pages: list[list[int]], lens: torch
     rank = torch.arange(int(lens.sum())) - starts[head]  # i: index of the token within its head
     src = torch.cat([h.to(torch.int64) for h in heads]) if num_kv_heads else torch.zeros(0, dtype=torch.int64)
     return LayerGather(head=head, src_positions=src, dst_page=table[head, rank // block_size], dst_slot=rank % block_size)
+
+
+def _key_only_gather(heads: list[torch.Tensor], pages: list[list[int]], whole: torch.Tensor, lens: torch.Tensor,
+                     block_size: int) -> KeyOnlyGather:
+    """Key-only token ``j`` of head ``g`` (``j``-th smallest position) to half ``j % 2`` of the
+    head's slot ``whole[g] + j // 2``."""
+    table = _padded(pages)
+    head = torch.repeat_interleave(torch.arange(len(heads)), lens)
+    rank = torch.arange(int(lens.sum())) - (torch.cumsum(lens, 0) - lens)[head]
+    slot = whole[head] + rank // 2
+    src = torch.cat([h.to(torch.int64) for h in heads]) if heads else torch.zeros(0, dtype=torch.int64)
+    return KeyOnlyGather(head=head, src_positions=src, dst_page=table[head, slot // block_size],
+                         dst_slot=slot % block_size, half=rank % 2)
 
 
 def _padded(pages: list[list[int]], width: int | None = None) -> torch.Tensor:

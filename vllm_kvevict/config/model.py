@@ -112,7 +112,7 @@ class EvictionConfig(BaseModel):
         "off",
         description="VECTOR: pooled tokens whose values a calibrated regression on the key rebuilds keep "
         "their key only (two per slot; memory equals plain eviction at the budget); served by the "
-        "reference engine only for now (docs/VECTOR.md)",
+        "reference engine and the plugin on vLLM-CPU (docs/VECTOR.md)",
     )
     vector_share: Optional[float] = Field(
         None,

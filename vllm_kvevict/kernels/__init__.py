@@ -33,7 +33,9 @@ one):
 
 - :func:`paged_decode_attention`: two-segment decode attention, GQA, split-K; its torch
   reference is built on :func:`masked_attention`, the one two-segment attention reference
-  (the CPU backend's head-granular rows attend through it too).
+  (the CPU backend's head-granular rows attend through it too). The Triton wrapper also reads
+  VECTOR's key-only tokens (two keys to a slot after each head's whole tokens, values rebuilt
+  from the keys in the kernel) given a :class:`~.key_only_decode.KeyOnlySegment`.
 - :func:`window_lse` then :func:`window_scores`, then :func:`pool_scores`: the window rows'
   log-sum-exp, the window attention statistics (sum, mean, max, sum of squares per KV head or
   per query head) for scoring in the last prefill chunk, and their pooling.

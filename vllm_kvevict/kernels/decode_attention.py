@@ -8,7 +8,7 @@ reduce kernel. Layout: see :mod:`vllm_kvevict.kernels`.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -235,8 +235,12 @@ def triton_paged_decode_attention(
     out: Optional[torch.Tensor] = None,
     num_warps: int = 4,
     num_stages: Optional[int] = 2,
+    key_only: Optional[Any] = None,
 ) -> torch.Tensor:
     """Triton version of :func:`torch_paged_decode_attention` (same arguments and result).
+
+    ``key_only``: VECTOR's key-only tokens after each head's ``compact_lens`` whole ones
+    (:class:`~vllm_kvevict.kernels.key_only_decode.KeyOnlySegment`), attended as one more split.
 
     ``num_splits``: programs per (request, KV head) along the tokens (split-K; the partial
     results are merged by a reduce kernel); ``None`` picks :func:`default_num_splits`.
@@ -260,9 +264,10 @@ def triton_paged_decode_attention(
     block_table = block_table.to(torch.int32).contiguous()
     tail_start = tail_start.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
-    if splits > 1:
-        part_o = torch.empty(B, H, splits, d, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    total = splits + (key_only is not None)  # the key-only tokens are the last split
+    if total > 1:
+        part_o = torch.empty(B, H, total, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(B, H, total, dtype=torch.float32, device=q.device)
     else:
         part_o = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
@@ -280,17 +285,20 @@ def triton_paged_decode_attention(
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         G=G, BLOCK_G=max(16, next_pow2(G)), num_kv_heads=Hkv, HEAD_DIM=d, BLOCK_D=BLOCK_D,
-        BLOCK_SIZE=bs, BLOCK_N=block_n, SPLIT=splits > 1,
+        BLOCK_SIZE=bs, BLOCK_N=block_n, SPLIT=total > 1,
         UPCAST=upcast_dot_operands(), PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
-    if splits > 1:
+    if key_only is not None:
+        key_only.launch(q, k_cache, v_cache, compact_pages, compact_lens, part_o, part_lse, splits,
+                        scale * 1.4426950408889634, block_n, num_warps)
+    if total > 1:
         _decode_reduce_kernel[(B, H)](
-            part_o, part_lse, out, splits,
+            part_o, part_lse, out, total,
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(splits),
+            HEAD_DIM=d, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(total),
             num_warps=4,
         )
     return out

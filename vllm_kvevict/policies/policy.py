@@ -66,6 +66,11 @@ class Policy:
             return plan_head_pages(scores, self.config, seq_len, self.block_size)
         return plan_kept(scores, self.config, seq_len)
 
+    def vector_artifact(self) -> Any:
+        """VECTOR's :class:`~vllm_kvevict.vector.VectorArtifact` (the one its residuals read, which
+        rebuilds key-only values at attention time), or ``None`` without VECTOR."""
+        return self.scorer.source.artifact() if isinstance(self.scorer, VectorResiduals) else None
+
     def evicted_blocks(self, scores: list[LayerScores], seq_len: int, budget: Optional[int] = None) -> list[int]:
         """Page granularity: sorted indices of the blocks of ``seq_len`` scored tokens to evict
         (positional after prefill; of the held blocks at decode time, with the ``budget`` of the

@@ -41,6 +41,18 @@ def routed_values(keys: list[torch.Tensor], values: list[torch.Tensor], key_only
     return out
 
 
+def entry_values(artifact: VectorArtifact, layer: int, keys: torch.Tensor, heads: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """``[M, d]`` float32: the values :func:`routed_values` gives key-only tokens, for ``M`` of
+    them given one by one: entry ``m`` is KV head ``heads[m]``'s cached key ``keys[m]`` at
+    ``positions[m]`` (the plugin's key-only head-pages rebuild their values with this at every
+    attention step). Same maths: :meth:`VectorArtifact.reconstruct`, every entry through its
+    own head's regression."""
+    num_kv_heads = int(artifact.weight.shape[1])
+    rebuilt = artifact.reconstruct(layer, keys.expand(num_kv_heads, -1, -1), positions)
+    return rebuilt[heads.to(torch.long), torch.arange(keys.shape[0])]
+
+
 def routed_cache(keys: list[torch.Tensor], values: list[torch.Tensor], whole: KeptIndices, key_only: KeptIndices,
                  artifact: VectorArtifact, reserve: int = 0) -> HeadCache:
     """A :class:`HeadCache` of the whole and key-only tokens (the latter with rebuilt values)."""

@@ -23,6 +23,26 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class KeyOnlyRegion:
+    """VECTOR's key-only tokens of a compacted request (:class:`~vllm_kvevict.cache.KeyOnlyGather`):
+    per layer ``[M_l]`` int64 (block, plane, slot, half) grouped by head, ``lens[l]`` per head,
+    and the position each was copied from (its value is rebuilt from its key at that position
+    by ``artifact``, a :class:`~vllm_kvevict.vector.VectorArtifact`, at every attention step)."""
+
+    block: list[torch.Tensor]
+    plane: list[torch.Tensor]
+    slot: list[torch.Tensor]
+    half: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    lens: torch.Tensor  # [L, Hkv]
+    artifact: Any
+
+    def heads(self, layer: int) -> torch.Tensor:
+        """``[M_l]`` the KV head of each of layer ``layer``'s entries."""
+        return torch.repeat_interleave(torch.arange(self.lens.shape[1]), self.lens[layer])
+
+
+@dataclass
 class CompactRegion:
     """Where a compacted request's kept entries live: per layer ``[N_l]`` int64 (block, plane,
     slot) grouped by head, ``lens[l]`` entries per head; and where its positional tail starts."""
@@ -40,21 +60,34 @@ class CompactRegion:
     #: within a head): prompt positions after the prompt's eviction, held positions after a
     #: decode-time recompaction.
     positions: list[torch.Tensor] = field(default_factory=list)
+    #: VECTOR's key-only tokens (``None`` without them); the fields above are the whole tokens.
+    key_only: Optional[KeyOnlyRegion] = None
 
     @classmethod
-    def from_plan(cls, plan: CompactionPlan, tail_start: int) -> "CompactRegion":
-        block, plane, slot, positions = [], [], [], []
-        for layer in range(plan.num_layers):
-            g = plan.layer_gather(layer)
-            block.append(g.dst_page // plan.num_kv_heads)
-            plane.append(g.dst_page % plan.num_kv_heads)
-            slot.append(g.dst_slot)
-            positions.append(g.src_positions.clone())
-        return cls(block, plane, slot, plan.lens.clone(), tail_start, tail_start // plan.block_size, positions)
+    def from_plan(cls, plan: CompactionPlan, tail_start: int, artifact: Any = None) -> "CompactRegion":
+        """The region ``plan`` fills; ``artifact``: VECTOR's, needed when the plan has key-only tokens."""
+        entries = [_entries(plan.layer_gather(layer), plan.num_kv_heads) for layer in range(plan.num_layers)]
+        block, plane, slot, positions = (list(t) for t in zip(*entries)) if entries else ([], [], [], [])
+        key_only = None
+        if plan.key_only is not None and int(plan.key_only.lens.sum()):
+            if artifact is None:
+                raise ValueError("a compaction with key-only tokens needs the VECTOR artifact that rebuilds them")
+            gathers = [plan.key_only.layer_gather(layer) for layer in range(plan.num_layers)]
+            ko_block, ko_plane, ko_slot, ko_positions = (list(t) for t in zip(*(_entries(g, plan.num_kv_heads)
+                                                                                 for g in gathers)))
+            key_only = KeyOnlyRegion(ko_block, ko_plane, ko_slot, [g.half.clone() for g in gathers], ko_positions,
+                                     plan.key_only.lens.clone(), artifact)
+        return cls(block, plane, slot, plan.lens.clone(), tail_start, tail_start // plan.block_size, positions,
+                   key_only)
 
     def head_positions(self, layer: int) -> list[torch.Tensor]:
         """Per KV head, the positions of layer ``layer``'s entries."""
         return list(torch.split(self.positions[layer], self.lens[layer].tolist()))
+
+
+def _entries(gather, num_kv_heads: int) -> tuple[torch.Tensor, ...]:
+    return (gather.dst_page // num_kv_heads, gather.dst_page % num_kv_heads, gather.dst_slot,
+            gather.src_positions.clone())
 
 
 @dataclass

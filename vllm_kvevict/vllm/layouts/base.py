@@ -12,7 +12,9 @@ the plugin does with a cache is built on those two operations here, once:
 * :meth:`PagedLayout.gather`: one request's positions ``0 .. length - 1`` for scoring;
 * :meth:`PagedLayout.compact`: copy kept entries into head-pages (the copy list checked by
   :func:`vllm_kvevict.cache.compact.copy_indices`; a layout whose K and V are head-major views
-  runs the one compaction, :func:`vllm_kvevict.cache.compact.compact_layer`);
+  runs the one compaction, :func:`vllm_kvevict.cache.compact.compact_layer`), VECTOR's key-only
+  tokens two to a slot (:meth:`PagedLayout.compact_key_only`, read back by
+  :meth:`PagedLayout.read_key_only`);
   :meth:`PagedLayout.compact_from`: the same from explicit sources (decode-time recompaction of
   a compact region + tail);
 * :meth:`PagedLayout.read_region` / :meth:`PagedLayout.read_tail`: what a compacted request
@@ -25,7 +27,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from vllm_kvevict.cache.compact import copy_indices
+from vllm_kvevict.cache.compact import copy_indices, pack_key_pairs, unpack_key_pairs
 from vllm_kvevict.cache.page_table import CompactionPlan
 
 
@@ -62,15 +64,50 @@ class PagedLayout(ABC):
 
     def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan, layer: int) -> None:
         """Copy layer ``layer``'s kept entries of ``plan`` from the request's positional
-        ``source_blocks`` into their head-pages, keys and values, in place. Every source is read
-        before any write; a destination block may not be a source block."""
+        ``source_blocks`` into their head-pages, keys and values (key-only tokens: their keys,
+        two to a slot), in place. Every source is read before any write; a destination block
+        may not be a source block."""
         gather = plan.layer_gather(layer)
+        pairs = self._key_only_reads(kv_cache, source_blocks, plan, layer)
+        if gather.head.numel():
+            c = copy_indices(gather, source_blocks, kv_cache.shape[0], self.num_kv_heads, self.block_size,
+                             kv_cache.device)
+            keys, values = self.read(kv_cache, c.src_block, c.head, c.src_slot)
+            self.write(kv_cache, c.dst_block, c.dst_plane, c.dst_slot, keys, values)
+        self._write_key_only(kv_cache, pairs)
+
+    def compact_key_only(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan,
+                         layer: int) -> None:
+        """Only the key-only part of :meth:`compact` (a layout that copies whole entries its own
+        way calls this after it: the sources are positional blocks, never compact ones)."""
+        self._write_key_only(kv_cache, self._key_only_reads(kv_cache, source_blocks, plan, layer))
+
+    def _key_only_reads(self, kv_cache, source_blocks, plan: CompactionPlan, layer: int):
+        """``(destinations, K-half rows, V-half rows)`` of layer ``layer``'s key-only slots, or ``None``."""
+        if plan.key_only is None:
+            return None
+        gather = plan.key_only.layer_gather(layer)
         if gather.head.numel() == 0:
-            return
+            return None
         c = copy_indices(gather, source_blocks, kv_cache.shape[0], self.num_kv_heads, self.block_size,
                          kv_cache.device)
-        keys, values = self.read(kv_cache, c.src_block, c.head, c.src_slot)
-        self.write(kv_cache, c.dst_block, c.dst_plane, c.dst_slot, keys, values)
+        whole = plan.layer_gather(layer).dst_page.to(kv_cache.device) // self.num_kv_heads
+        if bool(torch.isin(whole, c.src_block).any()):
+            raise ValueError("a compact block is also a source block of this compaction")
+        keys, _ = self.read(kv_cache, c.src_block, c.head, c.src_slot)
+        k_half, v_half = pack_key_pairs(keys, gather.half)
+        return (c.dst_block[0::2], c.dst_plane[0::2], c.dst_slot[0::2]), k_half, v_half
+
+    def _write_key_only(self, kv_cache, pairs) -> None:
+        if pairs is not None:
+            (block, plane, slot), k_half, v_half = pairs
+            self.write(kv_cache, block, plane, slot, k_half, v_half)
+
+    def read_key_only(self, kv_cache: torch.Tensor, block: torch.Tensor, plane: torch.Tensor, slot: torch.Tensor,
+                      half: torch.Tensor) -> torch.Tensor:
+        """``[M, d]`` the keys of key-only entries (``half``: which half of its slot each is in)."""
+        k_half, v_half = self.read(kv_cache, block, plane, slot)
+        return unpack_key_pairs(k_half, v_half, half)
 
     def compact_from(self, kv_cache: torch.Tensor, sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                      plan: CompactionPlan, layer: int) -> None:
@@ -78,6 +115,8 @@ class PagedLayout(ABC):
         ``plan.layer_gather(layer)`` in its order: a decode-time recompaction reads each head's
         compact region and the positional tail. Every source is read before any write; a
         destination block may not be a source block."""
+        if plan.key_only is not None:
+            raise ValueError("key-only tokens are not recompacted (VECTOR is not evicted during decode)")
         gather = plan.layer_gather(layer)
         if gather.head.numel() == 0:
             return

@@ -33,5 +33,7 @@ class SplitHeadDimLayout(PagedLayout):
         v_cache[block, plane, slot] = values.to(v_cache.dtype)
 
     def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan, layer: int) -> None:
-        """The one compaction on the K/V views (Triton on CUDA, its torch reference elsewhere)."""
+        """The one compaction on the K/V views (Triton on CUDA, its torch reference elsewhere);
+        key-only tokens, if any, after it (:meth:`PagedLayout.compact_key_only`)."""
         compact_layer(*self.key_value_views(kv_cache), source_blocks, plan, layer)
+        self.compact_key_only(kv_cache, source_blocks, plan, layer)

@@ -33,12 +33,14 @@ def injected(sink, stage: str) -> None:
 
 def check_compaction(kept, plan, length: int, num_blocks: int) -> None:
     """What must hold before a compacted request attends its head-pages (else it stays whole)."""
-    for layer, heads in enumerate(kept.indices):
-        for g, positions in enumerate(heads):
-            if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < length):
-                raise EvictionFailure("invariant", f"layer {layer} head {g} keeps a position outside the scored length")
+    for routes in (kept.indices, kept.key_only or []):  # whole tokens, then VECTOR's key-only ones
+        for layer, heads in enumerate(routes):
+            for g, positions in enumerate(heads):
+                if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < length):
+                    raise EvictionFailure("invariant",
+                                          f"layer {layer} head {g} keeps a position outside the scored length")
     most = max((sum(len(pages) for pages in layer) for layer in plan.head_pages), default=0)
     if most > num_blocks * plan.num_kv_heads:
         raise EvictionFailure("invariant", f"a layer uses {most} head-pages of {num_blocks} compact blocks")
-    if int(plan.lens.sum()) != kept.kept_tokens():
+    if int(plan.slots().sum()) != kept.kept_tokens():
         raise EvictionFailure("invariant", "the compact region does not hold every kept token")

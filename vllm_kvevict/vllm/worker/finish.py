@@ -194,12 +194,17 @@ def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, 
             raise EvictionFailure("compaction", f"{type(exc).__name__}: {exc}") from exc
         injected(sink, "invariant")
         check_compaction(kept, plan, state.prompt_len, len(block_ids))
+        try:
+            artifact = state.policy.vector_artifact() if plan.key_only is not None else None
+            region = CompactRegion.from_plan(plan, state.prompt_len, artifact)
+        except Exception as exc:
+            raise EvictionFailure("invariant", f"{type(exc).__name__}: {exc}") from exc
         sink.compaction_seconds += time.perf_counter() - copy_started
     except Exception:
         done.report.head_failed.add(req_id)
         raise
     if recorder is not None:
         recorder.kept[req_id] = kept
-    state.region = CompactRegion.from_plan(plan, state.prompt_len)
+    state.region = region
     state.settle(HEAD)
     done.report.head_compacted[req_id] = kept.head_budgets.flatten().tolist()
