@@ -116,7 +116,8 @@ def table(summary: list[dict], baselines: list[tuple[str, str]]) -> str:
                              f"[{v['diff_low']:+.2f}, {v['diff_high']:+.2f}] | {v['better']} / {v['worse']} / {v['tie']} | "
                              f"{v['sign_p']:.3f} |")
     kinds = sorted({t for e in summary for t in e["per_kind"]})
-    lines += ["", "Accuracy per kind (n per cell in the header; descriptive):", "",
+    lines += ["", "Accuracy per kind (descriptive; the header's n is the full cache's, a cell with fewer prompts "
+              "says so in the table above):", "",
               "| policy | allocation | budget | " + " | ".join(f"{t} (n={summary[0]['kind_n'].get(t, 0)})" for t in kinds) + " |",
               "|---|---|---|" + "---|" * len(kinds)]
     for e in summary:
