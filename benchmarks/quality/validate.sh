@@ -30,3 +30,13 @@ for n in $(seq 4 4 "$N"); do
 done
 python benchmarks/quality/report.py "$OUT" > /dev/null
 python benchmarks/quality/validate_table.py "$OUT" --baseline snapkv:adakv --baseline snapkv:uniform
+# the descriptive 2k slice (2 prompts per kind, defaults only; SKIP_2K=1 skips it)
+if [ "${SKIP_2K:-0}" != 1 ]; then
+  OUT2K=${OUT2K:-benchmarks/quality/results/validate-inside-2k}
+  python benchmarks/quality/run.py --target reference --out "$OUT2K" --engine-name validate-inside-2k --protocol prompt \
+    --kinds niah_single,niah_multivalue,qa --lengths 2048 --n-per 2 --seed 2 --budgets 0.05,0.1,0.2 \
+    --min-tokens 0 --granularities head --workers "${WORKERS:-2}" --no-report \
+    --policies laprox,value_aware,snapkv,criticalkv,keydiff
+  python benchmarks/quality/report.py "$OUT2K" > /dev/null
+  python benchmarks/quality/validate_table.py "$OUT2K"
+fi
