@@ -10,11 +10,11 @@ R=results
 report() { python report.py --no-plot "$@" > /dev/null; }
 for d in e2e-small e2e-small-kvpress e2e-small-vllm floor floor-bs32 prelim-all-scorers reference \
          reference-kvsettings vector-after vector-after-s1 vector-inside vector-inside-s1 vector-share0.02-after \
-         plugin-vs-reference/reference plugin-vs-reference/server plugin-vs-reference/server-3a62c8d; do
+         plugin-vs-reference/reference plugin-vs-reference/server plugin-vs-reference/server-3a62c8d validate-inside validate-inside-2k; do
   report "$R/$d" --out "$R/$d"
 done
 report $R/kvpress $R/reference-kvsettings --out $R/kvpress --compare kvpress,reference-kvsettings   # kvpress_compare.sh's pair
 report $R/e2e-small $R/e2e-small-kvpress $R/e2e-small-reference-prompt-page $R/e2e-small-vllm --out $R/e2e-small-all
 # RESULTS.md's and VECTOR.md's commands
-report $R/reference $R/kvpress $R/reference-kvsettings $R/lkv-after $R/lkv-inside --out . --compare kvpress,reference-kvsettings
+report $R/reference $R/kvpress $R/reference-kvsettings $R/lkv-after $R/lkv-inside $R/validate-inside $R/validate-inside-2k --out . --compare kvpress,reference-kvsettings
 report $R/vector-after $R/vector-inside $R/vector-after-s1 $R/vector-inside-s1 --out vector
