@@ -27,21 +27,38 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def window_attention(inputs: LayerInputs, window: int) -> torch.Tensor:
     """Softmax attention of the last ``window`` queries over all ``L`` keys, causal in the window.
 
+    kvpress's ``compute_window_attention`` (``repeat_kv`` of the keys, a batch of ``[W, d] x
+    [d, L]`` products, one per query head; scale; add a ``-inf`` triangle; softmax) without its
+    copies: the ``G`` query heads of a KV head are one batch against that head's keys read in
+    place (a stride-0 batch, never repeated), and scale, mask and softmax run in place. Every
+    product keeps kvpress's shape, so each logit is the same dot product and each softmax row
+    the same row: the floats equal kvpress's order (tests/unit/test_policies_window_attention.py;
+    tests/parity checks the kept sets).
+
     Returns
     -------
     ``[H, W, L]`` float32: ``A[h, t, j]``, query ``t`` sits at position ``L - W + t``.
     """
+    keys = inputs.keys.float()
+    hkv, length, dim = keys.shape
     queries = inputs.queries[:, -window:].float()
-    keys = repeat_kv(inputs.keys.float(), inputs.group_size)
-    length, w = keys.shape[1], queries.shape[1]
-    logits = torch.matmul(queries.unsqueeze(0), keys.unsqueeze(0).transpose(2, 3))
+    heads, w = queries.shape[0], queries.shape[1]
+    groups = heads // hkv
+    if groups * hkv != heads:
+        raise ValueError(f"queries have {heads} heads, not a multiple of the keys' {hkv} KV heads")
+    logits = torch.empty(heads, w, length, device=keys.device)
+    for g in range(hkv):
+        rows = slice(g * groups, (g + 1) * groups)
+        torch.bmm(queries[rows], keys[g].T.expand(groups, dim, length), out=logits[rows])
     if inputs.scale is None:
-        logits = logits / math.sqrt(inputs.head_dim)
+        logits.div_(math.sqrt(inputs.head_dim))
     else:
-        logits = logits * inputs.scale
-    mask = torch.triu(torch.full((w, length), float("-inf")), diagonal=length - w + 1)
-    logits = logits + mask
-    return F.softmax(logits, dim=-1, dtype=torch.float32)[0]
+        logits.mul_(inputs.scale)
+    # kvpress adds triu(-inf, diagonal=L-W+1) over [W, L]; x + 0 is x, so only the triangle in
+    # the window's own columns changes.
+    causal = torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1)
+    logits[:, :, length - w :].masked_fill_(causal, float("-inf"))
+    return torch.softmax(logits, dim=-1, out=logits)
 
 
 def pool_tokens(scores: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
