@@ -90,17 +90,16 @@ def run_one(engine, task, prefilled, setting: dict, block_size: int) -> dict:
                distinct_names=len({it.name.lower() for it in items}), decode_evictions=len(gen.decode_evictions),
                output=listed)
     if question is None:
-        row.update(question=None, field=None, item_number=None, expected=None, answer="", score=0.0)
+        row.update(question=None, item_number=None, expected=None, answer="", score=0.0)
     else:
         forced = followup_ids(engine.tokenizer, question, ended_turn=row["ended_turn"])
         held_before = int(gen.state.cache.stores[0][0].length)
         answer = engine.continue_generation(gen.state, forced, ANSWER_TOKENS)
         text = engine.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
-        row.update(question=question.question, answer_prefix=question.answer_prefix, field=question.field, item_number=question.item.number,
+        row.update(question=question.question, answer_prefix=question.answer_prefix, item_number=question.item.number,
                    expected=question.answer, answer=answer_line(text), score=float(is_correct(question, text)),
                    held_at_question=held_before, followup_tokens=len(forced),
-                   decode_evictions=len(gen.decode_evictions) + len(answer.decode_evictions),
-                   same_value_items=sum(getattr(it, question.field).lower() == question.answer.lower() for it in items))
+                   decode_evictions=len(gen.decode_evictions) + len(answer.decode_evictions))
     row["wall_s"] = round(time.time() - t0, 2)
     return row
 
@@ -110,7 +109,7 @@ def prior_row(engine, task, stock: dict) -> dict:
     from vllm_kvevict.evaluation.scoring import answer_found
     from vllm_kvevict.evaluation.self_recall import Item, Question
 
-    q = Question(Item(stock["item_number"], "", "", ""), stock["field"], stock["question"], stock["answer_prefix"])
+    q = Question(Item(stock["item_number"], "", "", ""), stock["question"], stock["answer_prefix"])
     text = engine.tokenizer.apply_chat_template(prior_messages(q), tokenize=False, continue_final_message=True)
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     gen = engine.generate(engine.prefill(ids, keep_queries=1), EvictionConfig(), ANSWER_TOKENS)
@@ -135,7 +134,7 @@ def main(argv=None) -> None:
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--items", type=int, default=40, help="items the prompt asks for")
-    ap.add_argument("--max-new-tokens", type=int, default=384, help="tokens of the list")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="tokens of the list (it may end sooner)")
     ap.add_argument("--shard", default="0/1", help="i/k: this process runs prompts i, i+k, ...")
     ap.add_argument("--max-seconds", type=float, default=0, help="stop between settings after this long (0: never)")
     ap.add_argument("--report-only", action="store_true")

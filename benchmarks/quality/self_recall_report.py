@@ -4,7 +4,7 @@ Only prompts whose stock (full-cache) run has a question count (a list with no e
 unique name has none; such prompts are counted and left out of every setting). Per setting: n,
 accuracy, its 95% Wilson interval and a bootstrap interval over prompts, retention = accuracy /
 stock's, the paired difference to stock on the same prompts with its bootstrap interval, how
-often the run asked the same question as stock (the same early item and field: the list's start
+often the run asked the same question as stock (the same early item: the list's start
 is written before the first eviction, so it is usually the same), and the mean tokens held when
 the question came. Rows go to ``OUT/summary.json`` and, replacing the earlier ``self-recall`` rows,
 to ``benchmarks/quality/summary.json`` (the rows of ``report.py``, ``protocol: self-recall``).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_kvevict.evaluation.self_recall import (
-    EARLY_ITEMS, Item, Question, answer_line, choose_question, followup_ids, is_correct, make_task, parse_items,
+    EARLY_ITEMS, GIVEN, Item, Question, answer_line, choose_question, followup_ids, is_correct, make_task, parse_items,
     prior_messages)
 
 LIST = """1. Anna Berg, baker, Lyon
@@ -28,13 +28,18 @@ def tokenizer(smollm2_dir):
 def test_tasks_are_seeded_and_differ(tokenizer):
     a, b = make_task(tokenizer, 7), make_task(tokenizer, 7)
     assert a == b
-    others = {make_task(tokenizer, s).reply_start for s in range(8)}
-    assert len(others) >= 6  # the seeded first line sends each prompt down another list
-    assert a.reply_start.startswith("1. ") and a.reply_start.endswith("\n2.")
-    assert tokenizer.decode(a.prompt_ids).endswith(a.reply_start)
-    assert 50 < len(a.prompt_ids) < 300
+    assert len({make_task(tokenizer, s).user for s in range(8)}) == 8
+    people = a.user.split("\n\n")[0].split("\n")[1:]
+    given = parse_items("\n".join(f"{i}. {p}" for i, p in enumerate(people, 1)))
+    assert len(given) == GIVEN
+    for field in ("name", "job", "city"):
+        assert len({getattr(it, field) for it in given}) == GIVEN  # distinct names, jobs, cities
+    assert a.reply_start == "1." and tokenizer.decode(a.prompt_ids).endswith("<|im_start|>assistant\n1.")
+    assert 80 < len(a.prompt_ids) < 300
+    with pytest.raises(ValueError, match="given"):
+        make_task(tokenizer, 0, given=3)
     with pytest.raises(ValueError, match="n_items"):
-        make_task(tokenizer, 0, n_items=3)
+        make_task(tokenizer, 0, n_items=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         make_task(tokenizer, 0, max_new_tokens=0)
 
@@ -47,12 +52,13 @@ def test_parse_items_reads_whole_lines_only():
     assert parse_items("no list here\n1. only, two") == []
 
 
-def test_question_is_about_an_early_item_whose_name_and_answer_are_unique():
+def test_question_is_about_an_early_item_whose_name_and_line_are_unique():
     items = parse_items(LIST)
-    asked = {(q.item.number, q.field) for q in (choose_question(items, seed) for seed in range(80))}
-    # item 1 was forced, not the model's; item 4's name repeats at 7; 5's job (actress) and 6's
-    # city (Tokyo) are in other items
-    assert asked <= {(2, "job"), (2, "city"), (3, "job"), (3, "city"), (5, "city"), (6, "job")} and len(asked) >= 4
+    asked = {choose_question(items, seed).item.number for seed in range(80)}
+    # item 1 was forced, not the model's; item 4's name repeats at 7; the seed starts at 2, 3 or 4
+    assert asked <= {2, 3, 5} and len(asked) >= 2
+    repeated = parse_items(LIST.replace("5. Gina Gina, actress, New York", "5. Gina Gina, actress, Tokyo"))
+    assert {choose_question(repeated, s).item.number for s in range(80)} <= {2, 3, 6}  # "actress, Tokyo" repeats
     assert choose_question(items, 3) == choose_question(items, 3)
     late = [Item(n, f"P{n}", f"job{n}", f"city{n}") for n in range(1, 20)]
     assert all(choose_question(late, s).item.number <= EARLY_ITEMS for s in range(30))
@@ -62,23 +68,20 @@ def test_question_is_about_an_early_item_whose_name_and_answer_are_unique():
     assert choose_question([], 0) is None
 
 
-def test_question_text_names_the_person_and_field():
+def test_question_asks_for_the_rest_of_the_line():
     q = choose_question(parse_items(LIST), 5)
-    assert q.item.name in q.question and q.item.name in q.answer_prefix
-    assert q.answer == getattr(q.item, q.field)
-    assert ("job" in q.question) == (q.field == "job")
+    assert q.item.name in q.question
+    assert q.answer_prefix == f"{q.item.number}. {q.item.name},"
+    assert q.answer == f"{q.item.job}, {q.item.city}"
     assert prior_messages(q)[-1] == {"role": "assistant", "content": q.answer_prefix}
 
 
 def test_scoring_reads_the_first_line_on_word_boundaries():
-    q = Question(Item(2, "Ben Brumm", "chef", "New York"), "city", "?", "In my list, the home city of Ben Brumm is")
-    assert is_correct(q, " New York.")
-    assert is_correct(q, " new york, a big city")
-    assert not is_correct(q, " Tokyo.\nBut New York too")  # only the first line counts
-    assert not is_correct(q, " New Yorkshire")
-    j = Question(Item(2, "Ben Brumm", "chef", "Paris"), "job", "?", "")
-    assert not is_correct(j, " a sous-chefs")
-    assert is_correct(j, " a chef")
+    q = Question(Item(2, "Ben Brumm", "chef", "New York"), "?", "2. Ben Brumm,")
+    assert is_correct(q, " chef, New York")
+    assert is_correct(q, " Chef, new york\n3. Ana")
+    assert not is_correct(q, " chef, Tokyo\nchef, New York")  # only the first line counts
+    assert not is_correct(q, " chef, New Yorkshire")
     assert answer_line("\n  a chef\nmore") == "a chef"
 
 

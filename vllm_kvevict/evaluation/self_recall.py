@@ -4,20 +4,22 @@ A seeded prompt asks for a long numbered list of made-up people, ``N. First Last
 the assistant's reply starts with one seeded line (``1. Anna Berg, baker, Lyon\\n2.``) so that
 every seed sends the model down a different list. The model writes the rest greedily (the long
 output, decode-time eviction at work). Then a follow-up turn is run as forced tokens on the same
-cache (the assistant turn closed, a user turn asking e.g. "In your list, what is the job of Ben
-Brumm?", and an answer prefix "In my list, the job of Ben Brumm is"), and the answer is decoded.
-It is right when its first line holds what the model wrote for that person (case-insensitive, on
-word boundaries, :func:`~vllm_kvevict.evaluation.scoring.answer_found`).
+cache (the assistant turn closed, a user turn "Repeat the line of your list about Ben Brumm.",
+and the answer prefix "2. Ben Brumm,": the start of that line), and the answer is decoded. It
+is right when its first line holds the rest of the line the model wrote, ``chef, Paris``
+(case-insensitive, on word boundaries, :func:`~vllm_kvevict.evaluation.scoring.answer_found`).
+(A question in words, "what is the job of Ben Brumm?", was tried first: SmolLM2-135M answered
+it from its last lines, wrong even at full cache.)
 
 The question is parsed from the run's own output (:func:`choose_question`): a person written
-by the model (item 2 on, among the first :data:`EARLY_ITEMS`) whose name and asked value (job or
-city) appear in no other item, from a seeded item number on. A run whose output has no such
-item has no question (:func:`choose_question` returns ``None``).
+by the model (item 2 on, among the first :data:`EARLY_ITEMS`) whose name and ``job, city``
+appear in no other item, from a seeded item number on. A run whose output has no such item has
+no question (:func:`choose_question` returns ``None``).
 
 What a 135M model does (benchmarks/quality/SELF_RECALL.md): it writes 2-5 distinct people, then
-loops on one line ("Kyle Benson, chef, Tokyo") to the end; its jobs and cities come from a small
-set, so an answer can be right by guessing: :func:`prior_messages` is the same question with no
-list before it, the guess rate to read beside the accuracies.
+loops on one line ("Kyle Benson, chef, Tokyo") to the end, and it recalls an early line only
+over short outputs, even at full cache; :func:`prior_messages` is the same question with no list
+before it, the guess rate to read beside the accuracies.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ JOBS = ("baker", "nurse", "teacher", "pilot", "farmer", "lawyer", "painter", "pl
         "engineer", "librarian", "tailor", "mechanic", "florist", "architect")
 CITIES = ("Lyon", "Oslo", "Lima", "Cairo", "Dublin", "Kyoto", "Porto", "Quebec", "Nairobi", "Seville",
           "Bergen", "Austin", "Krakow", "Hanoi", "Perth", "Zurich")
-FIELDS = ("job", "city")
-#: A question is about one of the first items (the model's own from item 2).
+#: A question is about one of the first items (from item 2: the answer is not the first line).
 EARLY_ITEMS = 6
+#: People the prompt gives (the model copies them first, then makes up more).
+GIVEN = 6
 #: Item numbers the seeded question starts looking from.
 FIRST_ASKED = (2, 3, 4)
 #: Greedy tokens of the answer.
@@ -60,16 +63,16 @@ class Item:
 
 @dataclass(frozen=True)
 class Question:
-    """A question about one item: ``answer`` is what the model wrote in ``field``."""
+    """Asks for one item's line again: the answer prefix is the line's start (``"3. Ben Brumm,"``)
+    and ``answer`` the rest the model wrote (``"chef, Paris"``)."""
 
     item: Item
-    field: str
     question: str
     answer_prefix: str
 
     @property
     def answer(self) -> str:
-        return getattr(self.item, self.field)
+        return f"{self.item.job}, {self.item.city}"
 
 
 @dataclass(frozen=True)
@@ -98,16 +101,27 @@ class SelfRecallTask:
         return f"self-recall-{self.n_items}-{self.max_new_tokens}-{self.seed}"
 
 
-def make_task(tokenizer, seed: int, n_items: int = 40, max_new_tokens: int = 384) -> SelfRecallTask:
-    """The prompt of ``seed``: the same arguments always give the same task."""
-    if n_items < EARLY_ITEMS:
-        raise ValueError(f"n_items must be >= {EARLY_ITEMS} (the questions are about the first {EARLY_ITEMS}), got {n_items}")
+def make_task(tokenizer, seed: int, n_items: int = 40, max_new_tokens: int = 256, given: int = GIVEN) -> SelfRecallTask:
+    """The prompt of ``seed``: the same arguments always give the same task.
+
+    The user message gives ``given`` seeded people (distinct names, jobs and cities) and asks
+    for them as a numbered list, then more made-up ones to ``n_items``; the reply starts with
+    ``"1."``. The model writes the list itself: its first lines are its copy of the given
+    people (what a question asks about), the rest what it makes up.
+    """
+    if not EARLY_ITEMS <= given <= min(len(JOBS), len(CITIES), len(FIRST_NAMES)):
+        raise ValueError(f"given must be between {EARLY_ITEMS} and {min(len(JOBS), len(CITIES))}, got {given}")
+    if n_items < given:
+        raise ValueError(f"n_items must be >= given ({given}), got {n_items}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     rng = random.Random(f"self-recall-{seed}")
-    first = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}, {rng.choice(JOBS)}, {rng.choice(CITIES)}"
-    user = f"Write a list of {n_items} made-up people, one per line, each with a job and a home city."
-    reply_start = f"1. {first}\n2."
+    people = [f"{f} {l}, {j}, {c}" for f, l, j, c in zip(rng.sample(FIRST_NAMES, given), rng.sample(LAST_NAMES, given),
+                                                          rng.sample(JOBS, given), rng.sample(CITIES, given))]
+    user = (f"Here are {given} people, each with a job and a home city:\n" + "\n".join(people) +
+            f"\n\nWrite them as a numbered list, one per line, then go on with {n_items - given} more made-up "
+            "people in the same form.")
+    reply_start = "1."
     text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True) + reply_start
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -123,35 +137,29 @@ def parse_items(text: str) -> list[Item]:
 def choose_question(items: list[Item], seed: int) -> Optional[Question]:
     """The seeded question about ``items`` (the run's own parsed list), or ``None``.
 
-    Candidates: (item, field) of items numbered 2 .. :data:`EARLY_ITEMS` (the model's own, early),
-    at their first occurrence, whose name is in no other item and whose value of that field is in
-    no other item (case-insensitive): the answer is nowhere else in the list, so the list's later
-    lines (a 135M model loops on one line) cannot give it away. The seed picks a starting item
-    number from :data:`FIRST_ASKED` and a preferred field; the first candidate from that number
-    on is asked (the preferred field first), else the last one before it.
+    Candidates: items numbered 2 .. :data:`EARLY_ITEMS` (the model's own, early), at their first
+    occurrence, whose name is in no other item and whose ``job, city`` is in no other item
+    (case-insensitive): the answer is nowhere else in the list, so the list's later lines (a
+    135M model loops on one line) cannot give it away. The seed picks a starting item number
+    from :data:`FIRST_ASKED`; the first candidate from that number on is asked, else the last
+    one before it.
     """
-    rng = random.Random(f"self-recall-question-{seed}")
-    start, preferred = rng.choice(FIRST_ASKED), rng.choice(FIELDS)
-    fields = (preferred,) + tuple(f for f in FIELDS if f != preferred)
-    count = {f: [getattr(it, f).lower() for it in items] for f in ("name",) + FIELDS}
+    start = random.Random(f"self-recall-question-{seed}").choice(FIRST_ASKED)
+    names = [it.name.lower() for it in items]
+    lines = [f"{it.job}, {it.city}".lower() for it in items]
     seen: set[int] = set()
     candidates = []
-    for it in items:
+    for it, name, line in zip(items, names, lines):
         if it.number in seen:
             continue
         seen.add(it.number)
-        if not 2 <= it.number <= EARLY_ITEMS or count["name"].count(it.name.lower()) != 1:
-            continue
-        candidates += [(it, f) for f in fields if count[f].count(getattr(it, f).lower()) == 1]
+        if 2 <= it.number <= EARLY_ITEMS and names.count(name) == 1 and lines.count(line) == 1:
+            candidates.append(it)
     if not candidates:
         return None
-    later = [c for c in candidates if c[0].number >= start]
-    item, field = later[0] if later else candidates[-1]
-    if field == "job":
-        return Question(item, field, f"In your list, what is the job of {item.name}?",
-                        f"In my list, the job of {item.name} is")
-    return Question(item, field, f"In your list, what is the home city of {item.name}?",
-                    f"In my list, the home city of {item.name} is")
+    later = [it for it in candidates if it.number >= start]
+    item = later[0] if later else candidates[-1]
+    return Question(item, f"Repeat the line of your list about {item.name}.", f"{item.number}. {item.name},")
 
 
 def answer_line(text: str) -> str:
