@@ -1,7 +1,9 @@
 """The self-recall table, plot and summary rows, from ``self_recall.py``'s result rows.
 
 Only prompts whose stock (full-cache) run has a question count (a list with no early item of a
-unique name has none; such prompts are counted and left out of every setting). Per setting: n,
+unique name and line has none), and whose stock list is at least one decode interval long (a
+shorter one ended before any decode-time eviction, in every setting, as every run is stock's
+until its first eviction); the others are counted and left out of every setting. Per setting: n,
 accuracy, its 95% Wilson interval and a bootstrap interval over prompts, retention = accuracy /
 stock's, the paired difference to stock on the same prompts with its bootstrap interval, how
 often the run asked the same question as stock (the same early item: the list's start
@@ -52,7 +54,10 @@ def label(setting: tuple) -> str:
 
 def summarize(rows: list[dict]) -> tuple[list[dict], dict]:
     stock = {r["uid"]: r for r in rows if r["policy"] == "none"}
-    asked = {uid for uid, r in stock.items() if r["question"] is not None}
+    interval = min((r["decode_interval"] for r in rows if r["decode_interval"] > 0), default=0)
+    with_question = {uid for uid, r in stock.items() if r["question"] is not None}
+    # a list that ended before the first interval met no decode-time eviction in any setting
+    asked = {uid for uid in with_question if stock[uid]["generated_tokens"] >= interval}
     cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         if r["uid"] in asked:
@@ -85,13 +90,15 @@ def summarize(rows: list[dict]) -> tuple[list[dict], dict]:
                         mean_held_at_question=sum(held) / len(held) if held else None,
                         mean_items=sum(by_uid[u]["items"] for u in uids) / n,
                         mean_wall_s=sum(by_uid[u]["wall_s"] for u in uids) / n))
-    info = dict(prompts=len(stock), with_question=len(asked))
+    info = dict(prompts=len(stock), with_question=len(with_question), evicted_before_question=len(asked))
     return out, info
 
 
 def table(summary: list[dict], info: dict, prior: list[dict]) -> str:
     lines = [f"Prompts: {info['prompts']} run at full cache, {info['with_question']} with a question "
-             "(an early item of a unique name); every row below is on those.", "",
+             f"(an early item of a unique name and line), {info['evicted_before_question']} of them with a list "
+             "of at least one decode interval (shorter ones ended before any decode-time eviction, in "
+             "every setting: left out); every row below is on those.", "",
              "| setting | n | accuracy | 95% Wilson | 95% bootstrap | retention | vs stock (paired) | "
              "same question | held at question | generated | items | s/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

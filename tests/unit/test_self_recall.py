@@ -113,10 +113,12 @@ def _row(uid, policy, budget, score, question="q?"):
 def test_report_counts_only_prompts_stock_could_ask(tmp_path):
     from benchmarks.quality.self_recall_report import bootstrap, summarize, update_summary
 
+    short = dict(_row("d", "none", 1.0, 1.0), generated_tokens=40)  # ended before the first interval
     rows = [_row("a", "none", 1.0, 1.0), _row("b", "none", 1.0, 0.0), _row("c", "none", 1.0, 0.0, question=None),
+            short, _row("d", "snapkv", 128.0, 1.0),
             _row("a", "snapkv", 128.0, 0.0), _row("b", "snapkv", 128.0, 0.0), _row("c", "snapkv", 128.0, 1.0)]
     summary, info = summarize(rows)
-    assert info == {"prompts": 3, "with_question": 2}
+    assert info == {"prompts": 4, "with_question": 3, "evicted_before_question": 2}
     stock, snap = summary
     assert (stock["policy"], stock["n"], stock["accuracy"], stock["retention"]) == ("none", 2, 0.5, 1.0)
     assert (snap["n"], snap["accuracy"], snap["retention"], snap["diff_vs_stock"]) == (2, 0.0, 0.0, -0.5)
