@@ -17,4 +17,5 @@ report $R/kvpress $R/reference-kvsettings --out $R/kvpress --compare kvpress,ref
 report $R/e2e-small $R/e2e-small-kvpress $R/e2e-small-reference-prompt-page $R/e2e-small-vllm --out $R/e2e-small-all
 # RESULTS.md's and VECTOR.md's commands
 report $R/reference $R/kvpress $R/reference-kvsettings $R/lkv-after $R/lkv-inside $R/validate-inside $R/validate-inside-2k --out . --compare kvpress,reference-kvsettings
+python self_recall.py --report-only > /dev/null   # SELF_RECALL.md: its rows of ./summary.json again (protocol self-recall)
 report $R/vector-after $R/vector-inside $R/vector-after-s1 $R/vector-inside-s1 --out vector

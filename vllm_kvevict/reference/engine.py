@@ -23,6 +23,7 @@ import torch
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.lkv.identity import ModelIdentity
 from vllm_kvevict.policies.base import LayerInputs
+from vllm_kvevict.reference.continuation import Continuation, Continued, continuation_of, continue_forced
 from vllm_kvevict.reference.decode_eviction import Chooser, DecodeEviction, DecodeEvictor, greedy_decode_evicting
 from vllm_kvevict.reference.forward import greedy_decode, run_prompt, run_tokens
 from vllm_kvevict.reference.head_cache import HeadCache
@@ -54,6 +55,8 @@ class Generation:
     decode_evictions : the decode-time evictions, in order (``config.decode_interval > 0``).
     key_only : VECTOR: ``key_only[layer][kv_head]`` the prompt indices kept as a key alone
         (a subset of ``kept``); ``None`` otherwise.
+    state : where it stopped, to go on with :meth:`ReferenceEngine.continue_generation`
+        (``return_state``).
     """
 
     token_ids: list[int]
@@ -66,6 +69,7 @@ class Generation:
     cache: Optional[HeadCache] = None
     decode_evictions: list[DecodeEviction] = field(default_factory=list)
     key_only: Optional[KeptIndices] = None
+    state: Optional[Continuation] = None
 
 
 class ReferenceEngine:
@@ -148,6 +152,7 @@ class ReferenceEngine:
         return_logits: bool = False,
         return_cache: bool = False,
         decode_choices: Optional[Chooser] = None,
+        return_state: bool = False,
     ) -> Generation:
         """Evict with ``config``, then decode greedily.
 
@@ -160,6 +165,8 @@ class ReferenceEngine:
         block_size : page size for ``granularity="page"``.
         decode_choices : forces each decode-time eviction's evicted blocks (``config.decode_interval
             > 0``; :mod:`~vllm_kvevict.reference.decode_eviction`), e.g. the served plugin's.
+        return_state : keep the cache (and the decode-time evictor) to continue this generation
+            (:meth:`continue_generation`).
         """
         if kept is None:
             kept = self.kept_set(prefilled, config, block_size)
@@ -207,9 +214,18 @@ class ReferenceEngine:
             prompt_len=L,
             logits=step_logits if return_logits else None,
             cache=cache if return_cache else None,
-            decode_evictions=evictor.evictions if evictor is not None else [],
+            decode_evictions=list(evictor.evictions) if evictor is not None else [],
             key_only=key_only,
+            state=continuation_of(cache, evictor, tokens, position) if return_state else None,
         )
+
+    def continue_generation(self, state: Continuation, forced_ids: TokenIds, max_new_tokens: int,
+                            stop_on_eos: bool = True) -> Continued:
+        """Go on from ``state`` (a :class:`Generation`'s, or a previous continuation's): its last
+        token and ``forced_ids`` are run on its cache as if chosen (decode-time eviction goes on
+        over them), then up to ``max_new_tokens`` greedy tokens. ``state`` is advanced in place."""
+        stop_ids = self.eos_token_ids if stop_on_eos else frozenset()
+        return continue_forced(self.parts, state, _as_ids(forced_ids).tolist(), max_new_tokens, stop_ids)
 
 
 def _as_ids(ids: TokenIds) -> torch.Tensor:
