@@ -207,7 +207,7 @@ class EvictionConfig(BaseModel):
                 f"0 with scorer {self.scorer!r}: decode-time eviction supports " + ", ".join(DECODE_SCORERS),
             )
         if self.scorer == "criticalkv":
-            # h2o's decode-time sums are gathered for an h2o request, not for a base inside criticalkv
+            # over h2o: its needs would carry h2o's sums, but no decode exactness test covers it yet
             bases = [b for b in (HEAD_DECODE_SCORERS if self.resolved_granularity == "head" else DECODE_SCORERS)
                      if b not in ("criticalkv", "h2o")]
             if self.criticalkv_base not in bases:

@@ -27,7 +27,7 @@ from vllm_kvevict.vllm.worker.failure import (  # noqa: F401 (STAGES re-exported
     injected,
     layer_scores,
 )
-from vllm_kvevict.vllm.worker.requests import HEAD, PAGE, WHOLE, RequestTable
+from vllm_kvevict.vllm.worker.requests import HEAD, WHOLE, RequestTable
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ def _keep_whole(state) -> None:
     decode, so its first interval recompacts it (the scheduler marks it the same way), else
     whole."""
     if state.decode is not None:
-        state.evicted = torch.zeros(0, dtype=torch.long)
-        state.settle(PAGE)
+        state.settle_pages()
     else:
         state.settle(WHOLE)
 
@@ -137,8 +136,7 @@ def _keep_prompt(row, table: RequestTable, block_size: int, num_layers: int, don
         if recorder is not None:
             recorder.failures[row.req_id] = f"prompt sums {exc.stage}: {exc}"
         return
-    state.evicted = torch.zeros(0, dtype=torch.long)
-    state.settle(PAGE)
+    state.settle_pages()
 
 
 def _evict_pages(req_id: str, state, scores, block_size: int, done: FinishedStep, recorder: Any,
@@ -156,8 +154,7 @@ def _evict_pages(req_id: str, state, scores, block_size: int, done: FinishedStep
     if sorted(set(evicted)) != list(evicted) or (evicted and not 0 <= evicted[0] <= evicted[-1] < last_block):
         raise EvictionFailure("invariant", f"evicted blocks {evicted} are not sorted full blocks before {last_block}")
     start_attention_sums(state, sink, list(evicted), chunk_end, block_size, len(scores))  # h2o during decode
-    state.evicted = torch.tensor(evicted, dtype=torch.long)
-    state.settle(PAGE)
+    state.settle_pages(evicted)
     done.report.evicted[req_id] = evicted
     if not evicted:
         done.nothing_evicted.add(req_id)

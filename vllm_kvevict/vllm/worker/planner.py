@@ -76,8 +76,7 @@ def plan_step(table: RequestTable, rows: Sequence[BatchRow], block_size: int, mo
             if state.observations is None:  # prompt_eviction "off": the prompt stays whole
                 state.observed_until = seq_len
                 if seq_len >= state.prompt_len:
-                    state.evicted = torch.zeros(0, dtype=torch.long)
-                    state.settle(PAGE)
+                    state.settle_pages()
                 continue
             observation = _observation(state, batch_row, seq_len, block_size)
             if observation is not None:

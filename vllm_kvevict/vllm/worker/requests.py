@@ -53,6 +53,12 @@ class RequestState:
         """Leave the observing state (its observations are dropped)."""
         self.status, self.observations = status, None
 
+    def settle_pages(self, evicted: Iterable[int] = ()) -> None:
+        """Settle *page* with ``evicted`` positional blocks dropped (none: positional, every
+        position held, as a prompt kept whole that evicts during decode)."""
+        self.evicted = torch.tensor(list(evicted), dtype=torch.long)
+        self.settle(PAGE)
+
 
 class RequestTable:
     """Requests that may evict, by request id."""
