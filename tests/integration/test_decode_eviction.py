@@ -20,7 +20,15 @@ import pytest
 import torch
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, random_prompt, record_evictions, scheduler
+from vllm_kvevict.vllm.inprocess import (
+    block_pool,
+    held_blocks,
+    open_llm,
+    random_prompt,
+    record_evictions,
+    recorded_key,
+    scheduler,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +68,8 @@ def _greedy(max_tokens: int, extra: dict):
 
 
 def _history(recorded: dict, request_id: str):
-    keys = [k for k in recorded if k == request_id or k.startswith(f"{request_id}-")]
-    return recorded[keys[-1]] if keys else None
+    key = recorded_key(recorded, request_id)
+    return recorded[key] if key is not None else None
 
 
 @pytest.fixture(scope="module")

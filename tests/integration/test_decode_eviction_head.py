@@ -28,6 +28,7 @@ from vllm_kvevict.vllm.inprocess import (
     open_llm,
     random_prompt,
     record_evictions,
+    recorded_key,
     run_until_done,
     scheduler,
 )
@@ -72,8 +73,8 @@ def _greedy(max_tokens: int, extra: dict):
 
 
 def _history(recorded: dict, request_id: str):
-    keys = [k for k in recorded if k == request_id or k.startswith(f"{request_id}-")]
-    return recorded[keys[-1]] if keys else None
+    key = recorded_key(recorded, request_id)
+    return recorded[key] if key is not None else None
 
 
 def _held_scores_close(served, reference, held, what: str) -> None:

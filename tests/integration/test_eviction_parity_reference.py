@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vllm_kvevict.config import SCORERS, EvictionConfig
-from vllm_kvevict.vllm.inprocess import open_llm, random_prompt
+from vllm_kvevict.vllm.inprocess import open_llm, random_prompt, recorded_key
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,8 @@ def vllm_evicted(tiny_llama_dir, prompt, tiny_lkv_artifact):
         history, scores = recorder.evicted, recorder.scores
         result = {}
         for policy, out in zip(POLICIES, outs):
-            keys = [k for k in history if k == out.request_id or k.startswith(f"{out.request_id}-")]
-            result[policy] = (sorted(history[keys[-1]]), scores[keys[-1]])
+            key = recorded_key(history, out.request_id)
+            result[policy] = (sorted(history[key]), scores[key])
         return result
 
 

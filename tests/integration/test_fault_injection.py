@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvevict.vllm.inprocess import block_pool, open_llm, random_prompt, record_evictions, scheduler_side
+from vllm_kvevict.vllm.inprocess import (
+    block_pool,
+    open_llm,
+    random_prompt,
+    record_evictions,
+    recorded_key,
+    scheduler_side,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +37,7 @@ def engine(tiny_llama_dir):
 
 
 def _key(records: dict, output) -> str | None:
-    keys = [k for k in records if k == output.request_id or k.startswith(f"{output.request_id}-")]
-    return keys[-1] if keys else None
+    return recorded_key(records, output.request_id)
 
 
 @pytest.mark.parametrize("granularity", ["page", "head"])

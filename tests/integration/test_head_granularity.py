@@ -16,7 +16,7 @@ import torch
 
 from vllm_kvevict.cache import compact_blocks_needed
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, random_prompt, scheduler
+from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, random_prompt, recorded_key, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -89,9 +89,9 @@ def _serve(model_dir, prompt, policies, **engine_kwargs):
         kept = recorder.kept
     result = {}
     for name, out in zip(policies, outs):
-        keys = [k for k in kept if k == out.request_id or k.startswith(f"{out.request_id}-")]
-        assert keys, f"{name}: the request was not compacted"
-        result[name] = (list(out.outputs[0].token_ids), kept[keys[-1]])
+        key = recorded_key(kept, out.request_id)
+        assert key is not None, f"{name}: the request was not compacted"
+        result[name] = (list(out.outputs[0].token_ids), kept[key])
     return result
 
 

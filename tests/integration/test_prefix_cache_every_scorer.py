@@ -13,7 +13,7 @@ import pytest
 from kept_sets import assert_scores_close
 
 from vllm_kvevict.config import SCORERS, EvictionConfig
-from vllm_kvevict.vllm.inprocess import open_llm, random_prompt, record_evictions
+from vllm_kvevict.vllm.inprocess import open_llm, random_prompt, record_evictions, recorded_key
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,7 @@ POLICIES = [s for s in SCORERS if s not in ("none", "lkv")]  # lkv: test_head_gr
 
 
 def _key(records: dict, output):
-    keys = [k for k in records if k == output.request_id or k.startswith(f"{output.request_id}-")]
-    return keys[-1] if keys else None
+    return recorded_key(records, output.request_id)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import contextlib
 import gc
 import os
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Optional
 
 
 @contextlib.contextmanager
@@ -88,6 +88,14 @@ def record_evictions(llm: Any) -> Any:
     if side.recorder is None:
         side.recorder = EvictionRecorder()
     return side.recorder
+
+
+def recorded_key(records: Mapping[str, Any], request_id: str) -> Optional[str]:
+    """The key of ``request_id``'s latest entry in one of the recorder's maps (``recorder.kept``,
+    ``.evicted``, ...): the engine core may know it as ``<id>-<suffix>``, and a request that ran
+    again (preemption) is recorded again; ``None`` if it has none."""
+    keys = [k for k in records if k == request_id or k.startswith(f"{request_id}-")]
+    return keys[-1] if keys else None
 
 
 @contextlib.contextmanager
