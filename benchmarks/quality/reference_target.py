@@ -30,10 +30,12 @@ KVPRESS_SETTINGS: dict[str, dict] = {
 HEAD_SELECTION_LABELS = {"head-token": "token", "head-page": "page"}
 
 
-def point_config(point: Point, overrides: Optional[dict] = None, vector_share: Optional[float] = None):
+def point_config(point: Point, overrides: Optional[dict] = None, vector_share: Optional[float] = None,
+                 vector_options: Optional[dict] = None):
     """``EvictionConfig`` of a sweep point (``none`` for the full cache); ``overrides`` maps a
     scorer to extra fields (e.g. :data:`KVPRESS_SETTINGS`); ``vector_share``: VECTOR's ``p_a``
-    for VECTOR points (default: the budget's)."""
+    for VECTOR points (default: the budget's); ``vector_options``: more fields of VECTOR points
+    (``vector_residual``, ``vector_min_r2``)."""
     from vllm_kvevict.config import EvictionConfig
 
     if point.is_full_cache:
@@ -48,6 +50,7 @@ def point_config(point: Point, overrides: Optional[dict] = None, vector_share: O
         extra["vector"] = "on"
         if vector_share is not None:
             extra["vector_share"] = vector_share
+        extra.update(vector_options or {})
     return EvictionConfig.from_fields(
         scorer=point.policy, budget=point.budget, allocation=point.allocation, granularity=granularity, **extra
     )
@@ -85,6 +88,7 @@ def run_reference(
     engine_name: str = "reference",
     overrides: Optional[dict] = None,
     vector_share: Optional[float] = None,
+    vector_options: Optional[dict] = None,
 ) -> None:
     """Run ``points`` on ``tasks`` with :class:`vllm_kvevict.reference.engine.ReferenceEngine`."""
     from vllm_kvevict.evaluation.scoring import score
@@ -110,7 +114,7 @@ def run_reference(
             compressed, suffix = prefilled, None
         for point, row in pending:
             start, cpu = time.perf_counter(), time.process_time()
-            config = point_config(point, overrides, vector_share)
+            config = point_config(point, overrides, vector_share, vector_options)
             gen = engine.generate(compressed, config, task.max_new_tokens, suffix_ids=suffix, block_size=block_size)
             row.update(
                 score=score(task, gen.text),
@@ -127,5 +131,6 @@ def run_reference(
             )
             if point.vector:  # the p_a it ran with (rows carry it; it is not part of the result key)
                 row["vector_share"] = round(config.vector_share_for(compressed.prompt_len), 4)
+                row.update(vector_residual=config.vector_residual, vector_min_r2=config.vector_min_r2)
             writer.write(row)
             progress(1)

@@ -69,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--vector-share", type=float, default=None,
                     help="reference: VECTOR's p_a for the VECTOR points (default: min(p_c/2, (1-p_c)/2)); give the run "
                          "its own --engine-name, rows do not carry it")
+    ap.add_argument("--vector-residual", choices=("absolute", "relative"), default=None,
+                    help="reference: VECTOR's key-only criterion for the VECTOR points (default: the config's); "
+                         "give the run its own --engine-name")
+    ap.add_argument("--vector-min-r2", type=float, default=None,
+                    help="reference: VECTOR's per-head R^2 gate for the VECTOR points (default: the config's); "
+                         "give the run its own --engine-name")
     ap.add_argument("--block-size", type=int, default=128, help="reference: page size for granularity page (vLLM CPU's block)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (reference, kvpress); on a shared, busy CPU 1 is fastest")
@@ -142,7 +148,8 @@ def main(argv=None) -> None:
 
             run_reference(tasks, points, writer, model_dir=args.model_dir, protocol=args.protocol,
                           block_size=args.block_size, progress=bar.update, engine_name=args.engine_name or "reference",
-                          overrides=KVPRESS_SETTINGS if args.kvpress_settings else None, vector_share=args.vector_share)
+                          overrides=KVPRESS_SETTINGS if args.kvpress_settings else None, vector_share=args.vector_share,
+                          vector_options=vector_options(args))
         elif args.target == "server":
             from benchmarks.quality.server_target import run_server
 
@@ -159,6 +166,12 @@ def main(argv=None) -> None:
     writer.close()
     if not args.shard:
         finish(args, out, start)
+
+
+def vector_options(args: argparse.Namespace) -> dict:
+    """``--vector-residual`` / ``--vector-min-r2`` as config fields (only those given)."""
+    given = {"vector_residual": args.vector_residual, "vector_min_r2": args.vector_min_r2}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def floors(args: argparse.Namespace) -> list:

@@ -41,6 +41,15 @@ GRANULARITIES: tuple[str, ...] = ("page", "head")
 #: ``vector``: VECTOR's key-only route off or on (a choice, as every switch-like setting here;
 #: a JSON boolean is refused for every kv_ setting, docs/VECTOR.md).
 VECTOR_CHOICES: tuple[str, ...] = ("off", "on")
+#: ``vector_residual``: which pooled tokens keep their key only, by ``||v - W k||^2`` or by it
+#: over ``||v||^2``. Relative by default: the absolute residual favours small values, the
+#: attention sink's among them, and sent half the question's attention to rebuilt values on
+#: SmolLM2 (docs/VECTOR.md, "Is the loss a bug?"; benchmarks/quality/VECTOR.md, "Gates").
+VECTOR_RESIDUALS: tuple[str, ...] = ("absolute", "relative")
+DEFAULT_VECTOR_RESIDUAL = "relative"
+#: ``vector_min_r2``: heads whose calibration held-out R^2 is below this hold no key-only token;
+#: 0.6 measured best of those tried on SmolLM2 (benchmarks/quality/VECTOR.md, "Gates").
+DEFAULT_VECTOR_MIN_R2 = 0.6
 POOLINGS: tuple[str, ...] = ("avg", "max")
 
 #: Allocation used when the user names only a scorer (ALGORITHMS.md, "Defaults").
@@ -96,6 +105,8 @@ FLAT_KEYS: dict[str, str] = {
     "kv_vector": "vector",
     "kv_vector_share": "vector_share",
     "kv_vector_artifact": "vector_artifact",
+    "kv_vector_residual": "vector_residual",
+    "kv_vector_min_r2": "vector_min_r2",
 }
 FIELD_TO_FLAT: dict[str, str] = {v: k for k, v in FLAT_KEYS.items()}
 #: ``--kv-prompt-eviction``: whether the prompt is evicted after its prefill (``off``: only
@@ -172,6 +183,8 @@ SCORER_SETTINGS: dict[str, str] = {
     "vector": "every scorer (not none)",
     "vector_share": "kv_vector on",
     "vector_artifact": "kv_vector on",
+    "vector_residual": "kv_vector on",
+    "vector_min_r2": "kv_vector on",
 }
 _POOLING_SCORERS = frozenset({"snapkv", "pyramidkv"})
 
@@ -186,7 +199,7 @@ def reads_setting(fields: Mapping[str, Any], name: str) -> bool:
         return scorer == "lkv" or fields.get("allocation") == "lkv"
     if name == "vector":
         return scorer != "none"
-    if name in ("vector_share", "vector_artifact"):
+    if name in ("vector_share", "vector_artifact", "vector_residual", "vector_min_r2"):
         return fields.get("vector", "off") == "on"
     if name == "pooling":
         return scorer in _POOLING_SCORERS or base in _POOLING_SCORERS

@@ -9,30 +9,11 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vllm_kvevict.config.choices import (
-    ADDITIONAL_CONFIG_KEY,
-    ALLOCATIONS,
-    CRITICALKV_BASES,
-    DECODE_SCORERS,
-    HEAD_DECODE_ALLOCATIONS,
-    HEAD_DECODE_SCORERS,
-    HEAD_PAGE_DECODE_SCORERS,
-    DEFAULT_ALLOCATION,
-    DEFAULT_MIN_TOKENS,
-    DEFAULT_SINKS,
-    FIELD_TO_FLAT,
-    FLAT_KEYS,
-    FLAT_PREFIX,
-    GRANULARITIES,
-    HEAD_PAGE_ALLOCATIONS,
-    HEAD_PAGE_MAX_BLOCK_SIZE,
-    POOLINGS,
-    PROMPT_EVICTIONS,
-    REQUEST_OVERRIDES,
-    SCORER_SETTINGS,
-    SCORERS,
-    VECTOR_CHOICES,
-    WINDOW_SCORERS,
-    EvictionConfigError,
+    ADDITIONAL_CONFIG_KEY, ALLOCATIONS, CRITICALKV_BASES, DECODE_SCORERS, HEAD_DECODE_ALLOCATIONS,
+    HEAD_DECODE_SCORERS, HEAD_PAGE_DECODE_SCORERS, DEFAULT_ALLOCATION, DEFAULT_MIN_TOKENS, DEFAULT_SINKS,
+    DEFAULT_VECTOR_MIN_R2, DEFAULT_VECTOR_RESIDUAL, FIELD_TO_FLAT, FLAT_KEYS, FLAT_PREFIX, GRANULARITIES,
+    HEAD_PAGE_ALLOCATIONS, HEAD_PAGE_MAX_BLOCK_SIZE, POOLINGS, PROMPT_EVICTIONS, REQUEST_OVERRIDES,
+    SCORER_SETTINGS, SCORERS, VECTOR_CHOICES, VECTOR_RESIDUALS, WINDOW_SCORERS, EvictionConfigError,
     reads_setting,
 )
 from vllm_kvevict.config.parsing import BUDGET_ALLOWED, coerce_text, merge_fields, validated
@@ -125,10 +106,16 @@ class EvictionConfig(BaseModel):
         None,
         description="VECTOR: the calibrated artifact file (safetensors; default: the one packaged for the served model)",
     )
+    vector_residual: Literal[VECTOR_RESIDUALS] = Field(  # type: ignore[valid-type]
+        DEFAULT_VECTOR_RESIDUAL, description="VECTOR: which pooled tokens keep their key only: the smallest "
+        "||v - W k||^2 (absolute) or ||v - W k||^2 / ||v||^2 (relative)")
+    vector_min_r2: float = Field(
+        DEFAULT_VECTOR_MIN_R2, ge=0.0, le=1.0, description="VECTOR: heads whose calibration held-out R^2 is "
+        "below this keep every pooled token whole (0: every head may hold key-only tokens)")
 
     @field_validator(
         "budget", "min_tokens", "window", "sinks", "pooling_kernel", "decode_interval", "alpha", "rho", "epsilon",
-        "vector_share", mode="before",
+        "vector_share", "vector_min_r2", mode="before",
     )
     @classmethod
     def _no_bools(cls, value: Any, info) -> Any:
@@ -396,5 +383,6 @@ class EvictionConfig(BaseModel):
         return (
             f"{self.scorer} budget={self.budget}{floor} allocation={self.resolved_allocation} "
             f"granularity={self.resolved_granularity} window={self.window} sinks={self.resolved_sinks}"
-            + (" vector=on" if self.vector == "on" else "")
+            + (f" vector=on vector_residual={self.vector_residual} vector_min_r2={self.vector_min_r2:g}"
+               if self.vector == "on" else "")
         )

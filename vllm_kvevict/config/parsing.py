@@ -16,6 +16,7 @@ from vllm_kvevict.config.choices import (
     SCORER_SETTINGS,
     SCORERS,
     VECTOR_CHOICES,
+    VECTOR_RESIDUALS,
     EvictionConfigError,
     reads_setting,
 )
@@ -90,11 +91,14 @@ def allowed_text(field: str, err: dict) -> str:
         "pooling": POOLINGS,
         "criticalkv_base": CRITICALKV_BASES,
         "vector": VECTOR_CHOICES,
+        "vector_residual": VECTOR_RESIDUALS,
     }
     if field in choices:
         return "allowed: " + ", ".join(choices[field])
     if field == "budget":
         return BUDGET_ALLOWED
+    if field == "vector_min_r2":
+        return "a held-out R^2 threshold in [0, 1] (0: every head may hold key-only tokens)"
     if field == "min_tokens":
         return "a whole token count >= 0 (0 turns the floor off)"
     return err.get("msg", "invalid value")

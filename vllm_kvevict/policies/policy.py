@@ -25,7 +25,7 @@ from vllm_kvevict.policies.head_page_select import plan_head_pages
 from vllm_kvevict.policies.pages import evicted_blocks
 from vllm_kvevict.policies.registry import build_scorer
 from vllm_kvevict.policies.select import KeptSet, plan_kept
-from vllm_kvevict.policies.vector import VectorResiduals, plan_vector
+from vllm_kvevict.policies.vector import VectorResiduals, convertible_heads, plan_vector
 from vllm_kvevict.vector.artifact import VectorSource
 
 
@@ -61,7 +61,9 @@ class Policy:
         block-aligned pages per head, or single tokens; with VECTOR, whole and key-only tokens
         (:func:`~vllm_kvevict.policies.vector.plan_vector`)."""
         if self.config.vector == "on":
-            return plan_vector(scores, self.config, seq_len)
+            gate = self.config.vector_min_r2
+            convertible = convertible_heads(self.vector_artifact(), gate) if gate > 0 else None
+            return plan_vector(scores, self.config, seq_len, convertible)
         if self.config.head_selection_for(self.block_size) == "page":
             return plan_head_pages(scores, self.config, seq_len, self.block_size)
         return plan_kept(scores, self.config, seq_len)
@@ -85,7 +87,8 @@ def policy_scorer(config: EvictionConfig, model: Any = None) -> Scorer:
     if config.enabled and config.resolved_allocation == "lkv":
         scorer = LKVShares(scorer, LKVSource(model=model, path=config.lkv_artifact), config)
     if config.enabled and config.vector == "on":
-        scorer = VectorResiduals(scorer, VectorSource(model=model, path=config.vector_artifact))
+        scorer = VectorResiduals(scorer, VectorSource(model=model, path=config.vector_artifact),
+                                 relative=config.vector_residual == "relative")
     return scorer
 
 

@@ -9,8 +9,11 @@ or evicts it. In this project's terms (budget ``b`` = share of the prompt kept, 
 * the head converts ``a[g] = floor(B[g] * p_a / b)`` whole slots into ``2 a[g]`` key-only
   tokens: its pool is its first ``B[g] + a[g]`` tokens in rank order (the relaxed pool
   ``1 - p_c + p_a``), the ``2 a[g]`` pooled tokens with the smallest residual
-  ``||v - v_hat||^2`` keep their key only, the other ``B[g] - a[g]`` whole; memory
-  ``B[g] - a[g] + 2 a[g] / 2 = B[g]``, plain eviction's;
+  residual keep their key only, the other ``B[g] - a[g]`` whole; memory
+  ``B[g] - a[g] + 2 a[g] / 2 = B[g]``, plain eviction's; the residual is ``||v - v_hat||^2``
+  (``vector_residual`` absolute) or ``||v - v_hat||^2 / ||v||^2`` (relative);
+* a head whose calibration held-out R^2 is below ``vector_min_r2`` converts nothing
+  (``a[g] = 0``: all ``B[g]`` slots whole);
 * ``p_a`` (``vector_share``) defaults to ``min(p_c / 2, (1 - p_c) / 2)``;
 * window and sink tokens (``protected``) are always kept whole: ``a[g]`` is capped so they fit
   (``B[g] - a[g] >= protected``), and so the pool fits in the prompt (``B[g] + a[g] <= L``).
@@ -22,6 +25,7 @@ Ties in the residual order go to the lower position. Selection is over single to
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -29,16 +33,21 @@ from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies.base import LayerInputs, LayerScores, Needs, Scorer
 from vllm_kvevict.policies.ranking import rank
 from vllm_kvevict.policies.select import KeptSet, keep_all, planned_budgets
-from vllm_kvevict.vector.artifact import VectorSource
+from vllm_kvevict.vector.artifact import VectorArtifact, VectorSource
+
+#: Floor of ``||v||^2`` under the relative residual (a zero value has an infinite relative error).
+_TINY = 1e-12
 
 
 @dataclass(frozen=True)
 class VectorResiduals(Scorer):
     """``base``'s scores with every token's reconstruction residual attached
-    (``LayerScores.residuals``), from ``source``'s artifact."""
+    (``LayerScores.residuals``), from ``source``'s artifact: ``||v - v_hat||^2``, divided by
+    ``||v||^2`` when ``relative``."""
 
     base: Scorer
     source: VectorSource
+    relative: bool = False
 
     @property
     def needs(self) -> Needs:
@@ -49,6 +58,8 @@ class VectorResiduals(Scorer):
         artifact = self.source.artifact()
         positions = inputs.positions if inputs.positions is not None else torch.arange(inputs.seq_len)
         residuals = artifact.residuals(inputs.layer_idx, inputs.keys, inputs.values, positions)
+        if self.relative:
+            residuals = residuals / (inputs.values.float() ** 2).sum(dim=-1).clamp_min(_TINY)
         return replace(scores, residuals=torch.nan_to_num(residuals, nan=float("inf")).contiguous())
 
 
@@ -63,16 +74,20 @@ def converted_slots(budgets: torch.Tensor, ratio: float, protected: torch.Tensor
     return a.clamp_min(0)
 
 
-def split_routes(scores: LayerScores, budgets: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def split_routes(scores: LayerScores, budgets: torch.Tensor, ratio: float,
+                 convertible: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``[Hkv, L]`` bool masks ``(whole, key_only)`` of one layer (rules in the module docstring).
 
-    ``scores.residuals`` must be set; ``budgets [Hkv]`` int64 slots per head.
+    ``scores.residuals`` must be set; ``budgets [Hkv]`` int64 slots per head; ``convertible
+    [Hkv]`` bool (default all): heads that may hold key-only tokens.
     """
     if scores.residuals is None:
         raise ValueError("vector routes need residuals (VectorResiduals)")
     L = scores.seq_len
     protected = scores.protected
     a = converted_slots(budgets, ratio, protected.sum(dim=1), L)
+    if convertible is not None:
+        a = torch.where(convertible, a, torch.zeros_like(a))
     pool = rank(scores) < (budgets + a)[:, None]
     candidates = pool & ~protected
     key = torch.where(candidates, scores.residuals, torch.full_like(scores.residuals, float("inf")))
@@ -83,16 +98,26 @@ def split_routes(scores: LayerScores, budgets: torch.Tensor, ratio: float) -> tu
     return pool & ~key_only, key_only
 
 
-def plan_vector(scores: list[LayerScores], config: EvictionConfig, seq_len: int) -> KeptSet:
+def convertible_heads(artifact: VectorArtifact, min_r2: float) -> torch.Tensor:
+    """``[Nl, Hkv]`` bool: heads whose chosen key variant's held-out R^2 is at least ``min_r2``."""
+    chosen = torch.where(artifact.derotate, artifact.r2[..., 1], artifact.r2[..., 0])
+    return chosen >= min_r2
+
+
+def plan_vector(scores: list[LayerScores], config: EvictionConfig, seq_len: int,
+                convertible: Optional[torch.Tensor] = None) -> KeptSet:
     """Allocation as without VECTOR, then each head's routes: ``KeptSet.indices`` the whole
-    tokens, ``KeptSet.key_only`` the key-only ones, ``head_budgets`` the slots held."""
+    tokens, ``KeptSet.key_only`` the key-only ones, ``head_budgets`` the slots held.
+    ``convertible [Nl, Hkv]`` bool (default all; :func:`convertible_heads`): heads that may
+    hold key-only tokens."""
     budgets = planned_budgets(scores, config, seq_len)
     if budgets is None:
         return keep_all(scores, seq_len)
     ratio = config.vector_share_for(seq_len) * seq_len / config.budget_tokens(seq_len)
     whole, key_only = [], []
-    for layer_scores, layer_budgets in zip(scores, budgets):
-        w, k = split_routes(layer_scores, layer_budgets, ratio)
+    for layer, (layer_scores, layer_budgets) in enumerate(zip(scores, budgets)):
+        gate = None if convertible is None else convertible[layer]
+        w, k = split_routes(layer_scores, layer_budgets, ratio, gate)
         whole.append([torch.nonzero(row).flatten() for row in w])
         key_only.append([torch.nonzero(row).flatten() for row in k])
     return KeptSet(indices=whole, head_budgets=budgets, scores=list(scores), key_only=key_only)

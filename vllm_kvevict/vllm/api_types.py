@@ -19,7 +19,7 @@ from vllm_kvevict.config import FLAT_KEYS, FLAT_PREFIX, EvictionConfig
 MIDDLEWARE_PATH = f"{__name__}.XargsTypeMiddleware"
 #: Settings whose values are choices (JSON strings); every other setting is a number.
 CHOICE_FIELDS = frozenset(
-    {"scorer", "allocation", "granularity", "pooling", "head_selection", "criticalkv_base", "vector"}
+    {"scorer", "allocation", "granularity", "pooling", "head_selection", "criticalkv_base", "vector", "vector_residual"}
 )
 #: Largest request body inspected (a bigger one passes through to vLLM's own limits).
 MAX_BODY = 64 << 20

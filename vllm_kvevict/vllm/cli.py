@@ -60,7 +60,8 @@ _READING_BASE = EvictionConfig(scorer="criticalkv", window=1)
 _DECODE_BASE = EvictionConfig(scorer="snapkv", granularity="page", window=1, decode_interval=1)
 _VECTOR_BASE = EvictionConfig(scorer="criticalkv", window=1, vector="on")
 _FLAG_BASES = {"kv_decode_interval": _DECODE_BASE, "kv_prompt_eviction": _DECODE_BASE,
-               "kv_vector_share": _VECTOR_BASE, "kv_vector_artifact": _VECTOR_BASE}
+               "kv_vector_share": _VECTOR_BASE, "kv_vector_artifact": _VECTOR_BASE,
+               "kv_vector_residual": _VECTOR_BASE, "kv_vector_min_r2": _VECTOR_BASE}
 _PER_SCORER = "per scorer"
 #: A description's own "(default: ...)" note; the flag's help states the default once.
 _OWN_DEFAULT = re.compile(r"\s*\(default:[^)]*\)\s*$")
