@@ -92,6 +92,13 @@ class CpuPackedLayout(PagedLayout):
         num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
         return kv_cache.view(num_blocks, num_kv_heads, block_size * two_d)
 
+    def read_pages(self, kv_cache, block, plane):
+        pages = kv_cache.view(-1, self.block_size, kv_cache.shape[-1])  # [num_blocks * Hkv, ...]: pages in order
+        return pages.index_select(0, block * self.num_kv_heads + plane)
+
+    def write_pages(self, kv_cache, block, plane, pages):
+        kv_cache.view(-1, self.block_size, kv_cache.shape[-1]).index_copy_(0, block * self.num_kv_heads + plane, pages)
+
     def read(self, kv_cache, block, plane, slot):
         flat = self._flat(kv_cache)
         b, p = block[..., None], plane[..., None]
