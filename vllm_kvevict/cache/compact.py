@@ -72,10 +72,14 @@ def _shared_block(dst_layer: Optional[torch.Tensor], dst_block: torch.Tensor, sr
     """Whether a destination block is also a source block (of the same layer, with layers)."""
     if dst_layer is None:
         return bool(torch.isin(dst_block, src_block).any())
-    low = min(int(dst_block.min()), int(src_block.min()), 0)
-    span = max(int(dst_block.max()), int(src_block.max())) - low + 1  # (layer, block) -> one key, no collision
-    return bool(torch.isin(dst_layer.to(dst_block.device) * span + (dst_block - low),
-                           src_layer.to(src_block.device) * span + (src_block - low)).any())
+    # a [layers, destination span] table of the sources in it: linear, where isin sorts
+    low, high = int(dst_block.min()), int(dst_block.max())
+    span = high - low + 1
+    layers = int(max(int(dst_layer.max()), int(src_layer.max()))) + 1
+    seen = torch.zeros(layers * span, dtype=torch.bool, device=dst_block.device)
+    inside = (src_block >= low) & (src_block <= high)
+    seen[(src_layer.to(src_block.device) * span + src_block - low)[inside]] = True
+    return bool(seen[dst_layer.to(dst_block.device) * span + dst_block - low].any())
 
 
 def pack_key_pairs(keys: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
