@@ -64,6 +64,8 @@ class CpuPackedLayout(PagedLayout):
     When the ISA's page order is affine in (slot, dim) (``vec``, ``vec16``: keys ``[d, bs]``,
     values ``[bs, d]``), :meth:`gather` reads whole pages and views them in place of indexing
     every element (issue 14: the per-element gather was the largest scoring cost after ``V @ Wo``).
+    A page (block, plane) is ``2 * block_size * head_dim`` contiguous elements: :meth:`read_pages`
+    and :meth:`write_pages` (a compaction's whole pages) are one ``index_select`` / ``index_copy_``.
     """
 
     def __init__(self, num_kv_heads: int, block_size: int, head_dim: int, isa: str, dtype: torch.dtype) -> None:
