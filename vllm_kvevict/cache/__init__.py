@@ -3,6 +3,7 @@
 * :mod:`.blocks`: ``K`` compact blocks from the budget alone; where the positional tail starts.
 * :mod:`.page_table`: head-pages of each (layer, KV head) and the copy lists of a compaction.
 * :mod:`.compact`: the checked copy list of a compaction, the copy on a head-major cache, its reader.
+* :mod:`.copies`: every layer's checked copy list at once, whole pages split off (once per request).
 * :mod:`.accounting`: blocks a request holds against the ideal.
 
 Layout and bounds: docs/HEAD_PAGES.md.

@@ -12,6 +12,7 @@ VECTOR's key-only tokens share slots two by two (:class:`~vllm_kvevict.cache.pag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -38,13 +39,21 @@ def copy_indices(
     kept position past the table, a destination outside the cache, or a destination block that
     is also a source block (the copy would overwrite what it reads)."""
     table = torch.as_tensor(block_table, dtype=torch.int64).to(device)
+    return _checked(None, gather, table, num_blocks, num_kv_heads, block_size, device)
+
+
+def _checked(layer: Optional[torch.Tensor], gather, table: torch.Tensor, num_blocks: int, num_kv_heads: int,
+             block_size: int, device) -> CopyIndices:
+    """:func:`copy_indices` of the entries of ``gather`` (any object with its four ``[N]``
+    fields); with ``layer [N]`` (entries of several layers, each layer its own cache), a
+    destination block is refused when it is a source block *of its own layer*."""
     src_pos = gather.src_positions.to(device)
     if int(src_pos.max()) >= table.numel() * block_size:
         raise ValueError(f"kept position {int(src_pos.max())} past the block table ({table.numel()} blocks)")
     src_block = table[src_pos // block_size]
     dst_page = gather.dst_page.to(device)
     dst_block = dst_page // num_kv_heads
-    if bool(torch.isin(dst_block, src_block).any()):
+    if _shared_block(layer, dst_block, layer, src_block):
         raise ValueError("a compact block is also a source block of this compaction")
     if int(dst_block.max()) >= num_blocks or int(dst_page.min()) < 0:
         raise ValueError(f"head-page out of range for a cache of {num_blocks} blocks")
@@ -56,6 +65,21 @@ def copy_indices(
         dst_plane=dst_page % num_kv_heads,
         dst_slot=gather.dst_slot.to(device),
     )
+
+
+def _shared_block(dst_layer: Optional[torch.Tensor], dst_block: torch.Tensor, src_layer: Optional[torch.Tensor],
+                  src_block: torch.Tensor) -> bool:
+    """Whether a destination block is also a source block (of the same layer, with layers)."""
+    if dst_layer is None:
+        return bool(torch.isin(dst_block, src_block).any())
+    # a [layers, destination span] table of the sources in it: linear, where isin sorts
+    low, high = int(dst_block.min()), int(dst_block.max())
+    span = high - low + 1
+    layers = int(max(int(dst_layer.max()), int(src_layer.max()))) + 1
+    seen = torch.zeros(layers * span, dtype=torch.bool, device=dst_block.device)
+    inside = (src_block >= low) & (src_block <= high)
+    seen[(src_layer.to(src_block.device) * span + src_block - low)[inside]] = True
+    return bool(seen[dst_layer.to(dst_block.device) * span + dst_block - low].any())
 
 
 def pack_key_pairs(keys: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +102,7 @@ def unpack_key_pairs(k_half: torch.Tensor, v_half: torch.Tensor, half: torch.Ten
 
 def compact_layer(
     k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, plan: CompactionPlan, layer: int,
-    impl: str = "auto",
+    impl: str = "auto", checked: bool = False,
 ) -> None:
     """Copy layer ``layer``'s kept K/V into its head-pages, in place: the copy list is checked
     (:func:`copy_indices`), then :func:`vllm_kvevict.kernels.compact` copies (Triton on CUDA,
@@ -91,6 +115,8 @@ def compact_layer(
     block_table : ``[num_positional_blocks]`` the request's positional block ids (covering every
         kept position).
     plan : from :func:`vllm_kvevict.cache.page_table.plan_compaction`.
+    checked : the caller has checked every layer's copy list already
+        (:func:`vllm_kvevict.cache.copies.plan_copies`).
     """
     from vllm_kvevict.kernels import compact
 
@@ -100,7 +126,8 @@ def compact_layer(
     gather = plan.layer_gather(layer)
     if gather.head.numel() == 0:
         return
-    copy_indices(gather, block_table, num_blocks, num_kv_heads, block_size)  # checked on the host: no device sync
+    if not checked:
+        copy_indices(gather, block_table, num_blocks, num_kv_heads, block_size)  # on the host: no device sync
     pages, lens = page_table_tensor(plan)
     positions = kept_positions_tensor(plan)
     table = torch.as_tensor(block_table, dtype=torch.int64).to(k_cache.device)[None]

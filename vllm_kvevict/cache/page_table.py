@@ -123,27 +123,24 @@ def assign_head_pages(counts: Sequence[int], compact_block_ids: Sequence[int], n
 
     Raises :class:`CompactRegionOverflow` when ``sum(counts) > Hkv * K``.
     """
-    num_blocks = len(compact_block_ids)
-    blocks = torch.as_tensor(list(compact_block_ids), dtype=torch.int64)
-    need = torch.as_tensor(list(counts), dtype=torch.int64)
-    if need.numel() != num_kv_heads:
-        raise ValueError(f"{need.numel()} page counts for {num_kv_heads} KV heads")
-    if int(need.sum()) > num_kv_heads * num_blocks:
+    blocks = [int(b) for b in compact_block_ids]  # a few ints: plain Python, no tensor ops
+    need = [int(c) for c in counts]
+    num_blocks = len(blocks)
+    if len(need) != num_kv_heads:
+        raise ValueError(f"{len(need)} page counts for {num_kv_heads} KV heads")
+    if sum(need) > num_kv_heads * num_blocks:
         raise CompactRegionOverflow(
-            f"layer needs {int(need.sum())} head-pages (per head {need.tolist()}), "
+            f"layer needs {sum(need)} head-pages (per head {need}), "
             f"{num_blocks} compact blocks hold {num_kv_heads * num_blocks}"
         )
-    # planes[j, p]: head-page id of plane p of compact block j.
-    planes = blocks[:, None] * num_kv_heads + torch.arange(num_kv_heads)[None, :]
-    own = need.clamp(max=num_blocks)
-    free = torch.arange(num_blocks)[:, None] >= own[None, :]  # [K, Hkv], row-major = block, plane
-    free_pages = planes[free]
-    extra = (need - own).tolist()
+    own = [min(n, num_blocks) for n in need]
+    # plane p of compact block j is head-page blocks[j] * Hkv + p; the free ones in block-then-plane order
+    free_pages = [b * num_kv_heads + p for j, b in enumerate(blocks) for p in range(num_kv_heads) if j >= own[p]]
     result, taken = [], 0
     for g in range(num_kv_heads):
-        pages = planes[: int(own[g]), g].tolist() + free_pages[taken : taken + extra[g]].tolist()
-        taken += extra[g]
-        result.append(pages)
+        extra = need[g] - own[g]
+        result.append([b * num_kv_heads + g for b in blocks][: own[g]] + free_pages[taken : taken + extra])
+        taken += extra
     return result
 
 
@@ -168,42 +165,63 @@ def plan_compaction(
     key_only = kept.key_only
     if key_only is not None and len(key_only) != kept.num_layers:
         raise ValueError(f"key_only has {len(key_only)} layers, indices {kept.num_layers}")
-    head_pages, lens, gathers, ko_lens, ko_gathers = [], [], [], [], []
+    budgets = kept.head_budgets.to(torch.int64).tolist()
+    head_pages, lens, ko_lens, ko_gathers = [], [], [], []
     for layer, heads in enumerate(kept.indices):
         if len(heads) != num_kv_heads:
             raise ValueError(f"layer {layer} has {len(heads)} heads, expected num_kv_heads={num_kv_heads}")
-        layer_lens = torch.tensor([int(h.numel()) for h in heads], dtype=torch.int64)
-        ko = key_only[layer] if key_only is not None else [torch.zeros(0, dtype=torch.int64)] * num_kv_heads
-        if len(ko) != num_kv_heads:
+        layer_lens = [int(h.numel()) for h in heads]
+        ko = key_only[layer] if key_only is not None else None
+        if ko is not None and len(ko) != num_kv_heads:
             raise ValueError(f"layer {layer} has {len(ko)} key-only heads, expected num_kv_heads={num_kv_heads}")
-        layer_ko = torch.tensor([int(h.numel()) for h in ko], dtype=torch.int64)
-        if bool((layer_ko % 2).any()):
-            raise ValueError(f"layer {layer}: key-only counts {layer_ko.tolist()} are not even (two share a slot)")
-        slots = layer_lens + layer_ko // 2
-        if not torch.equal(slots, kept.head_budgets[layer].to(torch.int64)):
-            raise ValueError(f"layer {layer}: kept slots {slots.tolist()} != head_budgets "
-                             f"{kept.head_budgets[layer].tolist()}")
-        counts = (slots + block_size - 1) // block_size
+        layer_ko = [int(h.numel()) for h in ko] if ko is not None else [0] * num_kv_heads
+        if any(n % 2 for n in layer_ko):
+            raise ValueError(f"layer {layer}: key-only counts {layer_ko} are not even (two share a slot)")
+        slots = [w + k // 2 for w, k in zip(layer_lens, layer_ko)]
+        if slots != budgets[layer]:
+            raise ValueError(f"layer {layer}: kept slots {slots} != head_budgets {budgets[layer]}")
         try:
-            pages = assign_head_pages(counts.tolist(), compact_block_ids, num_kv_heads)
+            pages = assign_head_pages([-(-n // block_size) for n in slots], compact_block_ids, num_kv_heads)
         except CompactRegionOverflow as exc:
             raise CompactRegionOverflow(f"layer {layer}: {exc}") from None
         head_pages.append(pages)
         lens.append(layer_lens)
-        gathers.append(_layer_gather(heads, pages, layer_lens, block_size))
-        ko_lens.append(layer_ko)
-        ko_gathers.append(_key_only_gather(ko, pages, layer_lens, layer_ko, block_size))
+        if ko is not None:
+            ko_lens.append(layer_ko)
+            ko_gathers.append(_key_only_gather(ko, pages, torch.tensor(layer_lens), torch.tensor(layer_ko),
+                                               block_size))
+    lens = torch.tensor(lens, dtype=torch.int64).view(len(lens), num_kv_heads)
     return CompactionPlan(
         block_size=block_size,
         num_kv_heads=num_kv_heads,
         compact_block_ids=[int(b) for b in compact_block_ids],
         head_pages=head_pages,
-        lens=torch.stack(lens) if lens else torch.zeros(0, num_kv_heads, dtype=torch.int64),
-        **_concatenated(gathers, ("head", "src_positions", "dst_page", "dst_slot")),
+        lens=lens,
+        **_whole_gather(kept.indices, head_pages, lens, block_size),
         key_only=None if key_only is None else KeyOnlyPlan(
-            lens=torch.stack(ko_lens) if ko_lens else torch.zeros(0, num_kv_heads, dtype=torch.int64),
+            lens=torch.tensor(ko_lens, dtype=torch.int64).view(len(ko_lens), num_kv_heads),
             **_concatenated(ko_gathers, ("head", "src_positions", "dst_page", "dst_slot", "half"))),
     )
+
+
+def _whole_gather(indices: list[list[torch.Tensor]], head_pages: list[list[list[int]]], lens: torch.Tensor,
+                  block_size: int) -> dict[str, torch.Tensor]:
+    """Every layer's :class:`LayerGather` of the whole tokens at once, concatenated in layer order
+    (``layer``, ``head``, ``src_positions``, ``dst_page``, ``dst_slot``, ``offsets``): token ``i``
+    of head ``g`` of layer ``l`` to slot ``i % bs`` of page ``head_pages[l][g][i // bs]``."""
+    num_layers, num_kv_heads = lens.shape
+    flat = lens.flatten()
+    group = torch.repeat_interleave(torch.arange(flat.numel()), flat)  # (layer, head) of each entry
+    rank = torch.arange(group.numel()) - (torch.cumsum(flat, 0) - flat)[group]
+    width = max([len(p) for layer in head_pages for p in layer] + [1])
+    table = torch.tensor([p + [-1] * (width - len(p)) for layer in head_pages for p in layer],
+                         dtype=torch.int64).view(-1, width)
+    src = torch.cat([h.to(torch.int64) for heads in indices for h in heads]) if group.numel() else \
+        torch.zeros(0, dtype=torch.int64)
+    offsets = torch.zeros(num_layers + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lens.sum(1), 0)
+    return {"layer": group // num_kv_heads, "head": group % num_kv_heads, "src_positions": src,
+            "dst_page": table[group, rank // block_size], "dst_slot": rank % block_size, "offsets": offsets}
 
 
 def _concatenated(gathers: list[LayerGather], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -217,16 +235,6 @@ def _concatenated(gathers: list[LayerGather], names: tuple[str, ...]) -> dict[st
 
 def _concat(gathers: list[LayerGather], name: str) -> torch.Tensor:
     return torch.cat([getattr(g, name) for g in gathers]) if gathers else torch.zeros(0, dtype=torch.int64)
-
-
-def _layer_gather(heads: list[torch.Tensor], pages: list[list[int]], lens: torch.Tensor, block_size: int) -> LayerGather:
-    num_kv_heads = len(heads)
-    table = _padded(pages)  # [Hkv, max_pages]
-    head = torch.repeat_interleave(torch.arange(num_kv_heads), lens)
-    starts = torch.cumsum(lens, 0) - lens
-    rank = torch.arange(int(lens.sum())) - starts[head]  # i: index of the token within its head
-    src = torch.cat([h.to(torch.int64) for h in heads]) if num_kv_heads else torch.zeros(0, dtype=torch.int64)
-    return LayerGather(head=head, src_positions=src, dst_page=table[head, rank // block_size], dst_slot=rank % block_size)
 
 
 def _key_only_gather(heads: list[torch.Tensor], pages: list[list[int]], whole: torch.Tensor, lens: torch.Tensor,

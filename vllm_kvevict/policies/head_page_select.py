@@ -13,6 +13,7 @@ ideal, where per-token selection needs up to one more block for partly filled he
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -21,21 +22,30 @@ from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies.allocation import Allocation
 from vllm_kvevict.policies.base import LayerScores
 from vllm_kvevict.policies.protection import window_and_sinks
-from vllm_kvevict.policies.select import KeptSet, keep_all, select_kept
+from vllm_kvevict.policies.ranking import rank
+from vllm_kvevict.policies.select import KeptSet, keep_all
 
 
 def run_scores(scores: LayerScores, block_size: int) -> LayerScores:
     """``[Hkv, ceil(L / bs)]`` run scores: the mean of each run's other tokens, protected
     where the run holds a protected or preferred token (a required run); the head shares (if
     any) carried over."""
-    num_kv_heads, length = scores.values.shape
+    mean, required = _runs(scores.values, scores.ranked_first, block_size)
+    return LayerScores(values=mean, protected=required, head_shares=scores.head_shares)
+
+
+def _runs(values: torch.Tensor, ranked_first: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, required)`` ``[..., ceil(L / bs)]`` of :func:`run_scores` from ``[..., L]`` values
+    and ranked-first masks (one layer, or layers stacked: the same row-wise arithmetic)."""
+    length = values.shape[-1]
     runs = math.ceil(length / block_size)
     pad = runs * block_size - length
-    values = F.pad(scores.values.double(), (0, pad)).view(num_kv_heads, runs, -1)
-    required = F.pad(scores.ranked_first, (0, pad), value=False).view(num_kv_heads, runs, -1)
-    counted = F.pad(~scores.ranked_first, (0, pad), value=False).view(num_kv_heads, runs, -1)
+    shape = (*values.shape[:-1], runs, block_size)
+    values = F.pad(values.double(), (0, pad)).view(shape)
+    required = F.pad(ranked_first, (0, pad), value=False).view(shape)
+    counted = F.pad(~ranked_first, (0, pad), value=False).view(shape)
     mean = torch.where(counted, values, torch.zeros_like(values)).sum(-1) / counted.sum(-1).clamp_min(1)
-    return LayerScores(values=mean.float(), protected=required.any(-1), head_shares=scores.head_shares)
+    return mean.float(), required.any(-1)
 
 
 def pages_per_head(config: EvictionConfig, seq_len: int, block_size: int) -> int:
@@ -53,14 +63,19 @@ def plan_head_pages(scores: list[LayerScores], config: EvictionConfig, seq_len: 
     pages = pages_per_head(config, seq_len, block_size)
     if pages * block_size >= seq_len:  # also when the budget keeps everything: then pages = all runs
         return keep_all(scores, seq_len)
-    runs = [run_scores(s, block_size) for s in scores]
+    if not scores:
+        return KeptSet(indices=[], head_budgets=torch.zeros(0, dtype=torch.int64), scores=[])
+    # every layer at once (row-wise ops, so each layer's numbers are what run_scores gives it)
+    mean, required = _runs(torch.stack([s.values for s in scores]), torch.stack([s.ranked_first for s in scores]),
+                           block_size)
+    runs = [LayerScores(values=m, protected=r, head_shares=s.head_shares) for m, r, s in zip(mean, required, scores)]
     run_budgets = Allocation(config).split(runs, pages)
-    indices = []
-    for r, b in zip(runs, run_budgets):
-        row = []
-        for kept_runs in select_kept(r, b):
-            tokens = (kept_runs.view(-1, 1) * block_size + torch.arange(block_size)).flatten()
-            row.append(tokens[tokens < seq_len])
-        indices.append(row)
-    head_budgets = torch.tensor([[len(t) for t in row] for row in indices], dtype=torch.int64)
-    return KeptSet(indices=indices, head_budgets=head_budgets, scores=list(scores))
+    # each head's first budget runs in rank order (select_kept), every layer at once: protected
+    # runs first by position, then by value descending, ties to the lower run
+    kept_runs = rank(SimpleNamespace(values=mean, protected=required, preferred=None)) < run_budgets[..., None]
+    tokens = kept_runs.repeat_interleave(block_size, dim=-1)[..., :seq_len]  # [L, Hkv, seq_len]
+    counts = tokens.sum(-1)
+    positions = torch.split(torch.nonzero(tokens)[:, -1].contiguous(), counts.flatten().tolist())  # ascending
+    num_kv_heads = counts.shape[1]
+    indices = [list(positions[l * num_kv_heads : (l + 1) * num_kv_heads]) for l in range(len(scores))]
+    return KeptSet(indices=indices, head_budgets=counts.to(torch.int64), scores=list(scores))

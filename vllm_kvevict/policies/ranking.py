@@ -39,6 +39,9 @@ def rank(scores: LayerScores) -> torch.Tensor:
 
 
 def layer_order(scores: LayerScores) -> torch.Tensor:
-    """``[Hkv * L]`` int64: the layer's flattened entries ``g * L + j``, first choice first."""
+    """``[Hkv * L]`` int64: the layer's flattened entries ``g * L + j``, first choice first.
+
+    (:func:`rank` and :func:`layer_order` read only ``values``, ``protected`` and ``preferred``,
+    row-wise: given them stacked over layers, ``[layers, Hkv, L]``, they give each layer's.)"""
     tier, values = _tier_and_values(scores)
-    return _order(tier.reshape(-1), values.reshape(-1))
+    return _order(tier.flatten(-2), values.flatten(-2))

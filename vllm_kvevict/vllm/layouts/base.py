@@ -10,9 +10,10 @@ by (block, plane, slot) (plane ``g`` of block ``b`` is head-page ``b * Hkv + g``
 the plugin does with a cache is built on those two operations here, once:
 
 * :meth:`PagedLayout.gather`: one request's positions ``0 .. length - 1`` for scoring;
-* :meth:`PagedLayout.compact`: copy kept entries into head-pages (the copy list checked by
-  :func:`vllm_kvevict.cache.compact.copy_indices`; a layout whose K and V are head-major views
-  runs the one compaction, :func:`vllm_kvevict.cache.compact.compact_layer`), VECTOR's key-only
+* :meth:`PagedLayout.compact`: copy kept entries into head-pages (every layer's copy list
+  checked once per request, :meth:`PagedLayout.plan_copies`; whole pages copied as pages,
+  :meth:`PagedLayout.read_pages` / :meth:`PagedLayout.write_pages`; a layout whose K and V are
+  head-major views runs the one compaction, :func:`vllm_kvevict.cache.compact.compact_layer`), VECTOR's key-only
   tokens two to a slot (:meth:`PagedLayout.compact_key_only`, read back by
   :meth:`PagedLayout.read_key_only`);
   :meth:`PagedLayout.compact_from`: the same from explicit sources (decode-time recompaction of
@@ -24,10 +25,12 @@ the plugin does with a cache is built on those two operations here, once:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Optional
 
 import torch
 
-from vllm_kvevict.cache.compact import copy_indices, pack_key_pairs, unpack_key_pairs
+from vllm_kvevict.cache.compact import unpack_key_pairs
+from vllm_kvevict.cache.copies import LayerCopies, PlanCopies, plan_copies
 from vllm_kvevict.cache.page_table import CompactionPlan
 
 
@@ -62,46 +65,65 @@ class PagedLayout(ABC):
         heads = torch.arange(self.num_kv_heads, device=kv_cache.device)
         return self.read(kv_cache, block[None, :], heads[:, None], (pos % self.block_size)[None, :])
 
-    def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan, layer: int) -> None:
+    def read_pages(self, kv_cache: torch.Tensor, block: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+        """``[N, block_size, 2 * head_dim]`` copies of whole pages ``(block, plane)`` (``[N]``
+        int64): every slot's key and value, in the layout's own order within the page."""
+        return kv_cache[block, plane]
+
+    def write_pages(self, kv_cache: torch.Tensor, block: torch.Tensor, plane: torch.Tensor,
+                    pages: torch.Tensor) -> None:
+        """Store :meth:`read_pages`' ``pages`` at the ``[N]`` pages ``(block, plane)``."""
+        kv_cache[block, plane] = pages
+
+    def plan_copies(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan) -> PlanCopies:
+        """Every layer's checked copies of ``plan`` (:func:`vllm_kvevict.cache.copies.plan_copies`),
+        once per request, for :meth:`compact` of each layer (every layer's cache has
+        ``kv_cache``'s shape and device)."""
+        return plan_copies(plan, source_blocks, kv_cache.shape[0], self.num_kv_heads, self.block_size,
+                           kv_cache.device)
+
+    def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan, layer: int,
+                copies: Optional[PlanCopies] = None) -> None:
         """Copy layer ``layer``'s kept entries of ``plan`` from the request's positional
         ``source_blocks`` into their head-pages, keys and values (key-only tokens: their keys,
-        two to a slot), in place. Every source is read before any write; a destination block
-        may not be a source block."""
-        gather = plan.layer_gather(layer)
-        pairs = self._key_only_reads(kv_cache, source_blocks, plan, layer)
-        if gather.head.numel():
-            c = copy_indices(gather, source_blocks, kv_cache.shape[0], self.num_kv_heads, self.block_size,
-                             kv_cache.device)
-            keys, values = self.read(kv_cache, c.src_block, c.head, c.src_slot)
-            self.write(kv_cache, c.dst_block, c.dst_plane, c.dst_slot, keys, values)
-        self._write_key_only(kv_cache, pairs)
+        two to a slot), in place: whole pages as pages, the rest entry by entry. Every source is
+        read before any write; a destination block may not be a source block. ``copies``:
+        :meth:`plan_copies` of this request (computed here when not given)."""
+        copies = self._copies(kv_cache, source_blocks, plan, copies)
+        self._copy(kv_cache, copies.layer_copies(layer), whole=True)
 
     def compact_key_only(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan,
-                         layer: int) -> None:
+                         layer: int, copies: Optional[PlanCopies] = None) -> None:
         """Only the key-only part of :meth:`compact` (a layout that copies whole entries its own
         way calls this after it: the sources are positional blocks, never compact ones)."""
-        self._write_key_only(kv_cache, self._key_only_reads(kv_cache, source_blocks, plan, layer))
+        if plan.key_only is not None:
+            copies = self._copies(kv_cache, source_blocks, plan, copies)
+            self._copy(kv_cache, copies.layer_copies(layer), whole=False)
 
-    def _key_only_reads(self, kv_cache, source_blocks, plan: CompactionPlan, layer: int):
-        """``(destinations, K-half rows, V-half rows)`` of layer ``layer``'s key-only slots, or ``None``."""
-        if plan.key_only is None:
-            return None
-        gather = plan.key_only.layer_gather(layer)
-        if gather.head.numel() == 0:
-            return None
-        c = copy_indices(gather, source_blocks, kv_cache.shape[0], self.num_kv_heads, self.block_size,
-                         kv_cache.device)
-        whole = plan.layer_gather(layer).dst_page.to(kv_cache.device) // self.num_kv_heads
-        if bool(torch.isin(whole, c.src_block).any()):
-            raise ValueError("a compact block is also a source block of this compaction")
-        keys, _ = self.read(kv_cache, c.src_block, c.head, c.src_slot)
-        k_half, v_half = pack_key_pairs(keys, gather.half)
-        return (c.dst_block[0::2], c.dst_plane[0::2], c.dst_slot[0::2]), k_half, v_half
+    def _copies(self, kv_cache, source_blocks, plan: CompactionPlan, copies: Optional[PlanCopies]) -> PlanCopies:
+        if copies is None:
+            return self.plan_copies(kv_cache, source_blocks, plan)
+        if copies.num_blocks != kv_cache.shape[0]:
+            raise ValueError(f"copies planned for a cache of {copies.num_blocks} blocks, this one has "
+                             f"{kv_cache.shape[0]}")
+        return copies
 
-    def _write_key_only(self, kv_cache, pairs) -> None:
-        if pairs is not None:
-            (block, plane, slot), k_half, v_half = pairs
-            self.write(kv_cache, block, plane, slot, k_half, v_half)
+    def _copy(self, kv_cache: torch.Tensor, c: LayerCopies, whole: bool) -> None:
+        """Read every source of ``c`` (its whole-token part only if ``whole``), then write."""
+        pages, entries, key_only = c.pages, c.entries, c.key_only
+        page_data = self.read_pages(kv_cache, pages.src_block, pages.src_plane) \
+            if whole and pages.src_block.numel() else None
+        entry_data = self.read(kv_cache, entries.src_block, entries.head, entries.src_slot) \
+            if whole and entries.src_block.numel() else None
+        keys = self.read(kv_cache, key_only.src_block, key_only.head, key_only.src_slot)[0] \
+            if key_only is not None and key_only.src_block.numel() else None
+        if page_data is not None:
+            self.write_pages(kv_cache, pages.dst_block, pages.dst_plane, page_data)
+        if entry_data is not None:
+            self.write(kv_cache, entries.dst_block, entries.dst_plane, entries.dst_slot, *entry_data)
+        if keys is not None:  # entry 2i in slot i's K half, 2i + 1 in its V half (pairs checked in plan_copies)
+            self.write(kv_cache, key_only.dst_block[0::2], key_only.dst_plane[0::2], key_only.dst_slot[0::2],
+                       keys[0::2], keys[1::2])
 
     def read_key_only(self, kv_cache: torch.Tensor, block: torch.Tensor, plane: torch.Tensor, slot: torch.Tensor,
                       half: torch.Tensor) -> torch.Tensor:

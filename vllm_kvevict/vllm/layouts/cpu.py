@@ -64,6 +64,8 @@ class CpuPackedLayout(PagedLayout):
     When the ISA's page order is affine in (slot, dim) (``vec``, ``vec16``: keys ``[d, bs]``,
     values ``[bs, d]``), :meth:`gather` reads whole pages and views them in place of indexing
     every element (issue 14: the per-element gather was the largest scoring cost after ``V @ Wo``).
+    A page (block, plane) is ``2 * block_size * head_dim`` contiguous elements: :meth:`read_pages`
+    and :meth:`write_pages` (a compaction's whole pages) are one ``index_select`` / ``index_copy_``.
     """
 
     def __init__(self, num_kv_heads: int, block_size: int, head_dim: int, isa: str, dtype: torch.dtype) -> None:
@@ -91,6 +93,13 @@ class CpuPackedLayout(PagedLayout):
     def _flat(kv_cache: torch.Tensor) -> torch.Tensor:
         num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
         return kv_cache.view(num_blocks, num_kv_heads, block_size * two_d)
+
+    def read_pages(self, kv_cache, block, plane):
+        pages = kv_cache.view(-1, self.block_size, kv_cache.shape[-1])  # [num_blocks * Hkv, ...]: pages in order
+        return pages.index_select(0, block * self.num_kv_heads + plane)
+
+    def write_pages(self, kv_cache, block, plane, pages):
+        kv_cache.view(-1, self.block_size, kv_cache.shape[-1]).index_copy_(0, block * self.num_kv_heads + plane, pages)
 
     def read(self, kv_cache, block, plane, slot):
         flat = self._flat(kv_cache)

@@ -8,9 +8,12 @@ Triton kernels of :mod:`vllm_kvevict.kernels` take as they are.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from vllm_kvevict.cache.compact import compact_layer
+from vllm_kvevict.cache.copies import PlanCopies
 from vllm_kvevict.cache.page_table import CompactionPlan
 from vllm_kvevict.vllm.layouts.base import PagedLayout
 
@@ -32,8 +35,11 @@ class SplitHeadDimLayout(PagedLayout):
         k_cache[block, plane, slot] = keys.to(k_cache.dtype)
         v_cache[block, plane, slot] = values.to(v_cache.dtype)
 
-    def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan, layer: int) -> None:
-        """The one compaction on the K/V views (Triton on CUDA, its torch reference elsewhere);
-        key-only tokens, if any, after it (:meth:`PagedLayout.compact_key_only`)."""
-        compact_layer(*self.key_value_views(kv_cache), source_blocks, plan, layer)
-        self.compact_key_only(kv_cache, source_blocks, plan, layer)
+    def compact(self, kv_cache: torch.Tensor, source_blocks: torch.Tensor, plan: CompactionPlan, layer: int,
+                copies: Optional[PlanCopies] = None) -> None:
+        """The one compaction on the K/V views (Triton on CUDA, its torch reference elsewhere),
+        its copy list checked once per request (:meth:`PagedLayout.plan_copies`, computed here
+        when not given); key-only tokens, if any, after it (:meth:`PagedLayout.compact_key_only`)."""
+        copies = self._copies(kv_cache, source_blocks, plan, copies)
+        compact_layer(*self.key_value_views(kv_cache), source_blocks, plan, layer, checked=True)
+        self.compact_key_only(kv_cache, source_blocks, plan, layer, copies)

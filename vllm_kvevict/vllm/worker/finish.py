@@ -180,11 +180,14 @@ def _compact(req_id: str, state, scores, block_ids: list[int], block_size: int, 
         try:
             if sink.source_blocks is None:
                 raise RuntimeError("compaction sources not seen in the scoring step")
+            copies = None  # every layer's copy list, checked once (each layer's cache has the same shape)
             for layer in range(plan.num_layers):
                 if layer == plan.num_layers // 2:
                     injected(sink, "compaction")  # a copy that breaks off half-way
                 kv_cache, layout = caches(layer)
-                layout.compact(kv_cache, sink.source_blocks, plan, layer)
+                if copies is None:
+                    copies = layout.plan_copies(kv_cache, sink.source_blocks, plan)
+                layout.compact(kv_cache, sink.source_blocks, plan, layer, copies)
         except EvictionFailure:
             raise
         except Exception as exc:
