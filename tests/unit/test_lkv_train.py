@@ -94,3 +94,21 @@ def test_a_run_writes_the_artifact_and_a_resumed_run_ends_the_same(tmp_path, tin
 
     rotary = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).model.rotary_emb
     assert torch.allclose(whole.scorer.inv_freq, rotary.inv_freq.float()), "the model's RoPE, for de-rotation"
+
+
+def test_init_starts_from_an_artifact_and_refuses_other_module_sizes(tmp_path, tiny_llama_dir):
+    model = {"model": tiny_llama_dir}
+    first = _run(tmp_path, {**model, "name": "first.safetensors"}, [])
+    warm = _run(tmp_path, {**model, "name": "warm.safetensors"},
+                ["--init", str(tmp_path / "first.safetensors"), "--steps", "4", "--stop-after", "0"])
+    assert warm.training["steps_done"] == 0
+    assert warm.training["init"]["training"]["steps_done"] == 4, "the new record names what it started from"
+    for a, b in zip(first.scorer.state_dict().values(), warm.scorer.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(first.shares.state_dict().values(), warm.shares.state_dict().values()):
+        assert torch.equal(a, b)
+    cold = _run(tmp_path, {**model, "name": "cold.safetensors"}, ["--stop-after", "0"])
+    assert not torch.equal(cold.scorer.state_dict()["w2"], warm.scorer.state_dict()["w2"])
+    with pytest.raises(SystemExit, match="module sizes"):
+        _run(tmp_path, {**model, "name": "other.safetensors"},
+             ["--init", str(tmp_path / "first.safetensors"), "--rank", "4"])

@@ -1,6 +1,6 @@
 """Train LKV-T and LKV-H jointly by self-distillation from the frozen model; write the artifact.
 
-    python -m vllm_kvevict.lkv.train --model DIR --out FILE [--steps 480] [--seed 0] ...
+    python -m vllm_kvevict.lkv.train --model DIR --out FILE [--steps 480] [--seed 0] [--init FILE] ...
 
 Two phases, each with a progress bar, each resumable (rerun the same command):
 
@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="prepared examples (default: ~/.cache/vllm-kvevict/lkv-train/<model>-seed<seed>)")
     ap.add_argument("--log", type=Path, default=None, help="training curve and plots (default: next to --out)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="artifact to start from (warm start; its model and module sizes must match), "
+                         "instead of the KeyDiff start")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="train at most this many steps in this run, then checkpoint (rerun to go on)")
     args = ap.parse_args(argv)
@@ -97,9 +100,28 @@ def fingerprint(args: argparse.Namespace) -> dict:
     keys = ("model", "seed", "examples", "validation_examples", "held_out", "kinds", "lengths", "inside_share",
             "question_weight", "budgets_per_step", "min_budget", "max_budget", "window", "page_share", "block_size",
             "lr", "temperature_start",
-            "temperature_end", "rank", "kernel", "steps")
+            "temperature_end", "rank", "kernel", "steps", "init")
     return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items() if k in keys}
+
+
+def warm_start(path: Path, identity, scorer, shares) -> dict:
+    """Load ``path``'s modules into ``scorer`` and ``shares``; its training record, for the new one's.
+
+    Refused (``SystemExit``) when it was made for another model or with other module sizes.
+    """
+    from vllm_kvevict.lkv.artifact import load_artifact
+
+    artifact = load_artifact(path)
+    if artifact.identity != identity:
+        differ = "; ".join(artifact.identity.differences(identity))
+        raise SystemExit(f"--init {path}: made for another model ({differ})")
+    if artifact.shape != scorer.shape:
+        raise SystemExit(f"--init {path}: module sizes {artifact.shape.to_dict()} differ from this run's "
+                         f"{scorer.shape.to_dict()} (--rank, --kernel)")
+    scorer.load_state_dict(artifact.scorer.state_dict())
+    shares.load_state_dict(artifact.shares.state_dict())
+    return {"path": str(path), "training": artifact.training}
 
 
 def temperature(step: int, args) -> float:
@@ -157,6 +179,7 @@ def main(argv=None) -> None:
     shape = NetShape(engine.parts.num_layers, engine.parts.num_kv_heads, engine.parts.head_dim, args.rank, args.kernel)
     scorer = TokenScorer(shape, rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
     shares = HeadShares(shape)
+    init_record = warm_start(args.init, identity, scorer, shares) if args.init else None
     params = list(scorer.parameters()) + list(shares.parameters())
     optimizer = torch.optim.Adam(params, lr=args.lr)
     ckpt_path = cache / f"{args.out.stem}.ckpt"
@@ -176,7 +199,8 @@ def main(argv=None) -> None:
     def training_record() -> dict:
         return {"command": "python -m vllm_kvevict.lkv.train " + " ".join(sys.argv[1:] if argv is None else argv),
                 "settings": fingerprint(args), "steps_done": state["step"], "train_seconds": round(state["seconds"], 1),
-                "validation": state["curve"][-1] if state["curve"] else None}
+                "validation": state["curve"][-1] if state["curve"] else None,
+                **({"init": init_record} if init_record else {})}
 
     def checkpoint() -> None:
         torch.save({"fingerprint": fingerprint(args), "scorer": scorer.state_dict(), "shares": shares.state_dict(),
