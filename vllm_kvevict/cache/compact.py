@@ -11,7 +11,7 @@ VECTOR's key-only tokens share slots two by two (:class:`~vllm_kvevict.cache.pag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -29,6 +29,14 @@ class CopyIndices:
     dst_block: torch.Tensor
     dst_plane: torch.Tensor
     dst_slot: torch.Tensor
+
+    def take(self, index) -> "CopyIndices":
+        """The entries at ``index`` (a slice or a mask) of every field."""
+        return CopyIndices(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    @staticmethod
+    def empty(device=None) -> "CopyIndices":
+        return CopyIndices(*(torch.zeros(0, dtype=torch.int64, device=device) for _ in fields(CopyIndices)))
 
 
 def copy_indices(

@@ -65,15 +65,15 @@ class PlanCopies:
 
     def layer(self, layer: int) -> CopyIndices:
         """Layer ``layer``'s whole-token copies: :func:`copy_indices` of its gather."""
-        return _sliced(self.whole, _span(self.whole_offsets, layer))
+        return self.whole.take(_span(self.whole_offsets, layer))
 
     def key_only_layer(self, layer: int) -> Optional[CopyIndices]:
         """Layer ``layer``'s key-only copies (:func:`copy_indices` of its key-only gather)."""
-        return None if self.key_only is None else _sliced(self.key_only, _span(self.key_only_offsets, layer))
+        return None if self.key_only is None else self.key_only.take(_span(self.key_only_offsets, layer))
 
     def layer_copies(self, layer: int) -> LayerCopies:
         return LayerCopies(self.pages[_span(self.page_offsets, layer)],
-                           _sliced(self.entries, _span(self.entry_offsets, layer)), self.key_only_layer(layer))
+                           self.entries.take(_span(self.entry_offsets, layer)), self.key_only_layer(layer))
 
 
 def plan_copies(plan: CompactionPlan, block_table: torch.Tensor, num_blocks: int, num_kv_heads: int, block_size: int,
@@ -85,11 +85,8 @@ def plan_copies(plan: CompactionPlan, block_table: torch.Tensor, num_blocks: int
     table = torch.as_tensor(block_table, dtype=torch.int64).to(device)
     layer = plan.layer.to(device)
     offsets = plan.offsets.tolist()
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-    if layer.numel():
-        whole = _checked(layer, plan, table, num_blocks, num_kv_heads, block_size, device)
-    else:
-        whole = CopyIndices(empty, empty, empty, empty, empty, empty)
+    whole = _checked(layer, plan, table, num_blocks, num_kv_heads, block_size, device) if layer.numel() else \
+        CopyIndices.empty(device)
     key_only, key_only_offsets = None, None
     ko = plan.key_only
     if ko is not None:
@@ -104,8 +101,7 @@ def _key_only(ko, whole_layer: torch.Tensor, whole: CopyIndices, table, num_bloc
               block_size: int, device) -> CopyIndices:
     counts = ko.offsets[1:] - ko.offsets[:-1]
     if ko.layer.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        return CopyIndices(empty, empty, empty, empty, empty, empty)
+        return CopyIndices.empty(device)
     # pack_key_pairs's check, every layer at once (each layer's count even: then its halves are
     # 0, 1, 0, 1, ... exactly when the concatenation's are)
     if bool((counts % 2).any()) or not torch.equal(ko.half.to(torch.int64).cpu(), torch.arange(ko.half.numel()) % 2):
@@ -135,7 +131,7 @@ def _split_pages(layer: torch.Tensor, c: CopyIndices, offsets: list[int], num_kv
     first = starts[whole_run]
     pages = PageCopies(c.src_block[first], c.head[first], c.dst_block[first], c.dst_plane[first])
     rest = ~torch.repeat_interleave(whole_run, lengths)
-    entries = CopyIndices(*(t[rest] for t in (c.src_block, c.head, c.src_slot, c.dst_block, c.dst_plane, c.dst_slot)))
+    entries = c.take(rest)
     bounds = torch.tensor(offsets, dtype=torch.int64, device=device)
     return pages, torch.searchsorted(first, bounds).tolist(), entries, _exclusive_cumsum(rest)[bounds].tolist()
 
@@ -150,7 +146,3 @@ def _exclusive_cumsum(mask: torch.Tensor) -> torch.Tensor:
 def _span(offsets: list[int], layer: int) -> slice:
     return slice(offsets[layer], offsets[layer + 1])
 
-
-def _sliced(c: CopyIndices, span: slice) -> CopyIndices:
-    return CopyIndices(c.src_block[span], c.head[span], c.src_slot[span], c.dst_block[span], c.dst_plane[span],
-                       c.dst_slot[span])

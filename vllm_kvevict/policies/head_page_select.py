@@ -13,7 +13,6 @@ ideal, where per-token selection needs up to one more block for partly filled he
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies.allocation import Allocation
 from vllm_kvevict.policies.base import LayerScores
 from vllm_kvevict.policies.protection import window_and_sinks
-from vllm_kvevict.policies.ranking import rank
+from vllm_kvevict.policies.ranking import rank_rows
 from vllm_kvevict.policies.select import KeptSet, keep_all
 
 
@@ -72,7 +71,7 @@ def plan_head_pages(scores: list[LayerScores], config: EvictionConfig, seq_len: 
     run_budgets = Allocation(config).split(runs, pages)
     # each head's first budget runs in rank order (select_kept), every layer at once: protected
     # runs first by position, then by value descending, ties to the lower run
-    kept_runs = rank(SimpleNamespace(values=mean, protected=required, preferred=None)) < run_budgets[..., None]
+    kept_runs = rank_rows(mean, required) < run_budgets[..., None]
     tokens = kept_runs.repeat_interleave(block_size, dim=-1)[..., :seq_len]  # [L, Hkv, seq_len]
     counts = tokens.sum(-1)
     positions = torch.split(torch.nonzero(tokens)[:, -1].contiguous(), counts.flatten().tolist())  # ascending

@@ -7,6 +7,8 @@ sorts make that order exactly, with no sentinel value standing for a tier.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from vllm_kvevict.policies.base import LayerScores
@@ -20,28 +22,36 @@ def _order(tier: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return by_value.gather(-1, by_tier)
 
 
-def _tier_and_values(scores: LayerScores) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[Hkv, L]`` int8 tier (2 protected, 1 preferred, 0 other) and the values sorted within
+def _tier_and_values(values: torch.Tensor, protected: torch.Tensor,
+                     preferred: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[..., L]`` int8 tier (2 protected, 1 preferred, 0 other) and the values sorted within
     tiers (0 where protected: protected tokens keep their position order)."""
-    tier = scores.protected.to(torch.int8) * 2
-    if scores.preferred is not None:
-        tier = tier + (scores.preferred & ~scores.protected).to(torch.int8)
-    values = torch.where(scores.protected, torch.zeros_like(scores.values), scores.values)
-    return tier, values
+    tier = protected.to(torch.int8) * 2
+    if preferred is not None:
+        tier = tier + (preferred & ~protected).to(torch.int8)
+    return tier, torch.where(protected, torch.zeros_like(values), values)
 
 
-def rank(scores: LayerScores) -> torch.Tensor:
-    """``[Hkv, L]`` int64: 0 for each head's first choice, ``L - 1`` for its last."""
-    order = _order(*_tier_and_values(scores))
+def rank_rows(values: torch.Tensor, protected: torch.Tensor, preferred: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`rank` of every row of ``[..., L]`` values and masks (e.g. layers stacked, ``[layers, Hkv, L]``)."""
+    order = _order(*_tier_and_values(values, protected, preferred))
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
     return ranks
 
 
-def layer_order(scores: LayerScores) -> torch.Tensor:
-    """``[Hkv * L]`` int64: the layer's flattened entries ``g * L + j``, first choice first.
+def rank(scores: LayerScores) -> torch.Tensor:
+    """``[Hkv, L]`` int64: 0 for each head's first choice, ``L - 1`` for its last."""
+    return rank_rows(scores.values, scores.protected, scores.preferred)
 
-    (:func:`rank` and :func:`layer_order` read only ``values``, ``protected`` and ``preferred``,
-    row-wise: given them stacked over layers, ``[layers, Hkv, L]``, they give each layer's.)"""
-    tier, values = _tier_and_values(scores)
-    return _order(tier.flatten(-2), values.flatten(-2))
+
+def layer_order_rows(values: torch.Tensor, protected: torch.Tensor,
+                     preferred: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`layer_order` of ``[..., Hkv, L]`` values and masks (e.g. layers stacked): ``[..., Hkv * L]``."""
+    tier, ordered = _tier_and_values(values, protected, preferred)
+    return _order(tier.flatten(-2), ordered.flatten(-2))
+
+
+def layer_order(scores: LayerScores) -> torch.Tensor:
+    """``[Hkv * L]`` int64: the layer's flattened entries ``g * L + j``, first choice first."""
+    return layer_order_rows(scores.values, scores.protected, scores.preferred)

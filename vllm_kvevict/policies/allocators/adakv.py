@@ -8,13 +8,11 @@ among the winners, so ``B[g]`` never drops below them. kvpress's rule is ``adakv
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.policies.base import LayerScores
-from vllm_kvevict.policies.ranking import layer_order
+from vllm_kvevict.policies.ranking import layer_order, layer_order_rows
 from vllm_kvevict.policies.registry import register_allocator
 
 
@@ -56,9 +54,8 @@ def adakv(scores: list[LayerScores], budget: int, config: EvictionConfig) -> tor
     if len({tuple(s.values.shape) for s in scores}) != 1 or len(preferred) != 1:
         return torch.stack([adakv_layer(s, budget, config.alpha) for s in scores])
     # every layer at once: adakv_layer's row-wise arithmetic on layers stacked
-    stacked = SimpleNamespace(values=torch.stack([s.values for s in scores]),
-                              protected=torch.stack([s.protected for s in scores]),
-                              preferred=None if preferred == {True} else torch.stack([s.preferred for s in scores]))
+    order = layer_order_rows(torch.stack([s.values for s in scores]), torch.stack([s.protected for s in scores]),
+                             None if preferred == {True} else torch.stack([s.preferred for s in scores]))
     total = scores[0].num_kv_heads * budget
-    winners = _winners(layer_order(stacked), total, scores[0].seq_len, scores[0].num_kv_heads).to(torch.float64)
+    winners = _winners(order, total, scores[0].seq_len, scores[0].num_kv_heads).to(torch.float64)
     return largest_remainder((1.0 - config.alpha) * winners + config.alpha * budget, total)
