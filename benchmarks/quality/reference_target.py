@@ -2,7 +2,8 @@
 
 Protocol ``context`` (default): the policy compresses ``prompt_ids[:context_end]`` (chat prefix,
 instructions, context) and the question is fed after eviction, never evicted. Protocol
-``prompt``: the whole prompt is compressed, question included (what a server sees).
+``prompt``: the whole prompt is compressed, question included (what a server sees). ``both``:
+each prompt's one prefill serves the rows of both.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ KVPRESS_SETTINGS: dict[str, dict] = {
     "criticalkv": {"epsilon": 1e-4},
 }
 
+
+#: ``--protocol`` -> the protocols of the rows it writes.
+PROTOCOLS = {"context": ("context",), "prompt": ("prompt",), "both": ("context", "prompt")}
 
 #: Granularity labels of a sweep point that fix head granularity's selection: single tokens per
 #: head (kvpress's way) or whole pages per head, whatever the block size.
@@ -89,30 +93,34 @@ def run_reference(
     overrides: Optional[dict] = None,
     vector_share: Optional[float] = None,
     vector_options: Optional[dict] = None,
+    deadline: Optional[float] = None,
 ) -> None:
-    """Run ``points`` on ``tasks`` with :class:`vllm_kvevict.reference.engine.ReferenceEngine`."""
+    """Run ``points`` on ``tasks`` with :class:`vllm_kvevict.reference.engine.ReferenceEngine`;
+    no task is started after ``deadline`` (``time.monotonic()``)."""
     from vllm_kvevict.evaluation.scoring import score
     from vllm_kvevict.reference.engine import ReferenceEngine
 
+    protocols = PROTOCOLS[protocol]
     engine = ReferenceEngine(model_dir)
     for task in tasks:
         pending = []
-        for point in points:
-            row = base_row(engine_name, "reference", task, point, protocol, allocation_label(point))
-            if writer.has(row):
-                progress(1)
-            else:
-                pending.append((point, row))
+        for each in protocols:
+            for point in points:
+                row = base_row(engine_name, "reference", task, point, each, allocation_label(point))
+                if writer.has(row):
+                    progress(1)
+                else:
+                    pending.append((each, point, row))
         if not pending:
             continue
+        if deadline is not None and time.monotonic() > deadline:
+            return
         start, cpu = time.perf_counter(), time.process_time()
         prefilled = engine.prefill(task.prompt_ids)
         prefill_s, prefill_cpu = time.perf_counter() - start, time.process_time() - cpu
-        if protocol == "context":
-            compressed, suffix = prefilled.prefix(task.context_end), task.question_ids
-        else:
-            compressed, suffix = prefilled, None
-        for point, row in pending:
+        views = {"context": (prefilled.prefix(task.context_end), task.question_ids), "prompt": (prefilled, None)}
+        for each, point, row in pending:
+            compressed, suffix = views[each]
             start, cpu = time.perf_counter(), time.process_time()
             config = point_config(point, overrides, vector_share, vector_options)
             gen = engine.generate(compressed, config, task.max_new_tokens, suffix_ids=suffix, block_size=block_size)

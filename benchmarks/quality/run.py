@@ -53,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-per", type=int, default=DEFAULT_N_PER, help="tasks per kind x length")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--question-position", choices=("after", "both"), default="after")
-    ap.add_argument("--protocol", choices=("context", "prompt"), default="context",
-                    help="reference: compress the context only (question fed after eviction) or the whole prompt")
+    ap.add_argument("--protocol", choices=("context", "prompt", "both"), default="context",
+                    help="reference: compress the context only (question fed after eviction), the whole prompt, "
+                         "or both from one prefill per prompt")
     ap.add_argument("--policies", default="all", help="scorers, or 'all' (every scorer in vllm_kvevict.policies.SCORERS)")
     ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS))
     ap.add_argument("--min-tokens", default="default",
@@ -91,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cache-salt", choices=("setting", "none"), default="setting",
                     help="server target: a prefix-cache salt per setting (each prefills every prompt itself) or none")
     ap.add_argument("--time-limit", type=float, default=None,
-                    help="server target: send nothing after this many seconds (a rerun resumes the rest)")
+                    help="server: send nothing after this many seconds; reference: start no prompt after them "
+                         "(a rerun resumes the rest)")
     ap.add_argument("--min-full-accuracy", type=float, default=0.1, help="report: retention threshold")
     ap.add_argument("--workers", type=int, default=2,
                     help="reference/kvpress: processes, each on its share of the tasks (one per core)")
@@ -123,8 +125,8 @@ def main(argv=None) -> None:
                           floors(args), vectors)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    tasks = make_suite(_csv(args.kinds), tokenizer, [int(x) for x in _csv(args.lengths)], args.n_per, args.seed,
-                       args.question_position)
+    tasks = round_robin(make_suite(_csv(args.kinds), tokenizer, [int(x) for x in _csv(args.lengths)], args.n_per,
+                                   args.seed, args.question_position))
     out = args.out or ROOT / "benchmarks/quality/results" / args.target
     start = time.perf_counter()
     if not args.shard:
@@ -141,7 +143,9 @@ def main(argv=None) -> None:
     writer = ResultWriter(out / name)
     print(f"{len(tasks)} tasks x {len(points)} settings -> {out / name}", file=sys.stderr)
 
-    with tqdm(total=len(tasks) * len(points), desc=f"{args.target} {args.shard or ''}".strip(), unit="run",
+    deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+    protocols = 2 if args.protocol == "both" else 1
+    with tqdm(total=len(tasks) * len(points) * protocols, desc=f"{args.target} {args.shard or ''}".strip(), unit="run",
               position=position) as bar:
         if args.target == "reference":
             from benchmarks.quality.reference_target import KVPRESS_SETTINGS, run_reference
@@ -149,11 +153,10 @@ def main(argv=None) -> None:
             run_reference(tasks, points, writer, model_dir=args.model_dir, protocol=args.protocol,
                           block_size=args.block_size, progress=bar.update, engine_name=args.engine_name or "reference",
                           overrides=KVPRESS_SETTINGS if args.kvpress_settings else None, vector_share=args.vector_share,
-                          vector_options=vector_options(args))
+                          vector_options=vector_options(args), deadline=deadline)
         elif args.target == "server":
             from benchmarks.quality.server_target import run_server
 
-            deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
             left = run_server(tasks, points, writer, base_url=args.base_url, model=args.served_model,
                               engine_name=args.engine_name or "server", concurrency=args.concurrency,
                               progress=bar.update, salt=args.cache_salt, deadline=deadline)
@@ -166,6 +169,17 @@ def main(argv=None) -> None:
     writer.close()
     if not args.shard:
         finish(args, out, start)
+
+
+def round_robin(tasks: list) -> list:
+    """``tasks`` (grouped by length and kind) reordered round by round: the first task of every
+    length x kind, then the second of each, ... so that a sweep stopped early (``--time-limit``,
+    shards taking every other task) holds about as many prompts of every kind and length."""
+    cells: dict[tuple, list] = {}
+    for task in tasks:
+        cells.setdefault((task.context_tokens, task.kind), []).append(task)
+    rounds = max((len(c) for c in cells.values()), default=0)
+    return [c[i] for i in range(rounds) for c in cells.values() if i < len(c)]
 
 
 def vector_options(args: argparse.Namespace) -> dict:

@@ -48,3 +48,31 @@ def test_full_cache_accuracy_holds_and_keydiff_keeps_needles(smollm2_dir, tmp_pa
     keydiff = cell[("keydiff", "niah_single", "all")]
     assert keydiff["accuracy"] >= 0.5, [(r["uid"], r["output"]) for r in rows if r["policy"] == "keydiff"]
     assert all(0.19 <= r["memory_fraction"] <= 0.2 for r in rows if r["policy"] == "keydiff")
+
+
+def test_protocol_both_writes_each_protocols_rows_from_one_prefill(smollm2_dir, tmp_path):
+    """``--protocol both`` gives the rows ``context`` and ``prompt`` give alone (same outputs), from
+    one prefill per prompt; past its deadline the runner starts no prompt."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tasks = [make_task("niah_single", tokenizer, 1024, 0)]
+    points = [FULL_CACHE, Point("snapkv", None, "head", 0.2)]
+
+    def rows_of(name, protocol, **kw):
+        writer = ResultWriter(tmp_path / name / "results.jsonl")
+        run_reference(tasks, points, writer, model_dir=smollm2_dir, protocol=protocol, block_size=128,
+                      progress=lambda _: None, **kw)
+        writer.close()
+        path = tmp_path / name / "results.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    both = rows_of("both", "both")
+    alone = rows_of("context", "context") + rows_of("prompt", "prompt")
+    key = lambda r: (r["protocol"], r["policy"], r["budget"])  # noqa: E731
+    assert sorted(map(key, both)) == sorted(map(key, alone)) and len(both) == 4
+    assert {key(r): r["output"] for r in both} == {key(r): r["output"] for r in alone}
+    assert len({r["prefill_seconds"] for r in both}) == 1  # one prefill served all four rows
+    assert rows_of("late", "both", deadline=time.monotonic() - 1) == []

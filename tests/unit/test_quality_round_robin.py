@@ -1,0 +1,28 @@
+"""The quality runner's task order: round by round over every length x kind, so a sweep stopped
+early (or split across shards) stays balanced."""
+
+from types import SimpleNamespace
+
+from benchmarks.quality.run import round_robin
+
+
+def _tasks(lengths, kinds, n):
+    return [SimpleNamespace(context_tokens=t, kind=k, i=i) for t in lengths for k in kinds for i in range(n)]
+
+
+def test_round_robin_takes_one_task_of_every_cell_per_round():
+    tasks = _tasks([1024, 2048], ["qa", "vt", "cwe"], 3)
+    order = round_robin(tasks)
+    assert sorted(map(id, order)) == sorted(map(id, tasks))
+    assert [t.i for t in order] == [0] * 6 + [1] * 6 + [2] * 6
+    assert [(t.context_tokens, t.kind) for t in order[:6]] == [(1024, "qa"), (1024, "vt"), (1024, "cwe"),
+                                                               (2048, "qa"), (2048, "vt"), (2048, "cwe")]
+    # every other task (a shard) still holds each length and kind
+    shard = order[0::2]
+    assert {t.context_tokens for t in shard[:3]} == {1024, 2048}
+
+
+def test_round_robin_keeps_uneven_cells_and_empty_input():
+    tasks = _tasks([1024], ["qa"], 2) + _tasks([2048], ["vt"], 1)
+    assert [(t.kind, t.i) for t in round_robin(tasks)] == [("qa", 0), ("vt", 0), ("qa", 1)]
+    assert round_robin([]) == []
