@@ -73,13 +73,15 @@ def sweep_points(
     vectors: Iterable[bool] = (False,),
 ) -> list[Point]:
     """The full-cache point first, then every policy x allocation x granularity x VECTOR off/on x
-    budget < 1 x floor (``None``: the config's default)."""
+    budget < 1 x floor (``None``: the config's default). A policy given as ``scorer:allocation``
+    runs under that allocation only, whatever ``allocations`` says."""
     points = [FULL_CACHE]
-    floors = list(floors)
-    for policy in policies:
+    floors, allocations = list(floors), list(allocations)
+    for spec in policies:
+        policy, _, pinned = spec.partition(":")
         if policy == FULL:
             continue
-        for allocation in allocations:
+        for allocation in [pinned] if pinned else allocations:
             for granularity in granularities:
                 points += [Point(policy, allocation, granularity, float(b), floor, vector)
                            for vector in vectors for b in budgets if float(b) < 1.0 for floor in floors]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from benchmarks.quality.grid import Point, base_row
+from benchmarks.quality.grid import Point, base_row, result_key
 
 #: ``--kvpress-settings``: kvpress 0.5.5's settings where ours differ, as in tests/parity/: windows
 #: (ours protect the last 32 tokens for every scorer; kvpress's KnormPress, KeyDiffPress and
@@ -103,13 +103,14 @@ def run_reference(
     protocols = PROTOCOLS[protocol]
     engine = ReferenceEngine(model_dir)
     for task in tasks:
-        pending = []
+        pending, keys = [], set()
         for each in protocols:
             for point in points:
                 row = base_row(engine_name, "reference", task, point, each, allocation_label(point))
-                if writer.has(row):
+                if writer.has(row) or result_key(row) in keys:  # done, or the same setting twice
                     progress(1)
                 else:
+                    keys.add(result_key(row))
                     pending.append((each, point, row))
         if not pending:
             continue

@@ -43,12 +43,21 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _kinds_at(text: str) -> tuple[int, list[str]]:
+    length, _, kinds = text.partition("=")
+    if not length.strip().isdigit() or not _csv(kinds):
+        raise argparse.ArgumentTypeError(f"--kinds-at: {text!r}: expected LENGTH=KIND[,KIND...], e.g. 4096=niah_single,qa")
+    return int(length), _csv(kinds)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", choices=("reference", "server", "kvpress"), required=True)
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/quality/results/<target>)")
     ap.add_argument("--model-dir", default=os.environ.get("KVEVICT_MODEL_DIR"), help="HF folder (tokenizer; model for reference/kvpress)")
     ap.add_argument("--kinds", default=DEFAULT_KINDS, help="task kinds (comma-separated)")
+    ap.add_argument("--kinds-at", type=_kinds_at, action="append", default=[], metavar="LENGTH=KINDS",
+                    help="the kinds at one length instead of --kinds (repeatable; e.g. 4096=niah_single,qa)")
     ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help="prompt lengths in tokens")
     ap.add_argument("--n-per", type=int, default=DEFAULT_N_PER, help="tasks per kind x length")
     ap.add_argument("--seed", type=int, default=0)
@@ -56,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--protocol", choices=("context", "prompt", "both"), default="context",
                     help="reference: compress the context only (question fed after eviction), the whole prompt, "
                          "or both from one prefill per prompt")
-    ap.add_argument("--policies", default="all", help="scorers, or 'all' (every scorer in vllm_kvevict.policies.SCORERS)")
+    ap.add_argument("--policies", default="all",
+                    help="scorers, or 'all' (every scorer in vllm_kvevict.policies.SCORERS); 'scorer:allocation' "
+                         "adds that scorer under that allocation only (e.g. snapkv:uniform beside snapkv's default)")
     ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS))
     ap.add_argument("--min-tokens", default="default",
                     help="floors of the fractional budget (EvictionConfig.min_tokens), comma-separated; 'default' "
@@ -125,8 +136,10 @@ def main(argv=None) -> None:
                           floors(args), vectors)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    tasks = round_robin(make_suite(_csv(args.kinds), tokenizer, [int(x) for x in _csv(args.lengths)], args.n_per,
-                                   args.seed, args.question_position))
+    kinds_at = dict(args.kinds_at)
+    tasks = round_robin([task for length in (int(x) for x in _csv(args.lengths))
+                         for task in make_suite(kinds_at.get(length, _csv(args.kinds)), tokenizer, [length], args.n_per,
+                                                args.seed, args.question_position)])
     out = args.out or ROOT / "benchmarks/quality/results" / args.target
     start = time.perf_counter()
     if not args.shard:

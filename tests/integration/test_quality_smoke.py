@@ -52,14 +52,15 @@ def test_full_cache_accuracy_holds_and_keydiff_keeps_needles(smollm2_dir, tmp_pa
 
 def test_protocol_both_writes_each_protocols_rows_from_one_prefill(smollm2_dir, tmp_path):
     """``--protocol both`` gives the rows ``context`` and ``prompt`` give alone (same outputs), from
-    one prefill per prompt; past its deadline the runner starts no prompt."""
+    one prefill per prompt; a setting given twice (snapkv's default allocation is adakv) runs once;
+    past its deadline the runner starts no prompt."""
     import time
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
     tasks = [make_task("niah_single", tokenizer, 1024, 0)]
-    points = [FULL_CACHE, Point("snapkv", None, "head", 0.2)]
+    points = [FULL_CACHE, Point("snapkv", None, "head", 0.2), Point("snapkv", "adakv", "head", 0.2)]
 
     def rows_of(name, protocol, **kw):
         writer = ResultWriter(tmp_path / name / "results.jsonl")

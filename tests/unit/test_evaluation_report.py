@@ -30,6 +30,12 @@ def test_sweep_points_full_cache_once_then_budgets_below_one():
     assert Point("knorm", None, "head", 0.1) in points
 
 
+
+def test_sweep_points_policy_with_pinned_allocation_runs_under_it_only():
+    points = sweep_points(["snapkv", "snapkv:uniform"], [0.2, 0.1], [None], ["head"])
+    assert points[1:] == [Point("snapkv", None, "head", 0.2), Point("snapkv", None, "head", 0.1),
+                          Point("snapkv", "uniform", "head", 0.2), Point("snapkv", "uniform", "head", 0.1)]
+
 def test_summary_accuracy_interval_retention_and_flags():
     rows = (
         [_row("none", 1.0, "niah", s, uid=f"n{i}") for i, s in enumerate([1, 1, 1, 0])]

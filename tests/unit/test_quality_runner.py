@@ -1,9 +1,11 @@
-"""The quality runner's task order: round by round over every length x kind, so a sweep stopped
-early (or split across shards) stays balanced."""
+"""The quality runner's suite: the kinds per length (``--kinds-at``), and the task order, round by
+round over every length x kind, so a sweep stopped early (or split across shards) stays balanced."""
 
 from types import SimpleNamespace
 
-from benchmarks.quality.run import round_robin
+import pytest
+
+from benchmarks.quality.run import parse_args, round_robin
 
 
 def _tasks(lengths, kinds, n):
@@ -26,3 +28,12 @@ def test_round_robin_keeps_uneven_cells_and_empty_input():
     tasks = _tasks([1024], ["qa"], 2) + _tasks([2048], ["vt"], 1)
     assert [(t.kind, t.i) for t in round_robin(tasks)] == [("qa", 0), ("vt", 0), ("qa", 1)]
     assert round_robin([]) == []
+
+
+def test_kinds_at_parses_length_and_kinds_and_names_the_flag_on_bad_input(capsys):
+    args = parse_args(["--target", "reference", "--kinds-at", "4096=niah_single, qa", "--kinds-at", "2048=fwe"])
+    assert dict(args.kinds_at) == {4096: ["niah_single", "qa"], 2048: ["fwe"]}
+    for bad in ("4k=qa", "4096=", "qa"):
+        with pytest.raises(SystemExit):
+            parse_args(["--target", "reference", "--kinds-at", bad])
+        assert "--kinds-at" in capsys.readouterr().err

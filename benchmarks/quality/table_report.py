@@ -1,0 +1,226 @@
+"""The quality table of ``table.sh``: both protocols side by side, pooled over kinds and lengths.
+
+    python benchmarks/quality/table_report.py benchmarks/quality/results/table [--baseline criticalkv:adakv]
+
+Per protocol (``after``: question fed after eviction; ``inside``: the whole prompt compressed),
+per (policy, allocation, budget), over the prompts whose (kind, length) the full cache answers
+(full-cache accuracy >= ``--min-full-accuracy`` in that protocol; the others are listed and left
+out): ``n``, accuracy with its 95% Wilson interval, retention (accuracy / full-cache accuracy on
+the same prompts), the paired difference against the full cache (95% bootstrap interval over
+prompts, ``validate_table.paired``) and accuracy per length. Then, paired on the same prompts:
+each setting against ``--baseline``, adakv against uniform for every scorer that ran both, and
+question inside against question after. Then what resolves: the paired intervals' half-widths,
+the prompts a half-width of 0.1 would take (``n * (half-width / 0.1)^2``), and the CPU time per
+prompt. Written to ``OUT/table.md`` and ``OUT/table.json`` (OUT: the first input folder) and
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.quality.grid import FULL, normalized, read_rows  # noqa: E402
+from benchmarks.quality.report import PROTOCOL_NAMES  # noqa: E402
+from benchmarks.quality.validate_table import paired  # noqa: E402
+from vllm_kvevict.evaluation.scoring import wilson_interval  # noqa: E402
+
+#: The issue's bars for the best policy (retention at budget 0.2, at 0.1), per protocol.
+TARGETS = {"inside": {0.2: 0.95, 0.1: 0.9}, "after": {0.2: 0.9, 0.1: 0.8}}
+#: The half-width of a paired 95% interval that lets a difference of 0.1 resolve.
+RESOLVE = 0.1
+
+
+def setting(r: dict) -> tuple:
+    return r["policy"], r["allocation"], float(r["budget"])
+
+
+def label(s: tuple) -> str:
+    return "full cache" if s[0] == FULL else f"{s[0]} ({s[1]})"
+
+
+def scores_by(rows: list[dict]) -> dict[str, dict[tuple, dict[str, float]]]:
+    """protocol -> setting -> uid -> score."""
+    out: dict[str, dict[tuple, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        out[PROTOCOL_NAMES.get(r["protocol"], r["protocol"])][setting(r)][r["uid"]] = float(r["score"])
+    return out
+
+
+def excluded_cells(rows: list[dict], min_full: float) -> dict[tuple, dict]:
+    """(protocol, kind, length) -> full-cache accuracy and n, for cells below ``min_full``."""
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["policy"] == FULL:
+            cells[(PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"])].append(float(r["score"]))
+    return {c: {"full_accuracy": sum(v) / len(v), "n": len(v)} for c, v in sorted(cells.items())
+            if sum(v) / len(v) < min_full}
+
+
+def _mean(d: dict[str, float]) -> float:
+    return sum(d.values()) / len(d) if d else 0.0
+
+
+def summarize(rows: list[dict], baseline: tuple[str, str], min_full: float) -> dict:
+    rows = [normalized(r) for r in rows]
+    excluded = excluded_cells(rows, min_full)
+    cell_of = {r["uid"]: (r["task"], r["context_tokens"]) for r in rows}
+    kept = [r for r in rows if (PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"]) not in excluded]
+    scores = scores_by(kept)
+    lengths = sorted({r["context_tokens"] for r in kept})
+    out: dict = {"excluded": [{"protocol": p, "task": t, "context_tokens": c, **v} for (p, t, c), v in excluded.items()],
+                 "baseline": f"{baseline[0]}:{baseline[1]}", "protocols": {}}
+    for protocol in ("after", "inside"):
+        table = scores.get(protocol)
+        if not table:
+            continue
+        full = next((v for s, v in table.items() if s[0] == FULL), {})
+        entries = []
+        for s in sorted(table, key=lambda s: (s[0] != FULL, s[0], s[1], -s[2])):
+            v = table[s]
+            shared = [u for u in v if u in full]
+            full_acc = sum(full[u] for u in shared) / len(shared) if shared else 0.0
+            low, high = wilson_interval(sum(v.values()), len(v))
+            entry = {"policy": s[0], "allocation": s[1], "budget": s[2], "n": len(v), "accuracy": _mean(v),
+                     "ci_low": low, "ci_high": high,
+                     "retention": sum(v[u] for u in shared) / len(shared) / full_acc if full_acc > 0 else None,
+                     "per_length": {str(n): _mean({u: x for u, x in v.items() if cell_of[u][1] == n}) for n in lengths
+                                    if any(cell_of[u][1] == n for u in v)},
+                     "length_n": {str(n): sum(cell_of[u][1] == n for u in v) for n in lengths}}
+            if s[0] != FULL:
+                entry["vs_full"] = paired(v, full)
+                base = table.get((baseline[0], baseline[1], s[2]))
+                if base is not None and s[:2] != baseline:
+                    entry["vs_baseline"] = paired(v, base)
+                if s[1] == "adakv" and (s[0], "uniform", s[2]) in table:
+                    entry["adakv_vs_uniform"] = paired(v, table[(s[0], "uniform", s[2])])
+            other = scores.get("after" if protocol == "inside" else "inside", {}).get(s)
+            if protocol == "inside" and other:
+                entry["inside_vs_after"] = paired(v, other)
+            entries.append(entry)
+        out["protocols"][protocol] = entries
+    out["resolution"] = resolution(out["protocols"])
+    out["cost"] = cost(rows)
+    return out
+
+
+def resolution(protocols: dict) -> dict:
+    """Half-widths of the paired intervals against the full cache, and the prompts a half-width
+    of :data:`RESOLVE` would take (the interval shrinks as 1/sqrt(n))."""
+    widths = [((e["vs_full"]["diff_high"] - e["vs_full"]["diff_low"]) / 2, e["vs_full"]["n_pairs"])
+              for entries in protocols.values() for e in entries if "vs_full" in e and e["vs_full"]["n_pairs"]]
+    if not widths:
+        return {}
+    hw = [w for w, _ in widths]
+    worst = max(widths)
+    return {"pairs": min(n for _, n in widths), "median_half_width": statistics.median(hw), "max_half_width": worst[0],
+            "prompts_for_half_width": {str(RESOLVE): max(1, round(worst[1] * (worst[0] / RESOLVE) ** 2)),
+                                       str(RESOLVE / 2): max(1, round(worst[1] * (worst[0] / (RESOLVE / 2)) ** 2))}}
+
+
+def cost(rows: list[dict]) -> dict:
+    """CPU seconds per prompt by length: one prefill plus every row of both protocols."""
+    per_prompt: dict[str, float] = defaultdict(float)
+    length_of, prefill = {}, {}
+    for r in rows:
+        per_prompt[r["uid"]] += float(r.get("cpu_seconds", 0.0))
+        prefill[r["uid"]] = float(r.get("prefill_cpu_seconds", 0.0))
+        length_of[r["uid"]] = r["context_tokens"]
+    by_length: dict[int, list[float]] = defaultdict(list)
+    for uid, s in per_prompt.items():
+        by_length[length_of[uid]].append(s + prefill[uid])
+    return {str(n): {"prompts": len(v), "cpu_seconds_per_prompt": sum(v) / len(v)} for n, v in sorted(by_length.items())}
+
+
+def _pair(p: dict) -> str:
+    return (f"{p['diff']:+.3f} [{p['diff_low']:+.2f}, {p['diff_high']:+.2f}] "
+            f"({p['better']}/{p['worse']}/{p['tie']}, p={p['sign_p']:.3f})")
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def render(summary: dict) -> str:
+    lines: list[str] = []
+    lengths = sorted({n for entries in summary["protocols"].values() for e in entries for n in e["length_n"]}, key=int)
+    for protocol, entries in summary["protocols"].items():
+        lines += [f"## Question {protocol}", "",
+                  "| setting | budget | n | accuracy | 95% CI | retention | vs full cache (paired, 95% CI) | "
+                  + " | ".join(f"{n} tok (n)" for n in lengths) + " |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(lengths)]
+        for e in entries:
+            vs = _pair(e["vs_full"]) if "vs_full" in e else ""
+            per = " | ".join(f"{e['per_length'][n]:.2f} ({e['length_n'][n]})" if n in e["per_length"] else "-" for n in lengths)
+            lines.append(f"| {label((e['policy'], e['allocation']))} | {e['budget']:g} | {e['n']} | {e['accuracy']:.3f} | "
+                         f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}] | {_f(e['retention'])} | {vs} | {per} |")
+        target = TARGETS.get(protocol, {})
+        for budget, bar in target.items():
+            at = [e for e in entries if e["budget"] == budget and e["retention"] is not None]
+            if at:
+                best = max(at, key=lambda e: e["retention"])
+                lines.append(f"\nBest at {budget:g}: {label((best['policy'], best['allocation']))}, retention "
+                             f"{best['retention']:.2f} (bar {bar:g}: {'met' if best['retention'] >= bar else 'not met'}).")
+        sections = [("vs_baseline", f"Paired against {summary['baseline']} at the same budget"),
+                    ("adakv_vs_uniform", "adakv minus uniform, same scorer and budget"),
+                    ("inside_vs_after", "question inside minus question after, same setting")]
+        for key, title in sections:
+            rows = [e for e in entries if key in e]
+            if rows:
+                lines += ["", f"{title} (difference [95% CI] (better/worse/tie, sign-test p)):", "",
+                          "| setting | budget | pairs | difference |", "|---|---|---|---|"]
+                lines += [f"| {label((e['policy'], e['allocation']))} | {e['budget']:g} | {e[key]['n_pairs']} | {_pair(e[key])} |"
+                          for e in rows]
+        lines.append("")
+    res = summary["resolution"]
+    if res:
+        lines += ["## What resolves", "",
+                  f"Paired intervals against the full cache over >= {res['pairs']} prompts: half-width median "
+                  f"{res['median_half_width']:.3f}, widest {res['max_half_width']:.3f}; a half-width of {RESOLVE:g} "
+                  f"(a difference of {RESOLVE:g} resolves) would take about {res['prompts_for_half_width'][str(RESOLVE)]} "
+                  f"prompts for the widest, {RESOLVE / 2:g} about {res['prompts_for_half_width'][str(RESOLVE / 2)]}.", ""]
+    lines += ["CPU seconds per prompt (one prefill and every row of both protocols): "
+              + ", ".join(f"{n} tok {c['cpu_seconds_per_prompt']:.0f} s (n={c['prompts']})" for n, c in summary["cost"].items()), ""]
+    if summary["excluded"]:
+        lines += ["Left out (full cache below the threshold): "
+                  + ", ".join(f"{e['protocol']} {e['task']} {e['context_tokens']} ({e['full_accuracy']:.2f}, n={e['n']})"
+                              for e in summary["excluded"]), ""]
+    return "\n".join(lines)
+
+
+def _baseline(text: str) -> tuple[str, str]:
+    policy, _, allocation = text.partition(":")
+    if not policy or not allocation:
+        raise argparse.ArgumentTypeError(f"--baseline: {text!r}: expected policy:allocation, e.g. criticalkv:adakv")
+    return policy, allocation
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", type=Path, help="results folders or jsonl files")
+    ap.add_argument("--baseline", type=_baseline, default=("criticalkv", "adakv"),
+                    help="policy:allocation every other setting is paired against (default: the main job's criticalkv:adakv)")
+    ap.add_argument("--min-full-accuracy", type=float, default=0.1)
+    ap.add_argument("--out", type=Path, help="output folder (default: the first input folder)")
+    args = ap.parse_args(argv)
+    rows = list(read_rows(args.inputs))
+    if not rows:
+        raise SystemExit(f"no result rows in {', '.join(map(str, args.inputs))}")
+    summary = summarize(rows, args.baseline, args.min_full_accuracy)
+    text = render(summary)
+    out = args.out or (args.inputs[0] if args.inputs[0].is_dir() else args.inputs[0].parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n")
+    (out / "table.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

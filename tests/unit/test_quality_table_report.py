@@ -1,0 +1,51 @@
+"""table_report.py: the two protocols apart, cells the full cache fails left out, paired
+differences on the same prompts, and how many prompts a half-width of 0.1 would take."""
+
+from benchmarks.quality.table_report import render, summarize
+
+
+def _row(protocol, policy, allocation, budget, task, i, score, length=1024):
+    return {"run": "table", "engine": "reference", "policy": policy, "allocation": allocation, "granularity": "head",
+            "budget": budget, "task": task, "uid": f"{task}-{length}-{i}", "context_tokens": length,
+            "protocol": protocol, "score": score, "cpu_seconds": 1.0, "prefill_cpu_seconds": 4.0}
+
+
+def _rows():
+    rows = []
+    for protocol in ("context", "prompt"):
+        for i in range(4):
+            rows.append(_row(protocol, "none", "none", 1.0, "niah", i, 1.0))
+            rows.append(_row(protocol, "none", "none", 1.0, "cwe", i, 0.0))  # the full cache fails: left out
+            rows.append(_row(protocol, "snapkv", "adakv", 0.2, "niah", i, float(protocol == "prompt" or i == 0)))
+            rows.append(_row(protocol, "snapkv", "uniform", 0.2, "niah", i, float(i < 2)))
+            rows.append(_row(protocol, "snapkv", "adakv", 0.2, "cwe", i, 1.0))
+    return rows
+
+
+def test_protocols_apart_failed_cells_out_and_paired_differences():
+    summary = summarize(_rows(), ("snapkv", "uniform"), min_full=0.1)
+    assert [(e["protocol"], e["task"]) for e in summary["excluded"]] == [("after", "cwe"), ("inside", "cwe")]
+    after = {(e["policy"], e["allocation"]): e for e in summary["protocols"]["after"]}
+    inside = {(e["policy"], e["allocation"]): e for e in summary["protocols"]["inside"]}
+    assert after[("none", "none")]["n"] == 4  # the cwe prompts are not pooled
+    assert after[("snapkv", "adakv")]["accuracy"] == 0.25 and after[("snapkv", "adakv")]["retention"] == 0.25
+    assert inside[("snapkv", "adakv")]["retention"] == 1.0
+    vs = after[("snapkv", "adakv")]["adakv_vs_uniform"]
+    assert (vs["n_pairs"], vs["diff"], vs["better"], vs["worse"], vs["tie"]) == (4, -0.25, 0, 1, 3)
+    assert after[("snapkv", "adakv")]["vs_baseline"]["diff"] == -0.25
+    assert "inside_vs_after" not in after[("snapkv", "adakv")]
+    assert inside[("snapkv", "adakv")]["inside_vs_after"]["diff"] == 0.75
+    assert after[("snapkv", "adakv")]["vs_full"]["diff"] == -0.75
+
+
+def test_resolution_projects_prompts_for_a_tenth_and_cost_counts_one_prefill():
+    summary = summarize(_rows(), ("snapkv", "adakv"), min_full=0.1)
+    res = summary["resolution"]
+    assert res["pairs"] == 4 and res["max_half_width"] > 0.1
+    # the interval shrinks as 1/sqrt(n): the widest half-width w over n pairs needs n (w / 0.1)^2
+    assert res["prompts_for_half_width"]["0.1"] == round(4 * (res["max_half_width"] / 0.1) ** 2)
+    # every prompt that ran, left out or not: one prefill (4 CPU-s) and its rows of both protocols
+    # (1 CPU-s each): 3 a protocol for niah, 2 for cwe
+    assert summary["cost"]["1024"] == {"prompts": 8, "cpu_seconds_per_prompt": ((4 + 6) + (4 + 4)) / 2}
+    text = render(summary)
+    assert "## Question after" in text and "## Question inside" in text and "Left out" in text
