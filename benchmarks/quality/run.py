@@ -50,6 +50,13 @@ def _kinds_at(text: str) -> tuple[int, list[str]]:
     return int(length), _csv(kinds)
 
 
+def _seed_at(text: str) -> tuple[int, int]:
+    length, _, seed = text.partition("=")
+    if not length.strip().isdigit() or not seed.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"--seed-at: {text!r}: expected LENGTH=SEED, e.g. 4096=7")
+    return int(length), int(seed)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", choices=("reference", "server", "kvpress"), required=True)
@@ -61,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help="prompt lengths in tokens")
     ap.add_argument("--n-per", type=int, default=DEFAULT_N_PER, help="tasks per kind x length")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed-at", type=_seed_at, action="append", default=[], metavar="LENGTH=SEED",
+                    help="the seed of one length instead of --seed (repeatable): prompts of one seed share their "
+                         "drafts (needles, values, depths) across lengths, so give each length its own")
     ap.add_argument("--question-position", choices=("after", "both"), default="after")
     ap.add_argument("--protocol", choices=("context", "prompt", "both"), default="context",
                     help="reference: compress the context only (question fed after eviction), the whole prompt, "
@@ -136,10 +146,10 @@ def main(argv=None) -> None:
                           floors(args), vectors)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    kinds_at = dict(args.kinds_at)
+    kinds_at, seed_at = dict(args.kinds_at), dict(args.seed_at)
     tasks = round_robin([task for length in (int(x) for x in _csv(args.lengths))
                          for task in make_suite(kinds_at.get(length, _csv(args.kinds)), tokenizer, [length], args.n_per,
-                                                args.seed, args.question_position)])
+                                                seed_at.get(length, args.seed), args.question_position)])
     out = args.out or ROOT / "benchmarks/quality/results" / args.target
     start = time.perf_counter()
     if not args.shard:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The quality table (benchmarks/quality/TABLE.md): both protocols from one prefill per prompt (question
 # after eviction and question inside the prompt), reference engine, head granularity, the default
-# floor, seed 4 (tasks 400,012 + i: disjoint from RESULTS.md's seed 0, VALIDATION.md's seed 2 and
-# the LKV seeds), prompts of the kinds SmolLM2 answers at full cache: every RULER-style kind but vt
+# floor, seeds 4 / 6 / 7 at 1k / 2k / 4k (tasks 400,012 + i, 600,018 + i, 700,021 + i: disjoint from
+# RESULTS.md's seed 0, VALIDATION.md's seed 2, the pilot's 5 and the LKV seeds; one seed per length,
+# as a seed's prompts share needles and depths across lengths), prompts of the kinds SmolLM2
+# answers at full cache: every RULER-style kind but vt
 # at 1k; at 2k and 4k those a full-cache pilot on seed 5 (3 per cell) answered with accuracy >= 0.1:
 #   python benchmarks/quality/run.py --target reference --out /tmp/pilot --protocol prompt --policies none \
 #     --kinds niah_single,niah_multikey,niah_multivalue,niah_multiquery,cwe,fwe,qa --lengths 4096,2048 --n-per 3 --seed 5
@@ -38,7 +40,7 @@ fi
 LIMIT=()
 if [ -n "${TIME_LIMIT:-}" ]; then LIMIT=(--time-limit "$TIME_LIMIT"); fi
 python benchmarks/quality/run.py --target reference --out "$OUT" --engine-name "$(basename "$OUT")" --protocol both \
-  --kinds "$KINDS" --kinds-at "2048=$KINDS_2K" --kinds-at "4096=$KINDS_4K" --lengths "$LENGTHS" --n-per "$N" --seed 4 --budgets 1,0.5,0.2,0.1,0.05 \
+  --kinds "$KINDS" --kinds-at "2048=$KINDS_2K" --kinds-at "4096=$KINDS_4K" --lengths "$LENGTHS" --n-per "$N" --seed 4 --seed-at 2048=6 --seed-at 4096=7 --budgets 1,0.5,0.2,0.1,0.05 \
   --policies "$POLICIES" --allocations "$ALLOCATIONS" --granularities head --workers "${WORKERS:-2}" --no-report \
   "${LIMIT[@]}"
 python benchmarks/quality/report.py "$OUT" > /dev/null

@@ -6,8 +6,8 @@ Per protocol (``after``: question fed after eviction; ``inside``: the whole prom
 per (policy, allocation, budget), over the prompts whose (kind, length) the full cache answers
 (full-cache accuracy >= ``--min-full-accuracy`` in that protocol; the others are listed and left
 out): ``n``, accuracy with its 95% Wilson interval, retention (accuracy / full-cache accuracy on
-the same prompts), the paired difference against the full cache (95% bootstrap interval over
-prompts, ``validate_table.paired``) and accuracy per length. Then, paired on the same prompts:
+the same prompts), the paired difference against the full cache (95% bootstrap interval resampling
+drafts: one draft's prompts at each length share needles and depths, :func:`paired`) and accuracy per length, then per kind. Then, paired on the same prompts:
 each setting against ``--baseline``, adakv against uniform for every scorer that ran both, and
 question inside against question after. Then what resolves: the paired intervals' half-widths,
 the prompts a half-width of 0.1 would take (``n * (half-width / 0.1)^2``), and the CPU time per
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import statistics
 import sys
 from collections import defaultdict
@@ -29,13 +31,49 @@ if __package__ in (None, ""):
 
 from benchmarks.quality.grid import FULL, normalized, read_rows  # noqa: E402
 from benchmarks.quality.report import PROTOCOL_NAMES  # noqa: E402
-from benchmarks.quality.validate_table import paired  # noqa: E402
+from benchmarks.quality.validate_table import BOOTSTRAP_RESAMPLES, sign_test_p  # noqa: E402
 from vllm_kvevict.evaluation.scoring import wilson_interval  # noqa: E402
 
 #: The issue's bars for the best policy (retention at budget 0.2, at 0.1), per protocol.
 TARGETS = {"inside": {0.2: 0.95, 0.1: 0.9}, "after": {0.2: 0.9, 0.1: 0.8}}
 #: The half-width of a paired 95% interval that lets a difference of 0.1 resolve.
 RESOLVE = 0.1
+
+
+def draft_of(uid: str) -> str:
+    """The draft a prompt was made from: ``kind-seed`` (its uid without length and question
+    position). A draft fixes needles, values and their relative depths, so the prompts of one
+    draft at 1k, 2k and 4k are not independent samples."""
+    kind_length_position, _, seed = uid.rpartition("-")
+    kind = kind_length_position.rsplit("-", 2)[0]
+    return f"{kind}-{seed}"
+
+
+def paired(a: dict[str, float], b: dict[str, float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """``a`` minus ``b`` (uid -> score) over the prompts both hold: the mean difference over
+    prompts, its 95% percentile-bootstrap interval resampling drafts (:func:`draft_of`; each
+    drawn draft brings all its prompts: a cluster bootstrap), prompts better / worse / tied, and
+    a two-sided exact sign test over the drafts whose mean difference is not zero."""
+    uids = sorted(set(a) & set(b))
+    clusters: dict[str, list[float]] = defaultdict(list)
+    for u in uids:
+        clusters[draft_of(u)].append(a[u] - b[u])
+    diffs = [a[u] - b[u] for u in uids]
+    sums = [(sum(v), len(v)) for _, v in sorted(clusters.items())]
+    low = high = 0.0
+    if sums:
+        rng = random.Random(seed)
+        means = []
+        for _ in range(resamples):
+            drawn = [sums[rng.randrange(len(sums))] for _ in sums]
+            means.append(sum(x for x, _ in drawn) / sum(n for _, n in drawn))
+        means.sort()
+        low, high = means[int(0.025 * resamples)], means[min(resamples - 1, math.ceil(0.975 * resamples) - 1)]
+    better = sum(x > 0 for x, _ in sums)
+    worse = sum(x < 0 for x, _ in sums)
+    return {"n_pairs": len(uids), "drafts": len(sums), "diff": sum(diffs) / len(diffs) if diffs else 0.0,
+            "diff_low": low, "diff_high": high, "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs),
+            "tie": sum(d == 0 for d in diffs), "sign_p": sign_test_p(better, worse)}
 
 
 def setting(r: dict) -> tuple:
@@ -75,6 +113,7 @@ def summarize(rows: list[dict], baseline: tuple[str, str], min_full: float) -> d
     kept = [r for r in rows if (PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"]) not in excluded]
     scores = scores_by(kept)
     lengths = sorted({r["context_tokens"] for r in kept})
+    kinds = sorted({r["task"] for r in kept})
     out: dict = {"excluded": [{"protocol": p, "task": t, "context_tokens": c, **v} for (p, t, c), v in excluded.items()],
                  "baseline": f"{baseline[0]}:{baseline[1]}", "protocols": {}}
     for protocol in ("after", "inside"):
@@ -93,7 +132,10 @@ def summarize(rows: list[dict], baseline: tuple[str, str], min_full: float) -> d
                      "retention": sum(v[u] for u in shared) / len(shared) / full_acc if full_acc > 0 else None,
                      "per_length": {str(n): _mean({u: x for u, x in v.items() if cell_of[u][1] == n}) for n in lengths
                                     if any(cell_of[u][1] == n for u in v)},
-                     "length_n": {str(n): sum(cell_of[u][1] == n for u in v) for n in lengths}}
+                     "length_n": {str(n): sum(cell_of[u][1] == n for u in v) for n in lengths},
+                     "per_kind": {k: _mean({u: x for u, x in v.items() if cell_of[u][0] == k}) for k in kinds
+                                  if any(cell_of[u][0] == k for u in v)},
+                     "kind_n": {k: sum(cell_of[u][0] == k for u in v) for k in kinds}}
             if s[0] != FULL:
                 entry["vs_full"] = paired(v, full)
                 base = table.get((baseline[0], baseline[1], s[2]))
@@ -120,7 +162,8 @@ def resolution(protocols: dict) -> dict:
         return {}
     hw = [w for w, _ in widths]
     worst = max(widths)
-    return {"pairs": min(n for _, n in widths), "median_half_width": statistics.median(hw), "max_half_width": worst[0],
+    drafts = min(e["vs_full"]["drafts"] for entries in protocols.values() for e in entries if "vs_full" in e)
+    return {"pairs": min(n for _, n in widths), "drafts": drafts, "median_half_width": statistics.median(hw), "max_half_width": worst[0],
             "prompts_for_half_width": {str(RESOLVE): max(1, round(worst[1] * (worst[0] / RESOLVE) ** 2)),
                                        str(RESOLVE / 2): max(1, round(worst[1] * (worst[0] / (RESOLVE / 2)) ** 2))}}
 
@@ -153,7 +196,7 @@ def render(summary: dict) -> str:
     lengths = sorted({n for entries in summary["protocols"].values() for e in entries for n in e["length_n"]}, key=int)
     for protocol, entries in summary["protocols"].items():
         lines += [f"## Question {protocol}", "",
-                  "| setting | budget | n | accuracy | 95% CI | retention | vs full cache (paired, 95% CI) | "
+                  "| setting | budget | n | accuracy | 95% CI | retention | vs full cache (paired, 95% CI over drafts) | "
                   + " | ".join(f"{n} tok (n)" for n in lengths) + " |",
                   "|---|---|---|---|---|---|---|" + "---|" * len(lengths)]
         for e in entries:
@@ -168,13 +211,20 @@ def render(summary: dict) -> str:
                 best = max(at, key=lambda e: e["retention"])
                 lines.append(f"\nBest at {budget:g}: {label((best['policy'], best['allocation']))}, retention "
                              f"{best['retention']:.2f} (bar {bar:g}: {'met' if best['retention'] >= bar else 'not met'}).")
+        kinds = sorted({k for e in entries for k in e["per_kind"]})
+        full = next((e for e in entries if e["policy"] == FULL), entries[0])
+        lines += ["", "Accuracy per kind, pooled over lengths (descriptive):", "",
+                  "| setting | budget | " + " | ".join(f"{k} (n={full['kind_n'].get(k, 0)})" for k in kinds) + " |",
+                  "|---|---|" + "---|" * len(kinds)]
+        lines += [f"| {label((e['policy'], e['allocation']))} | {e['budget']:g} | "
+                  + " | ".join(_f(e["per_kind"].get(k)) for k in kinds) + " |" for e in entries]
         sections = [("vs_baseline", f"Paired against {summary['baseline']} at the same budget"),
                     ("adakv_vs_uniform", "adakv minus uniform, same scorer and budget"),
                     ("inside_vs_after", "question inside minus question after, same setting")]
         for key, title in sections:
             rows = [e for e in entries if key in e]
             if rows:
-                lines += ["", f"{title} (difference [95% CI] (better/worse/tie, sign-test p)):", "",
+                lines += ["", f"{title} (difference [95% CI over drafts] (prompts better/worse/tie, sign-test p over drafts)):", "",
                           "| setting | budget | pairs | difference |", "|---|---|---|---|"]
                 lines += [f"| {label((e['policy'], e['allocation']))} | {e['budget']:g} | {e[key]['n_pairs']} | {_pair(e[key])} |"
                           for e in rows]
@@ -182,7 +232,8 @@ def render(summary: dict) -> str:
     res = summary["resolution"]
     if res:
         lines += ["## What resolves", "",
-                  f"Paired intervals against the full cache over >= {res['pairs']} prompts: half-width median "
+                  f"Paired intervals against the full cache over >= {res['pairs']} prompts ({res['drafts']} drafts): "
+                  f"half-width median "
                   f"{res['median_half_width']:.3f}, widest {res['max_half_width']:.3f}; a half-width of {RESOLVE:g} "
                   f"(a difference of {RESOLVE:g} resolves) would take about {res['prompts_for_half_width'][str(RESOLVE)]} "
                   f"prompts for the widest, {RESOLVE / 2:g} about {res['prompts_for_half_width'][str(RESOLVE / 2)]}.", ""]

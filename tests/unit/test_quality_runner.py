@@ -37,3 +37,12 @@ def test_kinds_at_parses_length_and_kinds_and_names_the_flag_on_bad_input(capsys
         with pytest.raises(SystemExit):
             parse_args(["--target", "reference", "--kinds-at", bad])
         assert "--kinds-at" in capsys.readouterr().err
+
+
+def test_seed_at_parses_and_names_the_flag_on_bad_input(capsys):
+    args = parse_args(["--target", "reference", "--seed", "4", "--seed-at", "2048=6", "--seed-at", "4096=7"])
+    assert (args.seed, dict(args.seed_at)) == (4, {2048: 6, 4096: 7})
+    for bad in ("2048", "2k=6", "2048=x"):
+        with pytest.raises(SystemExit):
+            parse_args(["--target", "reference", "--seed-at", bad])
+        assert "--seed-at" in capsys.readouterr().err

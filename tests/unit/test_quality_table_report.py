@@ -49,3 +49,16 @@ def test_resolution_projects_prompts_for_a_tenth_and_cost_counts_one_prefill():
     assert summary["cost"]["1024"] == {"prompts": 8, "cpu_seconds_per_prompt": ((4 + 6) + (4 + 4)) / 2}
     text = render(summary)
     assert "## Question after" in text and "## Question inside" in text and "Left out" in text
+
+
+def test_paired_resamples_drafts_not_prompts():
+    from benchmarks.quality.table_report import draft_of, paired
+
+    assert draft_of("niah_multikey-4096-after-400013") == "niah_multikey-400013"
+    # two drafts, each at three lengths: prompts of one draft move together, so resampling drafts
+    # gives an interval wider than the prompts' count alone would suggest, with 2 drafts in the sign test
+    a = {f"niah_single-{n}-after-{s}": float(s == 1) for n in (1024, 2048, 4096) for s in (0, 1)}
+    b = {u: 0.0 for u in a}
+    p = paired(a, b)
+    assert (p["n_pairs"], p["drafts"], p["diff"], p["better"], p["tie"]) == (6, 2, 0.5, 3, 3)
+    assert (p["diff_low"], p["diff_high"]) == (0.0, 1.0) and p["sign_p"] == 1.0
