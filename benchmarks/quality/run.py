@@ -120,7 +120,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="reference/kvpress: processes, each on its share of the tasks (one per core)")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/N", set by --workers
     ap.add_argument("--no-report", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.protocol == "both" and args.target != "reference":
+        ap.error("--protocol both: the reference target only (the server compresses the prompt, kvpress the context)")
+    if args.time_limit is not None and args.target == "kvpress":
+        ap.error("--time-limit: the reference and server targets only")
+    return args
 
 
 def main(argv=None) -> None:

@@ -46,3 +46,12 @@ def test_seed_at_parses_and_names_the_flag_on_bad_input(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--target", "reference", "--seed-at", bad])
         assert "--seed-at" in capsys.readouterr().err
+
+
+def test_protocol_both_and_time_limit_refused_where_a_target_cannot_do_them(capsys):
+    for argv, flag in ((["--target", "server", "--protocol", "both"], "--protocol both"),
+                       (["--target", "kvpress", "--time-limit", "60"], "--time-limit")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert flag in capsys.readouterr().err
+    assert parse_args(["--target", "reference", "--protocol", "both", "--time-limit", "60"]).time_limit == 60
