@@ -191,8 +191,26 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def glance(summary: dict) -> list[str]:
+    """Retention of every setting at every budget, both protocols side by side."""
+    protocols = list(summary["protocols"])
+    budgets = sorted({e["budget"] for es in summary["protocols"].values() for e in es if e["policy"] != FULL}, reverse=True)
+    cells = {(p, e["policy"], e["allocation"], e["budget"]): e for p, es in summary["protocols"].items() for e in es}
+    settings = sorted({(e["policy"], e["allocation"]) for es in summary["protocols"].values() for e in es
+                       if e["policy"] != FULL})
+    lines = ["## Retention at a glance (accuracy / full-cache accuracy on the same prompts)", "",
+             "| setting | " + " | ".join(f"{p} {b:g}" for p in protocols for b in budgets) + " |",
+             "|---|" + "---|" * (len(protocols) * len(budgets))]
+    for s in settings:
+        lines.append(f"| {label(s)} | " + " | ".join(_f(cells[(p, *s, b)]["retention"]) if (p, *s, b) in cells else "-"
+                                                    for p in protocols for b in budgets) + " |")
+    full = {p: next((e for e in es if e["policy"] == FULL), None) for p, es in summary["protocols"].items()}
+    lines += ["", "Full cache: " + ", ".join(f"{p} {e['accuracy']:.3f} (n={e['n']})" for p, e in full.items() if e), ""]
+    return lines
+
+
 def render(summary: dict) -> str:
-    lines: list[str] = []
+    lines: list[str] = glance(summary)
     lengths = sorted({n for entries in summary["protocols"].values() for e in entries for n in e["length_n"]}, key=int)
     for protocol, entries in summary["protocols"].items():
         lines += [f"## Question {protocol}", "",
