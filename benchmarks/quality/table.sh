@@ -19,6 +19,8 @@
 #   FULL=1 bash benchmarks/quality/table.sh    # 1k/2k/4k, every scorer, adakv and uniform, N=24 per kind x length
 #   FULL=1 POLICIES=criticalkv,snapkv,keydiff,streamingllm,snapkv:uniform ALLOCATIONS=default TIME_LIMIT=5400 \
 #     bash benchmarks/quality/table.sh     # the main scorers, and snapkv under uniform beside its adakv
+# BUDGETS, VECTOR (off | on | both), OUT and POLICIES add rows in a folder of their own, e.g. LKV's
+# learned budgets and VECTOR beside the table's rows on the same prompts (TABLE.md).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -38,10 +40,11 @@ else
   KINDS_2K=${KINDS_2K:-niah_single,niah_multivalue,niah_multiquery,fwe,qa}
   KINDS_4K=${KINDS_4K:-$KINDS}
 fi
+BUDGETS=${BUDGETS:-1,0.5,0.2,0.1,0.05}; VECTOR=${VECTOR:-off}   # VECTOR: off | on | both (run.py --vector)
 LIMIT=()
 if [ -n "${TIME_LIMIT:-}" ]; then LIMIT=(--time-limit "$TIME_LIMIT"); fi
 python benchmarks/quality/run.py --target reference --out "$OUT" --engine-name "$(basename "$OUT")" --protocol both \
-  --kinds "$KINDS" --kinds-at "2048=$KINDS_2K" --kinds-at "4096=$KINDS_4K" --lengths "$LENGTHS" --n-per "$N" --seed 4 --seed-at 2048=6 --seed-at 4096=7 --budgets 1,0.5,0.2,0.1,0.05 \
+  --kinds "$KINDS" --kinds-at "2048=$KINDS_2K" --kinds-at "4096=$KINDS_4K" --lengths "$LENGTHS" --n-per "$N" --seed 4 --seed-at 2048=6 --seed-at 4096=7 --budgets "$BUDGETS" --vector "$VECTOR" \
   --policies "$POLICIES" --allocations "$ALLOCATIONS" --granularities head --block-size 32 --workers "${WORKERS:-2}" --no-report \
   "${LIMIT[@]}"
 python benchmarks/quality/report.py "$OUT" > /dev/null

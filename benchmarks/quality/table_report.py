@@ -76,12 +76,28 @@ def paired(a: dict[str, float], b: dict[str, float], resamples: int = BOOTSTRAP_
             "tie": sum(d == 0 for d in diffs), "sign_p": sign_test_p(better, worse)}
 
 
+def vector_of(r: dict) -> str:
+    """``""`` for plain eviction, else VECTOR's gates as the row records them (runs with
+    different gates are different settings)."""
+    if not r.get("vector"):
+        return ""
+    gates = [r.get("vector_residual"), None if r.get("vector_min_r2") is None else f"R^2 >= {r['vector_min_r2']:g}"]
+    return ", ".join(g for g in gates if g) or "on"
+
+
 def setting(r: dict) -> tuple:
-    return r["policy"], r["allocation"], float(r["budget"])
+    """(policy, allocation, budget, :func:`vector_of`): a row's setting."""
+    return r["policy"], r["allocation"], float(r["budget"]), vector_of(r)
 
 
-def label(s: tuple) -> str:
-    return "full cache" if s[0] == FULL else f"{s[0]} ({s[1]})"
+def label(policy: str, allocation: str, vector: str = "") -> str:
+    if policy == FULL:
+        return "full cache"
+    return f"{policy} ({allocation})" + (f" + VECTOR ({vector})" if vector else "")
+
+
+def _setting_label(e: dict) -> str:
+    return label(e["policy"], e["allocation"], e.get("vector", ""))
 
 
 def scores_by(rows: list[dict]) -> dict[str, dict[tuple, dict[str, float]]]:
@@ -122,12 +138,12 @@ def summarize(rows: list[dict], baseline: tuple[str, str], min_full: float) -> d
             continue
         full = next((v for s, v in table.items() if s[0] == FULL), {})
         entries = []
-        for s in sorted(table, key=lambda s: (s[0] != FULL, s[0], s[1], -s[2])):
+        for s in sorted(table, key=lambda s: (s[0] != FULL, s[0], s[1], s[3], -s[2])):
             v = table[s]
             shared = [u for u in v if u in full]
             full_acc = sum(full[u] for u in shared) / len(shared) if shared else 0.0
             low, high = wilson_interval(sum(v.values()), len(v))
-            entry = {"policy": s[0], "allocation": s[1], "budget": s[2], "n": len(v), "accuracy": _mean(v),
+            entry = {"policy": s[0], "allocation": s[1], "budget": s[2], "vector": s[3], "n": len(v), "accuracy": _mean(v),
                      "ci_low": low, "ci_high": high,
                      "retention": sum(v[u] for u in shared) / len(shared) / full_acc if full_acc > 0 else None,
                      "per_length": {str(n): _mean({u: x for u, x in v.items() if cell_of[u][1] == n}) for n in lengths
@@ -138,11 +154,13 @@ def summarize(rows: list[dict], baseline: tuple[str, str], min_full: float) -> d
                      "kind_n": {k: sum(cell_of[u][0] == k for u in v) for k in kinds}}
             if s[0] != FULL:
                 entry["vs_full"] = paired(v, full)
-                base = table.get((baseline[0], baseline[1], s[2]))
-                if base is not None and s[:2] != baseline:
+                base = table.get((baseline[0], baseline[1], s[2], ""))
+                if base is not None and (s[:2] != baseline or s[3]):
                     entry["vs_baseline"] = paired(v, base)
-                if s[1] == "adakv" and (s[0], "uniform", s[2]) in table:
-                    entry["adakv_vs_uniform"] = paired(v, table[(s[0], "uniform", s[2])])
+                if s[1] == "adakv" and (s[0], "uniform", s[2], s[3]) in table:
+                    entry["adakv_vs_uniform"] = paired(v, table[(s[0], "uniform", s[2], s[3])])
+                if s[3] and (*s[:3], "") in table:
+                    entry["vector_vs_plain"] = paired(v, table[(*s[:3], "")])
             other = scores.get("after" if protocol == "inside" else "inside", {}).get(s)
             if protocol == "inside" and other:
                 entry["inside_vs_after"] = paired(v, other)
@@ -195,14 +213,15 @@ def glance(summary: dict) -> list[str]:
     """Retention of every setting at every budget, both protocols side by side."""
     protocols = list(summary["protocols"])
     budgets = sorted({e["budget"] for es in summary["protocols"].values() for e in es if e["policy"] != FULL}, reverse=True)
-    cells = {(p, e["policy"], e["allocation"], e["budget"]): e for p, es in summary["protocols"].items() for e in es}
-    settings = sorted({(e["policy"], e["allocation"]) for es in summary["protocols"].values() for e in es
-                       if e["policy"] != FULL})
+    cells = {(p, e["policy"], e["allocation"], e.get("vector", ""), e["budget"]): e
+             for p, es in summary["protocols"].items() for e in es}
+    settings = sorted({(e["policy"], e["allocation"], e.get("vector", "")) for es in summary["protocols"].values()
+                       for e in es if e["policy"] != FULL})
     lines = ["## Retention at a glance (accuracy / full-cache accuracy on the same prompts)", "",
              "| setting | " + " | ".join(f"{p} {b:g}" for p in protocols for b in budgets) + " |",
              "|---|" + "---|" * (len(protocols) * len(budgets))]
     for s in settings:
-        lines.append(f"| {label(s)} | " + " | ".join(_f(cells[(p, *s, b)]["retention"]) if (p, *s, b) in cells else "-"
+        lines.append(f"| {label(*s)} | " + " | ".join(_f(cells[(p, *s, b)]["retention"]) if (p, *s, b) in cells else "-"
                                                     for p in protocols for b in budgets) + " |")
     full = {p: next((e for e in es if e["policy"] == FULL), None) for p, es in summary["protocols"].items()}
     lines += ["", "Full cache: " + ", ".join(f"{p} {e['accuracy']:.3f} (n={e['n']})" for p, e in full.items() if e), ""]
@@ -220,31 +239,32 @@ def render(summary: dict) -> str:
         for e in entries:
             vs = _pair(e["vs_full"]) if "vs_full" in e else ""
             per = " | ".join(f"{e['per_length'][n]:.2f} ({e['length_n'][n]})" if n in e["per_length"] else "-" for n in lengths)
-            lines.append(f"| {label((e['policy'], e['allocation']))} | {e['budget']:g} | {e['n']} | {e['accuracy']:.3f} | "
+            lines.append(f"| {_setting_label(e)} | {e['budget']:g} | {e['n']} | {e['accuracy']:.3f} | "
                          f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}] | {_f(e['retention'])} | {vs} | {per} |")
         target = TARGETS.get(protocol, {})
         for budget, bar in target.items():
             at = [e for e in entries if e["budget"] == budget and e["retention"] is not None]
             if at:
                 best = max(at, key=lambda e: e["retention"])
-                lines.append(f"\nBest at {budget:g}: {label((best['policy'], best['allocation']))}, retention "
+                lines.append(f"\nBest at {budget:g}: {_setting_label(best)}, retention "
                              f"{best['retention']:.2f} (bar {bar:g}: {'met' if best['retention'] >= bar else 'not met'}).")
         kinds = sorted({k for e in entries for k in e["per_kind"]})
         full = next((e for e in entries if e["policy"] == FULL), entries[0])
         lines += ["", "Accuracy per kind, pooled over lengths (descriptive):", "",
                   "| setting | budget | " + " | ".join(f"{k} (n={full['kind_n'].get(k, 0)})" for k in kinds) + " |",
                   "|---|---|" + "---|" * len(kinds)]
-        lines += [f"| {label((e['policy'], e['allocation']))} | {e['budget']:g} | "
+        lines += [f"| {_setting_label(e)} | {e['budget']:g} | "
                   + " | ".join(_f(e["per_kind"].get(k)) for k in kinds) + " |" for e in entries]
         sections = [("vs_baseline", f"Paired against {summary['baseline']} at the same budget"),
                     ("adakv_vs_uniform", "adakv minus uniform, same scorer and budget"),
-                    ("inside_vs_after", "question inside minus question after, same setting")]
+                    ("inside_vs_after", "question inside minus question after, same setting"),
+                    ("vector_vs_plain", "VECTOR minus plain eviction, same scorer, allocation and budget (equal held blocks)")]
         for key, title in sections:
             rows = [e for e in entries if key in e]
             if rows:
                 lines += ["", f"{title} (difference [95% CI over drafts] (prompts better/worse/tie, sign-test p over drafts)):", "",
                           "| setting | budget | pairs | difference |", "|---|---|---|---|"]
-                lines += [f"| {label((e['policy'], e['allocation']))} | {e['budget']:g} | {e[key]['n_pairs']} | {_pair(e[key])} |"
+                lines += [f"| {_setting_label(e)} | {e['budget']:g} | {e[key]['n_pairs']} | {_pair(e[key])} |"
                           for e in rows]
         lines.append("")
     res = summary["resolution"]

@@ -62,3 +62,25 @@ def test_paired_resamples_drafts_not_prompts():
     p = paired(a, b)
     assert (p["n_pairs"], p["drafts"], p["diff"], p["better"], p["tie"]) == (6, 2, 0.5, 3, 3)
     assert (p["diff_low"], p["diff_high"]) == (0.0, 1.0) and p["sign_p"] == 1.0
+
+
+def test_vector_rows_are_their_own_setting_paired_with_plain_eviction():
+    rows = []
+    for i in range(4):
+        rows.append(_row("context", "none", "none", 1.0, "niah", i, 1.0))
+        rows.append(_row("context", "keydiff", "adakv", 0.1, "niah", i, float(i == 0)))
+        gated = dict(vector=True, vector_residual="relative", vector_min_r2=0.6)
+        rows.append(dict(_row("context", "keydiff", "adakv", 0.1, "niah", i, float(i < 3)), **gated))
+        rows.append(dict(_row("context", "keydiff", "adakv", 0.1, "niah", i, 0.0), **{**gated, "vector_min_r2": 0.8}))
+    summary = summarize(rows, ("keydiff", "adakv"), min_full=0.1)
+    after = {(e["policy"], e["vector"]): e for e in summary["protocols"]["after"]}
+    assert set(after) == {("none", ""), ("keydiff", ""), ("keydiff", "relative, R^2 >= 0.6"), ("keydiff", "relative, R^2 >= 0.8")}
+    gate6 = after[("keydiff", "relative, R^2 >= 0.6")]
+    assert after[("keydiff", "")]["accuracy"] == 0.25 and gate6["accuracy"] == 0.75
+    vs = gate6["vector_vs_plain"]
+    assert (vs["n_pairs"], vs["diff"], vs["better"], vs["worse"]) == (4, 0.5, 2, 0)
+    assert gate6["vs_baseline"]["diff"] == 0.5  # the baseline is plain keydiff
+    assert after[("keydiff", "relative, R^2 >= 0.8")]["vector_vs_plain"]["diff"] == -0.25
+    assert "vector_vs_plain" not in after[("keydiff", "")] and "vs_baseline" not in after[("keydiff", "")]
+    text = render(summary)
+    assert "| keydiff (adakv) + VECTOR (relative, R^2 >= 0.6) | 0.1 |" in text and "VECTOR minus plain eviction" in text
