@@ -110,12 +110,11 @@ def scores_by(rows: list[dict]) -> dict[str, dict[tuple, dict[str, float]]]:
 
 def excluded_cells(rows: list[dict], min_full: float) -> dict[tuple, dict]:
     """(protocol, kind, length) -> full-cache accuracy and n, for cells below ``min_full``."""
-    cells: dict[tuple, list[float]] = defaultdict(list)
+    cells: dict[tuple, dict[str, float]] = defaultdict(dict)  # a prompt once, whichever folders hold it
     for r in rows:
         if r["policy"] == FULL:
-            cells[(PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"])].append(float(r["score"]))
-    return {c: {"full_accuracy": sum(v) / len(v), "n": len(v)} for c, v in sorted(cells.items())
-            if sum(v) / len(v) < min_full}
+            cells[(PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"])][r["uid"]] = float(r["score"])
+    return {c: {"full_accuracy": _mean(v), "n": len(v)} for c, v in sorted(cells.items()) if _mean(v) < min_full}
 
 
 def _mean(d: dict[str, float]) -> float:

@@ -84,3 +84,11 @@ def test_vector_rows_are_their_own_setting_paired_with_plain_eviction():
     assert "vector_vs_plain" not in after[("keydiff", "")] and "vs_baseline" not in after[("keydiff", "")]
     text = render(summary)
     assert "| keydiff (adakv) + VECTOR (relative, R^2 >= 0.6) | 0.1 |" in text and "VECTOR minus plain eviction" in text
+
+
+def test_a_prompt_in_two_folders_counts_once_in_the_left_out_rule():
+    rows = [_row("context", "none", "none", 1.0, "cwe", 0, 1.0)] * 3  # the same prompt from three folders
+    rows += [_row("context", "none", "none", 1.0, "cwe", i, 0.0) for i in range(1, 10)]
+    summary = summarize(rows, ("keydiff", "adakv"), min_full=0.15)
+    assert summary["excluded"] == [{"protocol": "after", "task": "cwe", "context_tokens": 1024,
+                                    "full_accuracy": 0.1, "n": 10}]
