@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 
 from benchmarks.quality.grid import FULL, normalized, read_rows  # noqa: E402
 from benchmarks.quality.report import PROTOCOL_NAMES  # noqa: E402
-from benchmarks.quality.validate_table import BOOTSTRAP_RESAMPLES, sign_test_p  # noqa: E402
+from benchmarks.quality.validate_table import BOOTSTRAP_RESAMPLES, baseline_arg, sign_test_p  # noqa: E402
 from vllm_kvevict.evaluation.scoring import wilson_interval  # noqa: E402
 
 #: The issue's bars for the best policy (retention at budget 0.2, at 0.1), per protocol.
@@ -283,17 +283,10 @@ def render(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _baseline(text: str) -> tuple[str, str]:
-    policy, _, allocation = text.partition(":")
-    if not policy or not allocation:
-        raise argparse.ArgumentTypeError(f"--baseline: {text!r}: expected policy:allocation, e.g. criticalkv:adakv")
-    return policy, allocation
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", type=Path, help="results folders or jsonl files")
-    ap.add_argument("--baseline", type=_baseline, default=("criticalkv", "adakv"),
+    ap.add_argument("--baseline", type=baseline_arg, default=("criticalkv", "adakv"),
                     help="policy:allocation every other setting is paired against (default: the main job's criticalkv:adakv)")
     ap.add_argument("--min-full-accuracy", type=float, default=0.1)
     ap.add_argument("--out", type=Path, help="output folder (default: the first input folder)")

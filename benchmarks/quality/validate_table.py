@@ -126,17 +126,18 @@ def table(summary: list[dict], baselines: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _baseline(text: str) -> tuple[str, str]:
+def baseline_arg(text: str) -> tuple[str, str]:
+    """``--baseline POLICY:ALLOCATION`` (argparse type)."""
     policy, _, allocation = text.partition(":")
     if not policy or not allocation:
-        raise argparse.ArgumentTypeError(f"--baseline: {text!r}: expected policy:allocation, e.g. snapkv:adakv")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected policy:allocation, e.g. snapkv:adakv")
     return policy, allocation
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", type=Path, help="results folders or jsonl files")
-    ap.add_argument("--baseline", type=_baseline, action="append",
+    ap.add_argument("--baseline", type=baseline_arg, action="append",
                     help="policy:allocation every other setting is paired against (repeatable; default snapkv:adakv)")
     ap.add_argument("--out", type=Path, help="output folder (default: the first input folder)")
     args = ap.parse_args(argv)
