@@ -97,7 +97,7 @@ def label(policy: str, allocation: str, vector: str = "") -> str:
 
 
 def _setting_label(e: dict) -> str:
-    return label(e["policy"], e["allocation"], e.get("vector", ""))
+    return label(e["policy"], e["allocation"], e["vector"])
 
 
 def scores_by(rows: list[dict]) -> dict[str, dict[tuple, dict[str, float]]]:
@@ -110,11 +110,25 @@ def scores_by(rows: list[dict]) -> dict[str, dict[tuple, dict[str, float]]]:
 
 def excluded_cells(rows: list[dict], min_full: float) -> dict[tuple, dict]:
     """(protocol, kind, length) -> full-cache accuracy and n, for cells below ``min_full``."""
-    cells: dict[tuple, dict[str, float]] = defaultdict(dict)  # a prompt once, whichever folders hold it
+    cells: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
         if r["policy"] == FULL:
-            cells[(PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"])][r["uid"]] = float(r["score"])
-    return {c: {"full_accuracy": _mean(v), "n": len(v)} for c, v in sorted(cells.items()) if _mean(v) < min_full}
+            cells[(PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"])].append(float(r["score"]))
+    return {c: {"full_accuracy": sum(v) / len(v), "n": len(v)} for c, v in sorted(cells.items())
+            if sum(v) / len(v) < min_full}
+
+
+def unique_results(rows: list[dict]) -> list[dict]:
+    """``rows`` with each (prompt, protocol, setting) once, the first given: folders read together
+    (a table and the rows run beside it) each hold the full-cache rows of their prompts."""
+    seen: set[tuple] = set()
+    out = []
+    for r in rows:
+        key = (r["uid"], r["protocol"], setting(r))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def _mean(d: dict[str, float]) -> float:
@@ -123,9 +137,10 @@ def _mean(d: dict[str, float]) -> float:
 
 def summarize(rows: list[dict], baseline: tuple[str, str], min_full: float) -> dict:
     rows = [normalized(r) for r in rows]
-    excluded = excluded_cells(rows, min_full)
-    cell_of = {r["uid"]: (r["task"], r["context_tokens"]) for r in rows}
-    kept = [r for r in rows if (PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"]) not in excluded]
+    results = unique_results(rows)
+    excluded = excluded_cells(results, min_full)
+    cell_of = {r["uid"]: (r["task"], r["context_tokens"]) for r in results}
+    kept = [r for r in results if (PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"]) not in excluded]
     scores = scores_by(kept)
     lengths = sorted({r["context_tokens"] for r in kept})
     kinds = sorted({r["task"] for r in kept})
@@ -212,9 +227,9 @@ def glance(summary: dict) -> list[str]:
     """Retention of every setting at every budget, both protocols side by side."""
     protocols = list(summary["protocols"])
     budgets = sorted({e["budget"] for es in summary["protocols"].values() for e in es if e["policy"] != FULL}, reverse=True)
-    cells = {(p, e["policy"], e["allocation"], e.get("vector", ""), e["budget"]): e
+    cells = {(p, e["policy"], e["allocation"], e["vector"], e["budget"]): e
              for p, es in summary["protocols"].items() for e in es}
-    settings = sorted({(e["policy"], e["allocation"], e.get("vector", "")) for es in summary["protocols"].values()
+    settings = sorted({(e["policy"], e["allocation"], e["vector"]) for es in summary["protocols"].values()
                        for e in es if e["policy"] != FULL})
     lines = ["## Retention at a glance (accuracy / full-cache accuracy on the same prompts)", "",
              "| setting | " + " | ".join(f"{p} {b:g}" for p in protocols for b in budgets) + " |",
