@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds of requests (the same command resumes)")
     ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="the server's (default: 4096, or the longest prompt length + 512 if more)")
     ap.add_argument("--startup-timeout", type=float, default=600)
     return ap.parse_args(argv)
 
@@ -70,10 +72,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def max_model_len(args: argparse.Namespace) -> int:
+    """``--max-model-len``, else room for the longest prompt and its answer (4,096 at least)."""
+    if args.max_model_len is not None:
+        return args.max_model_len
+    longest = max(int(x) for x in f"{args.lengths},{args.multiturn_lengths}".split(",") if x)
+    return max(4096, longest + 512)
+
+
 def serve_command(args: argparse.Namespace, port: int) -> list[str]:
     exe = Path(sys.executable).with_name("vllm")
     return [str(exe) if exe.exists() else (shutil.which("vllm") or "vllm"), "serve", str(args.model_dir),
-            "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--block-size", str(args.block_size),
+            "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len(args)), "--block-size", str(args.block_size),
             "--kv-cache-memory-bytes", str(args.kv_cache_bytes), "--host", "127.0.0.1", "--port", str(port),
             "--enable-prompt-tokens-details", "--kv-eviction", "criticalkv", "--kv-budget", "1"]
 

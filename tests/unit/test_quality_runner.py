@@ -55,3 +55,14 @@ def test_protocol_both_and_time_limit_refused_where_a_target_cannot_do_them(caps
             parse_args(argv)
         assert flag in capsys.readouterr().err
     assert parse_args(["--target", "reference", "--protocol", "both", "--time-limit", "60"]).time_limit == 60
+
+
+def test_served_max_model_len_fits_the_longest_prompt_and_its_answer():
+    from benchmarks.quality import served
+
+    assert served.max_model_len(served.parse_args(["--lengths", "1024,2048"])) == 4096
+    assert served.max_model_len(served.parse_args(["--lengths", "4096"])) == 4096 + 512
+    assert served.max_model_len(served.parse_args(["--lengths", "1024", "--multiturn-lengths", "8192"])) == 8192 + 512
+    assert served.max_model_len(served.parse_args(["--lengths", "4096", "--max-model-len", "6000"])) == 6000
+    command = served.serve_command(served.parse_args(["--lengths", "4096", "--model-dir", "/m"]), 8000)
+    assert command[command.index("--max-model-len") + 1] == "4608"
