@@ -1,5 +1,6 @@
-"""The two-segment decode kernel with VECTOR's key-only tokens (Triton, interpreted on CPU) against
-the CPU backend's torch path over the same compacted cache (two keys to a slot, values rebuilt)."""
+"""The two-segment decode kernel with VECTOR's key-only tokens (Triton, interpreted on CPU), and its
+torch reference (``KeyOnlySegment.gather``), against the CPU backend's torch path over the same
+compacted cache (two keys to a slot, values rebuilt)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from vllm_kvevict.cache import page_table_tensor, plan_compaction
-from vllm_kvevict.kernels import triton_paged_decode_attention
+from vllm_kvevict.kernels import torch_paged_decode_attention, triton_paged_decode_attention
 from vllm_kvevict.kernels.key_only_decode import KeyOnlySegment
 from vllm_kvevict.lkv.identity import ModelIdentity
 from vllm_kvevict.policies import KeptSet
@@ -87,6 +88,11 @@ def test_triton_key_only_decode_equals_the_torch_path(splits, derotate, seed):
         torch.tensor([row.region.tail_start for row, _, _ in rows]), torch.tensor([row.seq_len for row, _, _ in rows]),
         scale=0.125, num_splits=splits, key_only=segment)
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
+    reference = torch_paged_decode_attention(
+        q, k_cache, v_cache, padded(list(pages), -1), torch.stack(lens), padded([t for _, _, t in rows], 0),
+        torch.tensor([row.region.tail_start for row, _, _ in rows]), torch.tensor([row.seq_len for row, _, _ in rows]),
+        scale=0.125, key_only=segment)
+    torch.testing.assert_close(reference, want, rtol=2e-4, atol=2e-5)
     without = triton_paged_decode_attention(
         q, k_cache, v_cache, padded(list(pages), -1), torch.stack(lens), padded([t for _, _, t in rows], 0),
         torch.tensor([row.region.tail_start for row, _, _ in rows]), torch.tensor([row.seq_len for row, _, _ in rows]),

@@ -53,6 +53,7 @@ def torch_paged_decode_attention(
     tail_start: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: Optional[float] = None,
+    key_only: Optional[Any] = None,
 ) -> torch.Tensor:
     """Reference: gather both segments, then :func:`masked_attention`.
 
@@ -63,6 +64,8 @@ def torch_paged_decode_attention(
     compact_pages, compact_lens, block_table, tail_start, seq_lens : see
         :func:`vllm_kvevict.kernels.paged.gather_two_segment`.
     scale : softmax scale, ``1/sqrt(d)`` by default.
+    key_only : VECTOR's key-only tokens after each head's ``compact_lens`` whole ones
+        (:class:`~vllm_kvevict.kernels.key_only_decode.KeyOnlySegment`, read by its ``gather``).
 
     Returns
     -------
@@ -73,6 +76,10 @@ def torch_paged_decode_attention(
     scale = d ** -0.5 if scale is None else scale
     keys, valid = gather_two_segment(k_cache, compact_pages, compact_lens, block_table, tail_start, seq_lens)
     values, _ = gather_two_segment(v_cache, compact_pages, compact_lens, block_table, tail_start, seq_lens)
+    if key_only is not None:
+        ko_keys, ko_values, ko_valid = key_only.gather(k_cache, v_cache, compact_pages, compact_lens)
+        keys, values = torch.cat([keys.float(), ko_keys], 2), torch.cat([values.float(), ko_values], 2)
+        valid = torch.cat([valid, ko_valid], 2)
     out = masked_attention(q.view(B, 1, Hkv, H // Hkv, d), keys, values, valid.unsqueeze(1), scale)
     return out.reshape(B, H, d).to(q.dtype)
 
@@ -307,7 +314,7 @@ def triton_paged_decode_attention(
 def paged_decode_attention(*args, impl: str = "auto", **kwargs) -> torch.Tensor:
     """Dispatcher: Triton on CUDA (or under ``TRITON_INTERPRET=1``), the torch reference otherwise.
 
-    Arguments as :func:`torch_paged_decode_attention`; Triton-only keywords (``num_splits``,
+    Arguments as :func:`torch_paged_decode_attention` (``key_only`` included); Triton-only keywords (``num_splits``,
     ``block_n``, ``out``, ``num_warps``, ``num_stages``) are ignored by the torch path.
     """
     q = args[0] if args else kwargs["q"]

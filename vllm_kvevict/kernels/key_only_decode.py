@@ -11,8 +11,10 @@ with RoPE undone at its position where ``derotate[g]`` (HF ``rotate_half`` conve
 :func:`~vllm_kvevict.kernels.decode_attention.triton_paged_decode_attention` given a
 :class:`KeyOnlySegment` runs its whole-token splits as before plus one program per (request,
 KV head) here over the key-only tokens (``W`` and the frequencies loaded once per program),
-written as the last split of its partial results; the reduce kernel merges them all. Not wired
-into the CUDA backends yet (docs/VECTOR.md).
+written as the last split of its partial results; the reduce kernel merges them all.
+:meth:`KeyOnlySegment.gather` is its torch reference (the same tokens, dense and masked), which
+:func:`~vllm_kvevict.kernels.decode_attention.torch_paged_decode_attention` appends to each
+head's tokens. The CUDA backends pass one per layer (``vllm/backends/head_batch.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvevict.kernels._backend import HAVE_TRITON, next_pow2
+from vllm_kvevict.lkv.nets import unrotate_keys
 
 
 @dataclass
@@ -36,6 +39,33 @@ class KeyOnlySegment:
     derotate: torch.Tensor
     inv_freq: torch.Tensor
     rope_scaling: float = 1.0
+
+    def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor, compact_pages: torch.Tensor,
+               compact_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The torch reference of the kernel's reads: ``(keys, values, valid)``, ``[B, Hkv, M, d]``
+        float32 (values rebuilt) and ``[B, Hkv, M]`` bool; invalid tokens are zeros."""
+        dev = k_cache.device
+        Hkv, bs = k_cache.shape[1], k_cache.shape[2]
+        lens = self.lens.to(dev, torch.int64)
+        positions = self.positions.to(dev, torch.int64)
+        j = torch.arange(positions.shape[-1], device=dev)
+        valid = j < lens[..., None]
+        seg = compact_lens.to(dev, torch.int64)[..., None] + j // 2  # the head's slot of token j
+        pages = compact_pages.to(dev, torch.int64)
+        page = pages.gather(-1, (seg // bs).clamp(0, max(pages.shape[-1] - 1, 0)))
+        page = torch.where(valid, page, 0)
+        block, plane, slot = page // Hkv, page % Hkv, seg % bs
+        in_k = (j % 2 == 0)[..., None]
+        keys = torch.where(in_k, k_cache[block, plane, slot], v_cache[block, plane, slot]).float()
+        keys = keys.masked_fill(~valid[..., None], 0.0)
+        x = keys
+        derotate = self.derotate.to(dev, torch.bool)
+        if bool(derotate.any()):
+            plain = unrotate_keys(keys, positions, self.inv_freq.to(dev), float(self.rope_scaling))
+            x = torch.where(derotate.view(1, -1, 1, 1), plain, keys)
+        weight = self.weight.to(dev, torch.float32)
+        values = torch.einsum("bkmd,kde->bkme", x, weight[:, :-1]) + weight[:, -1][None, :, None, :]
+        return keys, values.masked_fill(~valid[..., None], 0.0), valid
 
     def launch(self, q, k_cache, v_cache, compact_pages, compact_lens, part_o, part_lse, split_index: int,
                scale_log2: float, block_n: int, num_warps: int) -> None:

@@ -63,9 +63,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def unrotate_keys(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Pre-RoPE keys from cached ``keys [..., L, d]`` at ``positions [L]`` (HF ``rotate_half``
-    convention, ``cos, sin`` tables scaled by ``scaling``)."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    """Pre-RoPE keys from cached ``keys [..., L, d]`` at ``positions [L]`` (or any shape
+    broadcasting with ``keys.shape[:-1]``; HF ``rotate_half`` convention, ``cos, sin`` tables
+    scaled by ``scaling``)."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos(), angles.sin()
     return (keys * cos - rotate_half(keys) * sin) / scaling
