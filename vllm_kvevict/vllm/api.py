@@ -26,7 +26,6 @@ import json
 from typing import Any, Mapping, Optional
 
 from vllm_kvevict.config import FIELD_TO_FLAT, FLAT_KEYS, FLAT_PREFIX, SERVER_ONLY, EvictionConfig, EvictionConfigError
-from vllm_kvevict.vllm.served import check_served
 
 DISABLED_SERVER_HINT = (
     "this server runs without KV eviction (--kv-eviction=none); start it with a policy, e.g. "
@@ -58,7 +57,6 @@ def request_config(extra_args: Optional[Mapping[str, Any]], server_default: Evic
         raise EvictionConfigError(key, extra_args[key], "this server lets no request change its eviction policy "
                                   "(--kv-request-override none)")
     config = EvictionConfig.from_flat(extra_args, base=server_default)
-    check_served(config)
     if block_size:
         config.check_block_size(block_size, naming=lambda f: FIELD_TO_FLAT.get(f, f))
     if config.enabled and not server_default.enabled:

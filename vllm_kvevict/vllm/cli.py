@@ -34,13 +34,11 @@ from typing import Any, Mapping, Optional
 
 from vllm_kvevict.config import (
     ADDITIONAL_CONFIG_KEY,
-    FIELD_TO_FLAT,
     FLAT_KEYS,
     SCORER_SETTINGS,
     EvictionConfig,
     EvictionConfigError,
 )
-from vllm_kvevict.vllm.served import check_served
 
 GROUP_TITLE = "KVEviction"
 GROUP_DESCRIPTION = (
@@ -144,8 +142,6 @@ def merge_flags(additional_config: Optional[Mapping[str, Any]], flags: Mapping[s
     """
     base = EvictionConfig.from_additional_config(additional_config)
     config = EvictionConfig.from_flat(flags, base=base)
-    check_served(config, naming=lambda f: "--" + FIELD_TO_FLAT[f].replace("_", "-") if FIELD_TO_FLAT[f] in flags
-                 else f"{ADDITIONAL_CONFIG_KEY}.{f}")
     return with_config(additional_config, config)
 
 
@@ -185,8 +181,6 @@ def normalize_additional_config(additional_config: Any) -> Any:
     if not isinstance(additional_config, Mapping) or not any(k in FLAT_KEYS for k in additional_config):
         return additional_config
     config = EvictionConfig.from_additional_config(additional_config)
-    nested = isinstance(additional_config.get(ADDITIONAL_CONFIG_KEY), Mapping)
-    check_served(config, naming=lambda f: f"{ADDITIONAL_CONFIG_KEY}.{f}" if nested else FIELD_TO_FLAT[f])
     return with_config(additional_config, config)
 
 

@@ -11,7 +11,6 @@ import logging
 from typing import Any, Mapping, Optional
 
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.vllm.served import check_served
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +21,6 @@ def resolve_request_policy(extra_args: Optional[Mapping[str, Any]], server_defau
     first, so this is logged as a fault)."""
     try:
         config = EvictionConfig.from_flat(dict(extra_args or {}), base=server_default)
-        check_served(config)
     except Exception as exc:  # never into the engine core
         logger.warning("kvevict: bad per-request eviction settings, request left whole: %s", exc)
         return None
