@@ -10,9 +10,9 @@ VECTOR's key-only tokens (``region.key_only``): each slot of a key-only pair hol
 in its K half and one in its V half (:meth:`PagedLayout.read_key_only`); each one's value is
 rebuilt from its key at its position by the reference engine's own function
 (:func:`vllm_kvevict.reference.key_only.entry_values`), and the token joins its head's region.
-On vLLM-CPU only this path reads key-only tokens (vLLM's op on single-head pages does not; the
-Triton kernel can, :mod:`vllm_kvevict.kernels.key_only_decode`, but the CUDA backends do not
-serve VECTOR yet).
+On vLLM-CPU this path reads key-only tokens (vLLM's op on single-head pages does not); the
+GPU path (:mod:`.head_batch`, also run inside vLLM-CPU under ``KVEVICT_CPU_HEAD_DECODE=paged``)
+rebuilds them in the Triton kernel (:mod:`vllm_kvevict.kernels.key_only_decode`).
 """
 
 from __future__ import annotations
