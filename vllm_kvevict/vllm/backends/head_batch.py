@@ -43,8 +43,8 @@ def region_page_table(region: CompactRegion, num_kv_heads: int, block_size: int)
     With VECTOR's key-only tokens (``region.key_only``) the table also covers them, as the
     kernel reads them: key-only token ``j`` of head ``g`` in the head's slot ``lens[l, g] + j // 2``
     (K half if ``j`` is even, V half if odd), so ``ceil((W + n / 2) / bs)`` pages for a head of
-    ``W`` whole and ``n`` key-only tokens; ``lens`` stays ``W``. Raises ``ValueError`` when an entry is not where that says (a page
-    id, slot or half off the convention)."""
+    ``W`` whole and ``n`` key-only tokens; ``lens`` stays ``W``. Raises ``ValueError`` when an
+    entry is not where that says (a page id, slot or half off the convention)."""
     lens = region.lens.to(torch.int64)
     ko = region.key_only
     slots = lens + (ko.lens.to(torch.int64) // 2 if ko is not None else 0)
