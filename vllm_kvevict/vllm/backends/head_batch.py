@@ -52,22 +52,30 @@ def region_page_table(region: CompactRegion, num_kv_heads: int, block_size: int)
     width = max(1, int(((slots + block_size - 1) // block_size).max()) if slots.numel() else 1)
     pages = torch.full((num_layers, num_kv_heads, width), -1, dtype=torch.int32)
     for layer in range(num_layers):
-        head, rank = _grouped(lens[layer])
-        entries = [(region.block[layer], region.plane[layer], region.slot[layer], head, rank)]
-        if ko is not None:
-            ko_head, ko_rank = _grouped(ko.lens[layer].to(torch.int64))
-            if not torch.equal(ko.half[layer].to(torch.int64), ko_rank % 2):
-                raise ValueError(f"layer {layer}: key-only entries are not in K, V half order (token j in half j % 2)")
-            entries.append((ko.block[layer], ko.plane[layer], ko.slot[layer], ko_head,
-                            lens[layer][ko_head] + ko_rank // 2))
-        for block, plane, _, g, seg in entries:
-            pages[layer, g, seg // block_size] = (block * num_kv_heads + plane).to(torch.int32)
-        for block, plane, slot, g, seg in entries:  # every entry of a page names the same page, in its slot
-            ids = (block * num_kv_heads + plane).to(torch.int32)
-            if not (torch.equal(pages[layer, g, seg // block_size], ids) and torch.equal(slot.to(torch.int64),
-                                                                                         seg % block_size)):
+        entries = _layer_entries(region, layer, num_kv_heads)
+        for ids, _, head, seg in entries:
+            pages[layer, head, seg // block_size] = ids
+        for ids, slot, head, seg in entries:  # every entry of a page names the same page, in its slot
+            if not (torch.equal(pages[layer, head, seg // block_size], ids) and torch.equal(slot, seg % block_size)):
                 raise ValueError(f"layer {layer}: a compacted entry is not in its head's slot order")
     return pages, lens.to(torch.int32)
+
+
+def _layer_entries(region: CompactRegion, layer: int, num_kv_heads: int) -> list[tuple[torch.Tensor, ...]]:
+    """``(head-page id, slot, head, index in the head's segment)`` of layer ``layer``'s whole
+    entries, then of its key-only ones (token ``j`` of a head at ``W + j // 2``; refused unless
+    in half ``j % 2``)."""
+    lens, ko = region.lens[layer].to(torch.int64), region.key_only
+    head, rank = _grouped(lens)
+    ids = (region.block[layer] * num_kv_heads + region.plane[layer]).to(torch.int32)
+    entries = [(ids, region.slot[layer].to(torch.int64), head, rank)]
+    if ko is not None:
+        ko_head, ko_rank = _grouped(ko.lens[layer].to(torch.int64))
+        if not torch.equal(ko.half[layer].to(torch.int64), ko_rank % 2):
+            raise ValueError(f"layer {layer}: key-only entries are not in K, V half order (token j in half j % 2)")
+        ko_ids = (ko.block[layer] * num_kv_heads + ko.plane[layer]).to(torch.int32)
+        entries.append((ko_ids, ko.slot[layer].to(torch.int64), ko_head, lens[ko_head] + ko_rank // 2))
+    return entries
 
 
 def region_key_only(region: CompactRegion, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
