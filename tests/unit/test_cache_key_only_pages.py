@@ -216,3 +216,32 @@ def test_regions_with_key_only_pairs_are_left_to_the_torch_path():
     assert region_pages(region, HKV, BS) is None
     with pytest.raises(ValueError, match="artifact"):
         CompactRegion.from_plan(plan_compaction(vector, blocks, BS, HKV), prompt)
+
+
+def test_the_paged_check_path_attends_key_only_rows_on_the_packed_cpu_cache_as_the_torch_path():
+    """``KVEVICT_CPU_HEAD_DECODE=paged``'s path (vLLM-CPU's packed cache unpacked into the GPU
+    layout, then the GPU head-row code: the Triton kernel interpreted) reads the key-only pairs
+    vLLM's op packed into K and V halves, and gives the torch path's output."""
+    pytest.importorskip("triton")
+    from vllm_kvevict.vllm.backends.head_batch import HeadRowBuffers
+    from vllm_kvevict.vllm.backends.head_rows import attend_head_rows
+    from vllm_kvevict.vllm.backends.head_rows_paged import attend_head_rows_paged
+    from vllm_kvevict.vllm.step import EvictionStep
+
+    length, prompt = 200, 197
+    caches, table, _, _ = positional(LAYOUTS["cpu"], length, seed=11)
+    kept = vector_kept(prompt, seed=12)
+    plan = plan_compaction(kept, list(range(40, 52)), BS, HKV)
+    region = CompactRegion.from_plan(plan, prompt, small_artifact(4))
+    step = EvictionStep(observe={}, head_rows={1: HeadRow("r", region, 1, 2, length - 1,
+                                                          table[region.first_tail_block :])},
+                        table_rows={}, model=None)
+    query = torch.randn(4, HKV * 3 * D, generator=torch.Generator().manual_seed(13))
+    buffers = HeadRowBuffers(torch.device("cpu"))
+    for layer, (kv, layout) in enumerate(caches):
+        layout.compact(kv, table, plan, layer)
+        want, got = torch.zeros(4, HKV * 3 * D), torch.zeros(4, HKV * 3 * D)
+        assert not attend_head_rows(step, layer, query, kv, layout, want, HKV * 3, 0.125)
+        attend_head_rows_paged(buffers, step, layer, query, kv, layout, got, HKV * 3, 0.125)
+        torch.testing.assert_close(got[1:3], want[1:3], rtol=2e-4, atol=2e-5)
+        assert bool((got[0] == 0).all()) and bool((got[3] == 0).all())
