@@ -99,3 +99,18 @@ def test_calibration_on_the_tiny_llama(tiny_vector_artifact, tiny_llama_dir):
     assert art.calibration["tokens"] == {"fit": 192, "held_out": 192}
     table = tiny_vector_artifact.with_suffix(".md").read_text()
     assert "| layer |" in table and "RoPE undone in" in table
+
+
+def test_random_kind_draws_ordinary_token_ids(tiny_llama_dir):
+    """``--kinds random``: exactly ``length`` ids, none special, the same for the same seed and
+    index, other ones for another index (the serving check calibrates its word-level model so)."""
+    from transformers import AutoTokenizer
+
+    from vllm_kvevict.vector.calibrate import RANDOM_TOKENS, sequence_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    first = sequence_ids(tok, 0, 300, 0, (RANDOM_TOKENS,))
+    assert len(first) == 300 and not set(first) & set(tok.all_special_ids)
+    assert max(first) < len(tok) and len(set(first)) > 250
+    assert sequence_ids(tok, 0, 300, 0, (RANDOM_TOKENS,)) == first
+    assert sequence_ids(tok, 1, 300, 0, (RANDOM_TOKENS,)) != first

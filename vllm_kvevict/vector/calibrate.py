@@ -1,7 +1,8 @@
 """Calibrate VECTOR's regressions: ``python -m vllm_kvevict.vector.calibrate --model DIR --out FILE``.
 
 For every calibration sequence (the project's generated tasks, prompt and question, and plain
-generated text, :mod:`vllm_kvevict.lkv.data`, from seeds of their own) the model's prompt pass
+generated text, :mod:`vllm_kvevict.lkv.data`, from seeds of their own; or, for a random model
+whose tokenizer reads no text, uniformly random token ids: kind ``random``) the model's prompt pass
 gives every layer's cached keys and values; per (layer, KV head) the moments of two fits are
 accumulated, one on the cached (rotated) keys and one on the keys with RoPE undone at their
 positions (:mod:`.regression`). Every ``--holdout-every``-th sequence is held out of the fits
@@ -28,6 +29,9 @@ from vllm_kvevict.vector.regression import DEFAULT_RIDGE, Moments
 CALIBRATION_SEEDS = range(5_000_000, 6_000_000)
 #: Every task kind of vllm_kvevict.evaluation, and plain generated text.
 DEFAULT_KINDS: tuple[str, ...] = tuple(KINDS) + (CONTINUATION,)
+#: Uniformly random token ids (no special token): for a random model whose tokenizer reads no
+#: text (the serving check's word-level tiny Llama), not among the defaults.
+RANDOM_TOKENS = "random"
 #: Key variants: 0 the cached (rotated) key, 1 the key with RoPE undone.
 VARIANTS = ("rotated", "derotated")
 
@@ -39,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sequences", type=int, default=30, help="calibration sequences (held-out ones included)")
     p.add_argument("--length", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
-                   help="task kinds and/or 'continuation' (plain generated text), comma-separated")
+                   help="task kinds and/or 'continuation' (plain generated text) and/or 'random' (random "
+                        "token ids), comma-separated")
     p.add_argument("--holdout-every", type=int, default=5, help="every N-th sequence measures R^2 only")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help="ridge relative to mean diag(X^T X)")
     p.add_argument("--seed", type=int, default=0)
@@ -50,12 +55,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sequence_ids(tokenizer, index: int, length: int, seed: int, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[int]:
     """Calibration sequence ``index``: a generated task of ``kinds`` (compressed part then what
-    follows) or plain generated text (``continuation``), ``length`` tokens at most."""
+    follows), plain generated text (``continuation``) or random token ids (``random``: exactly
+    ``length``), ``length`` tokens at most."""
     from vllm_kvevict.lkv.data import make_example
 
     rng = random.Random(f"vector-calibration-{seed}-{index}")
     kind = rng.choice(kinds)
     task_seed = rng.randrange(CALIBRATION_SEEDS.start, CALIBRATION_SEEDS.stop)
+    if kind == RANDOM_TOKENS:
+        special = set(tokenizer.all_special_ids)
+        ids = [i for i in range(len(tokenizer)) if i not in special]
+        draw = random.Random(task_seed)
+        return [ids[draw.randrange(len(ids))] for _ in range(length)]
     example = make_example(tokenizer, kind, length, task_seed, "after")
     return (example.compressed_ids + example.fed_ids)[:length]
 
@@ -71,7 +82,7 @@ def accumulate(engine, args, progress) -> tuple[Moments, Moments, dict]:
     fit, held = Moments.zeros(shape, parts.head_dim), Moments.zeros(shape, parts.head_dim)
     tokens = {"fit": 0, "held_out": 0}
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    check_kinds(kinds, ())
+    check_kinds([k for k in kinds if k != RANDOM_TOKENS], ())
     for index in progress(range(args.sequences), desc="calibration sequences"):
         ids = torch.tensor(sequence_ids(engine.tokenizer, index, args.length, args.seed, kinds), dtype=torch.long)
         passed = run_prompt(parts, ids, keep_queries=1)
