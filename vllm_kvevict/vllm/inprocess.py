@@ -122,6 +122,38 @@ def collected_stats(llm: Any) -> Iterator[Any]:
         del stats.take
 
 
+@contextlib.contextmanager
+def key_only_reads() -> Iterator[list[tuple[str, int, int]]]:
+    """Record VECTOR's key-only tokens as decode attention takes them, while the block runs:
+    ``(path, layer, tokens)`` per take, into the yielded list.
+
+    ``gpu``: a layer's :class:`~vllm_kvevict.kernels.key_only_decode.KeyOnlySegment` made for one
+    call of the GPU head-row decode (``HeadRowBuffers`` / ``decode_head_rows``, CUDA and vLLM-CPU
+    under ``KVEVICT_CPU_HEAD_DECODE=paged``), ``tokens`` the key-only tokens of every row of that
+    call; ``torch``: one row's key-only values rebuilt by the torch path
+    (``head_rows.read_region_entries``). The engine must run in this process (:func:`open_llm`);
+    the two functions are wrapped for the block only.
+    """
+    from vllm_kvevict.vllm.backends import head_batch, head_rows
+
+    reads: list[tuple[str, int, int]] = []
+    segment, values = head_batch.KeyOnlyWeights.segment, head_rows.entry_values
+
+    def counted_segment(self, layer, lens, positions):
+        reads.append(("gpu", int(layer), int(lens.sum())))
+        return segment(self, layer, lens, positions)
+
+    def counted_values(artifact, layer, keys, heads, positions):
+        reads.append(("torch", int(layer), int(keys.shape[0])))
+        return values(artifact, layer, keys, heads, positions)
+
+    head_batch.KeyOnlyWeights.segment, head_rows.entry_values = counted_segment, counted_values
+    try:
+        yield reads
+    finally:
+        head_batch.KeyOnlyWeights.segment, head_rows.entry_values = segment, values
+
+
 def run_until_done(llm: Any, watched: str) -> tuple[int, dict[str, int]]:
     """Step the engine until every request finished: ``(the most preemptions request
     ``watched`` went through, {request id: generated tokens} of the finished ones)``."""
