@@ -16,20 +16,25 @@ def test_the_latest_entry_of_the_id_or_its_suffixed_forms_and_no_other_request()
     assert recorded_key({"70": "x"}, "7") is None
 
 
-def test_key_only_reads_records_both_paths_and_restores_them(tiny_vector_artifact):
+def test_key_only_reads_records_both_paths_and_restores_them(tiny_vector_artifact, monkeypatch):
     from vllm_kvevict.vector import load_artifact
     from vllm_kvevict.vllm.backends import head_batch, head_rows
 
     artifact = load_artifact(tiny_vector_artifact)
-    before = head_batch.KeyOnlyWeights.segment, head_rows.entry_values
+    kernel_calls = []
+    monkeypatch.setattr(head_batch, "paged_decode_attention", lambda *a, key_only=None, **k: kernel_calls.append(key_only))
+    before = head_batch.KeyOnlyWeights.segment, head_batch.paged_decode_attention, head_rows.entry_values
     weights = head_batch.KeyOnlyWeights.of(artifact, torch.device("cpu"))
-    keys = torch.randn(3, artifact.weight.shape[-1])
+    keys, heads, positions = torch.randn(3, artifact.weight.shape[-1]), torch.tensor([0, 1, 1]), torch.tensor([5, 9, 11])
+    lens = torch.tensor([[2, 0], [1, 4]], dtype=torch.int32)
     with key_only_reads() as reads:
-        lens = torch.tensor([[2, 0], [1, 4]], dtype=torch.int32)
         segment = weights.segment(1, lens, torch.zeros(2, 2, 4, dtype=torch.int32))
-        rebuilt = head_rows.entry_values(artifact, 0, keys, torch.tensor([0, 1, 1]), torch.tensor([5, 9, 11]))
-    assert reads == [("gpu", 1, 7), ("torch", 0, 3)]
-    assert torch.equal(segment.weight, weights.weight[1]) and segment.lens is lens and tuple(rebuilt.shape) == (3, keys.shape[1])
-    assert (head_batch.KeyOnlyWeights.segment, head_rows.entry_values) == before
-    assert head_rows.entry_values(artifact, 0, keys, torch.tensor([0, 1, 1]), torch.tensor([5, 9, 11])).equal(rebuilt)
+        assert reads == []  # made, not yet taken by a kernel call
+        head_batch.paged_decode_attention("q", key_only=None)  # a call without key-only tokens
+        head_batch.paged_decode_attention("q", key_only=segment)
+        rebuilt = head_rows.entry_values(artifact, 0, keys, heads, positions)
+    assert reads == [("gpu", 1, 7), ("torch", 0, 3)] and kernel_calls == [None, segment]
+    assert torch.equal(segment.weight, weights.weight[1]) and segment.lens is lens
+    assert (head_batch.KeyOnlyWeights.segment, head_batch.paged_decode_attention, head_rows.entry_values) == before
+    assert head_rows.entry_values(artifact, 0, keys, heads, positions).equal(rebuilt)
     assert reads == [("gpu", 1, 7), ("torch", 0, 3)]

@@ -128,30 +128,43 @@ def key_only_reads() -> Iterator[list[tuple[str, int, int]]]:
     ``(path, layer, tokens)`` per take, into the yielded list.
 
     ``gpu``: a layer's :class:`~vllm_kvevict.kernels.key_only_decode.KeyOnlySegment` made for one
-    call of the GPU head-row decode (``HeadRowBuffers`` / ``decode_head_rows``, CUDA and vLLM-CPU
-    under ``KVEVICT_CPU_HEAD_DECODE=paged``), ``tokens`` the key-only tokens of every row of that
-    call; ``torch``: one row's key-only values rebuilt by the torch path
-    (``head_rows.read_region_entries``). The engine must run in this process (:func:`open_llm`);
-    the two functions are wrapped for the block only.
+    call of the GPU head-row decode (``decode_head_rows``: CUDA, and vLLM-CPU under
+    ``KVEVICT_CPU_HEAD_DECODE=paged``), recorded once the kernel call it was passed to returned;
+    ``tokens`` the key-only tokens of every row of that call. ``torch``: one row's key-only values
+    rebuilt by the torch path (``head_rows.read_region_entries``). The engine must run in this
+    process (:func:`open_llm`); the functions are wrapped for the block only.
     """
     from vllm_kvevict.vllm.backends import head_batch, head_rows
 
     reads: list[tuple[str, int, int]] = []
-    segment, values = head_batch.KeyOnlyWeights.segment, head_rows.entry_values
+    made: dict[int, tuple[Any, int, int]] = {}  # id(segment) -> (segment, layer, tokens), until its call returns
+    segment, attention, values = head_batch.KeyOnlyWeights.segment, head_batch.paged_decode_attention, \
+        head_rows.entry_values
 
     def counted_segment(self, layer, lens, positions):
-        reads.append(("gpu", int(layer), int(lens.sum())))
-        return segment(self, layer, lens, positions)
+        made_segment = segment(self, layer, lens, positions)
+        made[id(made_segment)] = (made_segment, int(layer), int(lens.sum()))
+        return made_segment
+
+    def counted_attention(*args, key_only=None, **kwargs):
+        out = attention(*args, key_only=key_only, **kwargs)
+        if key_only is not None:
+            _, layer, tokens = made.pop(id(key_only), (None, -1, int(key_only.lens.sum())))
+            reads.append(("gpu", layer, tokens))
+        return out
 
     def counted_values(artifact, layer, keys, heads, positions):
+        out = values(artifact, layer, keys, heads, positions)
         reads.append(("torch", int(layer), int(keys.shape[0])))
-        return values(artifact, layer, keys, heads, positions)
+        return out
 
-    head_batch.KeyOnlyWeights.segment, head_rows.entry_values = counted_segment, counted_values
+    head_batch.KeyOnlyWeights.segment, head_batch.paged_decode_attention = counted_segment, counted_attention
+    head_rows.entry_values = counted_values
     try:
         yield reads
     finally:
-        head_batch.KeyOnlyWeights.segment, head_rows.entry_values = segment, values
+        head_batch.KeyOnlyWeights.segment, head_batch.paged_decode_attention = segment, attention
+        head_rows.entry_values = values
 
 
 def run_until_done(llm: Any, watched: str) -> tuple[int, dict[str, int]]:
