@@ -118,9 +118,10 @@ def judge(name: str, flat: dict, served: dict, engine: Any, prefilled: Any, bloc
             ko, want = kept.key_only, replanned.key_only
             exact &= ko is not None and want is not None and _same_sets(ko, want)
             attended, per_layer = key_only_attended(served.get("key_only_reads") or [], ko or [], new_tokens - 1)
+            shared_ko = shared_fraction(ko, own_set.key_only) if ko and own_set.key_only else None
             out.update(key_only_tokens=sum(int(t.numel()) for heads in ko or [] for t in heads),
                        key_only_attended=attended, key_only_reads=per_layer,
-                       key_only_shared=round(shared_fraction(ko, own_set.key_only), 4) if ko and own_set.key_only else None)
+                       key_only_shared=None if shared_ko is None else round(shared_ko, 4))
     else:
         evicted = served["evicted"]
         exact = policy.evicted_blocks(scores, length) == list(evicted)

@@ -22,10 +22,12 @@ def test_key_only_reads_records_both_paths_and_restores_them(tiny_vector_artifac
 
     artifact = load_artifact(tiny_vector_artifact)
     kernel_calls = []
-    monkeypatch.setattr(head_batch, "paged_decode_attention", lambda *a, key_only=None, **k: kernel_calls.append(key_only))
+    monkeypatch.setattr(head_batch, "paged_decode_attention",
+                        lambda *a, key_only=None, **k: kernel_calls.append(key_only))
     before = head_batch.KeyOnlyWeights.segment, head_batch.paged_decode_attention, head_rows.entry_values
     weights = head_batch.KeyOnlyWeights.of(artifact, torch.device("cpu"))
-    keys, heads, positions = torch.randn(3, artifact.weight.shape[-1]), torch.tensor([0, 1, 1]), torch.tensor([5, 9, 11])
+    keys = torch.randn(3, artifact.weight.shape[-1])
+    heads, positions = torch.tensor([0, 1, 1]), torch.tensor([5, 9, 11])
     lens = torch.tensor([[2, 0], [1, 4]], dtype=torch.int32)
     with key_only_reads() as reads:
         segment = weights.segment(1, lens, torch.zeros(2, 2, 4, dtype=torch.int32))
