@@ -14,8 +14,11 @@ float32), eager and CUDA graphs (``--quick``: graphs only); CPU: CPU_ATTN, eager
 3. the plugin with eviction configured: a request opting out (``none``) and one at budget 1 give
    stock's tokens (against stock PIECEWISE in graph mode: eviction runs attention outside the
    graphs); then, in one batch, head granularity at budget 0.2 (snapkv and criticalkv through the
-   kernels, defensivekv through the torch fallback) and page granularity (snapkv): each judged by
-   :func:`verdicts.judge` against the reference engine (HF transformers, float32, on the CPU).
+   kernels, defensivekv through the torch fallback), page granularity (snapkv) and VECTOR (snapkv
+   with key-only head-pages, an artifact calibrated on the tiny model before the engines start,
+   ``--kinds random``, under a second): each judged by :func:`verdicts.judge` against the
+   reference engine (HF transformers, float32, on the CPU); the key-only tokens decode attention
+   took are recorded during that batch (``inprocess.key_only_reads``).
 
 Writes ``check.json`` (every verdict) to ``--out``; exit status 0 when everything passed.
 """
@@ -30,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, TINY_VOCAB, device_name, engine_kwargs, log, random_prompts, run_arms, tiny_model  # noqa: E402
+from common import (ROOT, TINY_VOCAB, device_name, engine_kwargs, log, random_prompts, run_arms,  # noqa: E402
+                    tiny_model, vector_artifact)
 from verdicts import judge  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
@@ -42,6 +46,21 @@ EVICTING = {
     "head-defensivekv": {"kv_eviction": "defensivekv", "kv_budget": 0.2},  # the torch fallback
     "page-snapkv": {"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_granularity": "page"},
 }
+#: VECTOR's case (the only request of the batch with key-only tokens: ``verdicts.key_only_attended``
+#: reads a GPU call's total); no R^2 gate: the tiny artifact's held-out R^2 is about 0.2.
+VECTOR_CASE = "head-snapkv-vector"
+VECTOR = {"kv_eviction": "snapkv", "kv_budget": 0.2, "kv_vector": "on", "kv_vector_min_r2": 0.0}
+
+
+def evicting(work: Path) -> dict[str, dict]:
+    """The evicting batch's policies, VECTOR's reading the artifact made in ``work``."""
+    return {**EVICTING, VECTOR_CASE: {**VECTOR, "kv_vector_artifact": str(vector_path(work))}}
+
+
+def vector_path(work: Path) -> Path:
+    return work / "vector.safetensors"
+
+
 SERVER = {"kv_eviction": {"scorer": "snapkv", "budget": 0.2}}
 PROMPT_LEN, NEW_TOKENS = 700, 16
 
@@ -107,8 +126,9 @@ def _served(recorder, out, name: str) -> dict:
 
 def arm_plugin(args, prompt) -> None:
     from vllm_kvevict.reference.engine import ReferenceEngine
-    from vllm_kvevict.vllm.inprocess import record_evictions
+    from vllm_kvevict.vllm.inprocess import key_only_reads, record_evictions
 
+    policies = evicting(args.work)
     started, results, served_by_case, runs = time.time(), [], {}, []
     for backend, dtype, mode in cases(args.device, args.quick):
         case = {"backend": backend, "dtype": dtype, "mode": mode}
@@ -117,10 +137,13 @@ def arm_plugin(args, prompt) -> None:
         with _engine(args, backend, dtype, mode, additional_config=SERVER) as llm:
             recorder = record_evictions(llm)
             base = [list(o.outputs[0].token_ids) for o in _generate(llm, prompt, list(BASELINE.values()))]
-            outs = _generate(llm, prompt, list(EVICTING.values()))
+            with key_only_reads() as reads:
+                outs = _generate(llm, prompt, list(policies.values()))
             compilation = getattr(getattr(llm.llm_engine, "vllm_config", None), "compilation_config", None)
             case["cudagraph_mode"] = str(getattr(compilation, "cudagraph_mode", "?"))
-            served_by_case[(backend, dtype, mode)] = {n: _served(recorder, o, n) for n, o in zip(EVICTING, outs)}
+            served = {n: _served(recorder, o, n) for n, o in zip(policies, outs)}
+            served[VECTOR_CASE]["key_only_reads"] = list(reads)
+            served_by_case[(backend, dtype, mode)] = served
         runs.append((case, plain, base))
         log("plugin", backend, dtype, mode, f"done ({time.time() - started:.0f}s)")
     stock = _wait_for(args.work / "stock.json", args.timeout)
@@ -137,7 +160,7 @@ def arm_plugin(args, prompt) -> None:
     prefilled = engine.prefill(torch.tensor(prompt))
     block = 32 if args.device == "cpu" else 16
     for (backend, dtype, mode), served in served_by_case.items():
-        for name, flat in EVICTING.items():
+        for name, flat in policies.items():
             verdict = judge(name, flat, served[name], engine, prefilled, block, dtype, NEW_TOKENS)
             results.append({"backend": backend, "dtype": dtype, "mode": mode, "check": f"{name} vs reference",
                             **verdict})
@@ -161,6 +184,9 @@ def print_table(path: Path) -> bool:
             extra = (f"score err {r['score_rel_err']:.2e} (tol {r['score_tol']:.0e}) selection exact "
                      f"{r['selection_exact']} tokens==ref {r['tokens_equal_reference']} "
                      f"shared {r['shared_with_reference']} kept {r['kept_share']}")
+            if "key_only_tokens" in r:
+                extra += (f" key-only {r['key_only_tokens']} attended {r['key_only_attended']} "
+                          f"(layer: [held, calls]) {r['key_only_reads']}")
         elif r.get("failure"):
             extra = f"failure: {r['failure']}"
         print(f"{'PASS' if r['passed'] else 'FAIL'} {r['backend']:11s} {r['dtype']:8s} {r['mode']:6s} "
@@ -192,6 +218,7 @@ def main(argv=None) -> int:
     passthrough = ["--device", args.device, "--out", str(args.out), "--work", str(args.work)] + \
         (["--quick"] if args.quick else [])
     (args.work / "stock.json").unlink(missing_ok=True)
+    vector_artifact(args.model, vector_path(args.work))  # before the engines start (0.5 s on the CPU)
     script = Path(__file__).resolve()
     logs = {arm: args.work / f"check_{arm}.log" for arm in ("stock", "plugin")}
     if args.device == "cuda":  # tiny engines: the two arms share the GPU, at the same time
