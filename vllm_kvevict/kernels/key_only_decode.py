@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvevict.kernels._backend import HAVE_TRITON, next_pow2
-from vllm_kvevict.lkv.nets import unrotate_keys
+from vllm_kvevict.vector.artifact import rebuilt_values
 
 
 @dataclass
@@ -58,13 +58,8 @@ class KeyOnlySegment:
         in_k = (j % 2 == 0)[..., None]
         keys = torch.where(in_k, k_cache[block, plane, slot], v_cache[block, plane, slot]).float()
         keys = keys.masked_fill(~valid[..., None], 0.0)
-        x = keys
-        derotate = self.derotate.to(dev, torch.bool)
-        if bool(derotate.any()):
-            plain = unrotate_keys(keys, positions, self.inv_freq.to(dev), float(self.rope_scaling))
-            x = torch.where(derotate.view(1, -1, 1, 1), plain, keys)
-        weight = self.weight.to(dev, torch.float32)
-        values = torch.einsum("bkmd,kde->bkme", x, weight[:, :-1]) + weight[:, -1][None, :, None, :]
+        values = rebuilt_values(keys, positions, self.weight.to(dev, torch.float32), self.derotate.to(dev, torch.bool),
+                                self.inv_freq.to(dev), float(self.rope_scaling))
         return keys, values.masked_fill(~valid[..., None], 0.0), valid
 
     def launch(self, q, k_cache, v_cache, compact_pages, compact_lens, part_o, part_lse, split_index: int,

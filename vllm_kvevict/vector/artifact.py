@@ -43,6 +43,26 @@ KIND = ArtifactKind("VECTOR", FORMAT, VERSION, PATH_FIELD, VectorArtifactError,
                     "python -m vllm_kvevict.vector.calibrate", ARTIFACT_DIR)
 
 
+def regressor_keys(keys: torch.Tensor, positions: torch.Tensor, derotate: torch.Tensor, inv_freq: torch.Tensor,
+                   rope_scaling: float) -> torch.Tensor:
+    """``[..., Hkv, n, d]`` float32: each head's regression input from cached ``keys``, the key
+    de-rotated at ``positions`` (broadcasting with ``keys.shape[:-1]``) where ``derotate [Hkv]``,
+    else the cached key."""
+    keys = keys.float()
+    if not bool(derotate.any()):
+        return keys
+    plain = unrotate_keys(keys, positions, inv_freq, rope_scaling)
+    return torch.where(derotate.view(-1, 1, 1), plain, keys)
+
+
+def rebuilt_values(keys: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor, derotate: torch.Tensor,
+                   inv_freq: torch.Tensor, rope_scaling: float) -> torch.Tensor:
+    """``[..., Hkv, n, d]`` float32 values ``[k', 1] @ weight[g]`` (``weight [Hkv, d + 1, d]``, one
+    layer's) rebuilt from cached ``keys`` (:func:`regressor_keys`)."""
+    x = regressor_keys(keys, positions, derotate, inv_freq, rope_scaling)
+    return x @ weight[:, :-1] + weight[:, -1:]
+
+
 @dataclass(frozen=True, eq=False)
 class VectorArtifact:
     """A loaded artifact (see the module docstring for the tensors)."""
@@ -63,11 +83,7 @@ class VectorArtifact:
     def regressors(self, layer: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``[Hkv, n, d]`` float32: each head's regression input, the key de-rotated at
         ``positions [n]`` where the calibration chose that, else the cached key."""
-        keys = keys.float()
-        if not bool(self.derotate[layer].any()):
-            return keys
-        plain = unrotate_keys(keys, positions, self.inv_freq, self.rope_scaling)
-        return torch.where(self.derotate[layer].view(-1, 1, 1), plain, keys)
+        return regressor_keys(keys, positions, self.derotate[layer], self.inv_freq, self.rope_scaling)
 
     def reconstruct(self, layer: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``[Hkv, n, d]`` float32 values rebuilt from cached ``keys [Hkv, n, d]`` at ``positions [n]``."""
@@ -76,9 +92,8 @@ class VectorArtifact:
             raise VectorArtifactError(
                 f"layer {layer}, keys {tuple(keys.shape)} do not fit the artifact ({tuple(self.weight.shape)})"
             )
-        x = self.regressors(layer, keys, positions)
-        w = self.weight[layer]  # [Hkv, d + 1, d]
-        return x @ w[:, :-1] + w[:, -1:]
+        return rebuilt_values(keys, positions, self.weight[layer], self.derotate[layer], self.inv_freq,
+                              self.rope_scaling)
 
     def residuals(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``[Hkv, n]`` float32 ``||v - v_hat||^2`` of every token."""
