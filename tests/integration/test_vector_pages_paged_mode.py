@@ -16,8 +16,8 @@ from test_head_granularity import NEW_TOKENS, _serve
 
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.kernels._backend import HAVE_TRITON
-from vllm_kvevict.vllm.backends import head_batch, head_rows, head_rows_paged
-from vllm_kvevict.vllm.inprocess import random_prompt
+from vllm_kvevict.vllm.backends import head_rows_paged
+from vllm_kvevict.vllm.inprocess import key_only_reads, random_prompt
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")]
 
@@ -38,30 +38,20 @@ def prompt():
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir, tiny_vector_artifact, prompt):
-    paged, segments, rebuilt = [], [], []
-    decode, attention, values = head_rows_paged.decode_head_rows, head_batch.paged_decode_attention, \
-        head_rows.entry_values
+    paged = []
+    decode = head_rows_paged.decode_head_rows
 
     def counted_decode(rows, layer_idx, *args, **kwargs):
         paged.append((layer_idx, int(rows.query_index.numel())))
         return decode(rows, layer_idx, *args, **kwargs)
 
-    def counted_attention(*args, key_only=None, **kwargs):
-        if key_only is not None:
-            segments.append(int(key_only.lens.sum()))
-        return attention(*args, key_only=key_only, **kwargs)
-
-    def counted_values(*args):
-        rebuilt.append(args[1])
-        return values(*args)
-
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, key_only_reads() as reads:
         mp.setenv(head_rows_paged.SWITCH, "paged")
         mp.setattr(head_rows_paged, "decode_head_rows", counted_decode)
-        mp.setattr(head_batch, "paged_decode_attention", counted_attention)
-        mp.setattr(head_rows, "entry_values", counted_values)
         result = _serve(tiny_llama_dir, prompt, policies(tiny_vector_artifact), max_model_len=2048,
                         enable_prefix_caching=False, kv_cache_memory_bytes=16 << 20)
+    segments = [tokens for path, _, tokens in reads if path == "gpu"]
+    rebuilt = [layer for path, layer, _ in reads if path == "torch"]
     return result, paged, segments, rebuilt
 
 

@@ -23,7 +23,8 @@ from kept_sets import SCORE_RTOL, assert_scores_close, differing_heads
 
 from vllm_kvevict.cache import ideal_blocks
 from vllm_kvevict.config import EvictionConfig
-from vllm_kvevict.vllm.inprocess import block_pool, held_blocks, open_llm, random_prompt, record_evictions
+from vllm_kvevict.vllm.inprocess import (block_pool, held_blocks, key_only_reads, open_llm, random_prompt,
+                                         record_evictions)
 
 pytestmark = pytest.mark.slow
 
@@ -54,20 +55,11 @@ def prompt():
 def served(smollm2_dir, prompt):
     from vllm import SamplingParams
 
-    from vllm_kvevict.vllm.backends import head_rows
-
-    rebuilt, original = [], head_rows.entry_values
-
-    def counted(artifact, layer, keys, heads, positions):
-        rebuilt.append((layer, int(keys.shape[0])))
-        return original(artifact, layer, keys, heads, positions)
-
-    with pytest.MonkeyPatch.context() as mp, open_llm(
+    with open_llm(
         str(smollm2_dir), max_model_len=2048, max_num_batched_tokens=1024, max_num_seqs=len(POLICIES),
         enable_prefix_caching=False, kv_cache_memory_bytes=512 << 20,
         additional_config={"kv_eviction": {"scorer": "keydiff", "budget": BUDGET}},
-    ) as llm:
-        mp.setattr(head_rows, "entry_values", counted)
+    ) as llm, key_only_reads() as reads:
         recorder = record_evictions(llm)
         engine, pool = llm.llm_engine, block_pool(llm)
         free0 = pool.get_num_free_blocks()
@@ -93,6 +85,7 @@ def served(smollm2_dir, prompt):
         assert not recorder.failures, recorder.failures
         free_after = pool.get_num_free_blocks()
         kept = {name: recorder.kept[rid] for name, rid in ids.items() if rid in recorder.kept}
+        rebuilt = [(layer, n) for path, layer, n in reads if path == "torch"]
         return {"tokens": tokens, "kept": kept, "held": held, "free": (free0, free_after),
                 "rebuilt": rebuilt, "num_layers": llm.llm_engine.model_config.hf_config.num_hidden_layers}
 
