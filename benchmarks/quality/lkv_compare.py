@@ -21,8 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.quality.grid import FULL, read_rows  # noqa: E402
-from benchmarks.quality.report import PROTOCOL_NAMES  # noqa: E402
-from benchmarks.quality.table_report import excluded_cells, paired, scores_by, unique_results  # noqa: E402
+from benchmarks.quality.table_report import excluded_cells, paired, pooled, scores_by, unique_results  # noqa: E402
 
 
 def reads_artifact(setting: tuple) -> bool:
@@ -32,14 +31,10 @@ def reads_artifact(setting: tuple) -> bool:
 
 def compare(new_rows: list[dict], old_rows: list[dict], full_rows: list[dict], min_full: float) -> list[dict]:
     """One entry per (protocol, budget, setting that reads the artifact) both runs hold."""
-    left_out = excluded_cells(unique_results(full_rows + new_rows + old_rows), min_full)
-
-    def kept(rows: list[dict]) -> list[dict]:
-        return [r for r in rows
-                if (PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"]) not in left_out]
-
-    full = scores_by(kept(unique_results(full_rows + new_rows + old_rows)))
-    new, old = scores_by(kept(new_rows)), scores_by(kept(old_rows))
+    every = unique_results(full_rows + new_rows + old_rows)
+    left_out = excluded_cells(every, min_full)
+    full = scores_by(pooled(every, left_out))
+    new, old = scores_by(pooled(new_rows, left_out)), scores_by(pooled(old_rows, left_out))
     out = []
     for protocol in sorted(new):
         full_scores = next((s for k, s in full[protocol].items() if k[0] == FULL), {})

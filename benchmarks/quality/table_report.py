@@ -118,6 +118,12 @@ def excluded_cells(rows: list[dict], min_full: float) -> dict[tuple, dict]:
             if sum(v) / len(v) < min_full}
 
 
+def pooled(rows: list[dict], excluded: dict[tuple, dict]) -> list[dict]:
+    """``rows`` outside the ``excluded`` (protocol, kind, length) cells (:func:`excluded_cells`)."""
+    return [r for r in rows
+            if (PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"]) not in excluded]
+
+
 def unique_results(rows: list[dict]) -> list[dict]:
     """``rows`` with each (prompt, protocol, setting) once, the first given: folders read together
     (a table and the rows run beside it) each hold the full-cache rows of their prompts."""
@@ -140,7 +146,7 @@ def summarize(rows: list[dict], baseline: tuple[str, str], min_full: float) -> d
     results = unique_results(rows)
     excluded = excluded_cells(results, min_full)
     cell_of = {r["uid"]: (r["task"], r["context_tokens"]) for r in results}
-    kept = [r for r in results if (PROTOCOL_NAMES.get(r["protocol"], r["protocol"]), r["task"], r["context_tokens"]) not in excluded]
+    kept = pooled(results, excluded)
     scores = scores_by(kept)
     lengths = sorted({r["context_tokens"] for r in kept})
     kinds = sorted({r["task"] for r in kept})
